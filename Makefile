@@ -1,0 +1,42 @@
+# make test       set up .venv (pinned deps), build the extension, run the whole suite (CI runs this)
+# make info       what was built and which backends are usable here
+# make bench      the CPU benchmarks, results under benchmarks/results/<date>-cpu/
+# make gpu-check  on a GPU machine: build with its own python3, tests on CUDA, benchmark sweep
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-installed
+INSTALL_STAMP := $(VENV)/.fasttransformer-installed
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.h)
+
+.PHONY: test build info bench gpu-check clean
+
+$(DEPS_STAMP): requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+# The editable install registers the package and its console script (and builds _C once).
+$(INSTALL_STAMP): $(DEPS_STAMP) setup.py pyproject.toml
+	$(PY) -m pip install --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+# Incremental rebuilds (ninja) of the extension when csrc/ changes.
+build: $(INSTALL_STAMP) $(SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest tests
+
+info: build
+	$(PY) -m fasttransformer info
+
+bench: build
+	$(PY) benchmarks/bench_embedding.py --out benchmarks/results/$$(date +%Y-%m-%d)-cpu
+
+# Uses the machine's own python3 and installs nothing (the GPU machine has no network).
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf build fasttransformer/*.so *.egg-info

@@ -1,0 +1,195 @@
+"""Token embedding + positional encoding in one kernel: ``token_positional_embedding``.
+
+Layers, top to bottom: the native op ``torch.ops.fasttransformer.token_positional_embedding``
+(C++/CUDA, csrc/embedding*.cpp and csrc/cuda/), its autograd formula and fake (meta)
+implementation registered here with ``torch.library`` (so ``torch.compile(fullgraph=True)``
+traces it), and the public function, which validates every argument once.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Union
+
+import torch
+
+from fasttransformer import _extension
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_ID_DTYPES = (torch.int32, torch.int64)
+
+
+def token_positional_embedding(
+    input_ids: torch.Tensor,
+    weight: torch.Tensor,
+    pos_weight: Optional[torch.Tensor] = None,
+    *,
+    scale: float = 1.0,
+    padding_idx: Optional[int] = None,
+    start_pos: Union[int, torch.Tensor] = 0,
+    dropout_p: float = 0.0,
+    check_ids: bool = True,
+) -> torch.Tensor:
+    r"""Token embedding, scaling, positional encoding and dropout in one kernel.
+
+    ``out[b, t] = dropout(weight[input_ids[b, t]] * scale + P[start_pos + t])``
+
+    Args:
+        input_ids: ``(B, L)`` int32 or int64 token ids in ``[0, V)``.
+        weight: ``(V, d)`` embedding table (float32, float16, bfloat16 or float64).
+            The output has its dtype.
+        pos_weight: ``(P_max, d)`` learned position table, or ``None`` for the sinusoidal
+            encoding of "Attention Is All You Need", computed in the kernel (no table is read):
+            ``P[p, 2i] = sin(p / 10000^(2i/d))``, ``P[p, 2i+1] = cos(p / 10000^(2i/d))``
+            (``d`` must then be even).
+        scale: multiplies the token embedding (``sqrt(d)`` in the paper).
+        padding_idx: as in ``torch.nn.functional.embedding``: that row of ``weight`` gets no
+            gradient (the forward is unchanged). Negative values count from the end.
+        start_pos: position of token 0: an int, or an integer tensor ``(B,)`` with one start
+            per sequence (incremental decoding, left padding).
+        dropout_p: dropout probability, applied inside the kernel with a Philox
+            counter-based generator seeded from torch's generator (reproducible under
+            ``torch.manual_seed``); the backward regenerates the mask instead of storing it.
+            Like ``torch.nn.functional.dropout`` with ``training=True``: pass 0 in eval.
+        check_ids: on CUDA, an id outside ``[0, V)`` (or a position outside the table) is
+            turned into a Python ``IndexError`` by reading a flag back after the kernel, a
+            host synchronisation. ``check_ids=False`` skips it: the kernel then stops with a
+            device-side assert, as ``torch.nn.functional.embedding`` does. Either way no memory
+            outside the tables is read. During CUDA graph capture the device-side assert is
+            used. CPU inputs are always checked.
+
+    Returns:
+        ``(B, L, d)`` tensor in ``weight.dtype``. Differentiable in ``weight`` and
+        ``pos_weight``; under ``torch.use_deterministic_algorithms(True)`` the backward is
+        bitwise reproducible (float16/bfloat16 tables always use that path).
+    """
+    _check_tensor("input_ids", input_ids)
+    _check_tensor("weight", weight)
+    if input_ids.dtype not in _ID_DTYPES:
+        raise TypeError(f"input_ids must be int32 or int64 token ids, got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"weight must be float32, float16, bfloat16 or float64, got {weight.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (num_embeddings, dim), got shape {tuple(weight.shape)}")
+    if input_ids.device != weight.device:
+        raise ValueError(f"input_ids is on {input_ids.device} but weight is on {weight.device}")
+    num_embeddings, dim = weight.shape
+    batch, seq_len = input_ids.shape
+    if pos_weight is not None:
+        _check_tensor("pos_weight", pos_weight)
+        if pos_weight.dim() != 2 or pos_weight.shape[1] != dim:
+            raise ValueError(
+                f"pos_weight must be (max_positions, {dim}) to match weight, "
+                f"got shape {tuple(pos_weight.shape)}"
+            )
+        if pos_weight.dtype != weight.dtype:
+            raise TypeError(f"pos_weight is {pos_weight.dtype} but weight is {weight.dtype}")
+        if pos_weight.device != weight.device:
+            raise ValueError(f"pos_weight is on {pos_weight.device} but weight is on {weight.device}")
+    elif dim % 2:
+        raise ValueError(
+            f"the sinusoidal encoding needs an even embedding dim, got weight.shape[1] = {dim} "
+            "(pass pos_weight for learned positions)"
+        )
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    if padding_idx is not None:
+        if not isinstance(padding_idx, numbers.Integral) or isinstance(padding_idx, bool):
+            raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+        if not -num_embeddings <= padding_idx < num_embeddings:
+            raise ValueError(
+                f"padding_idx must be in [-{num_embeddings}, {num_embeddings}), got {padding_idx}"
+            )
+        padding_idx = int(padding_idx) % num_embeddings
+
+    start_tensor, start_offset = None, 0
+    if isinstance(start_pos, torch.Tensor):
+        if start_pos.dtype.is_floating_point or start_pos.dtype.is_complex or start_pos.dtype == torch.bool:
+            raise TypeError(f"start_pos must be an integer tensor, got {start_pos.dtype}")
+        if start_pos.dim() == 0:
+            start_pos = start_pos.expand(batch)
+        if start_pos.shape != (batch,):
+            raise ValueError(
+                f"start_pos must be an int or a (batch,) = ({batch},) tensor, "
+                f"got shape {tuple(start_pos.shape)}"
+            )
+        if start_pos.device != weight.device:
+            raise ValueError(f"start_pos is on {start_pos.device} but weight is on {weight.device}")
+        start_tensor = start_pos.to(torch.int64)
+    elif isinstance(start_pos, numbers.Integral) and not isinstance(start_pos, bool):
+        start_offset = int(start_pos)
+        if start_offset < 0:
+            raise ValueError(f"start_pos must be >= 0, got {start_offset}")
+        if pos_weight is not None and seq_len > 0 and start_offset + seq_len > pos_weight.shape[0]:
+            raise IndexError(
+                f"start_pos + seq_len = {start_offset} + {seq_len} exceeds the "
+                f"{pos_weight.shape[0]} rows of pos_weight"
+            )
+    else:
+        raise TypeError(f"start_pos must be an int or an integer tensor, got {type(start_pos).__name__}")
+
+    _extension.require("fasttransformer.ops.token_positional_embedding")
+    dropout_p = float(dropout_p)
+    seed = _draw_seed(weight.device) if dropout_p > 0.0 else None
+    return torch.ops.fasttransformer.token_positional_embedding(
+        input_ids, weight, pos_weight, start_tensor, start_offset, float(scale), dropout_p, seed,
+        padding_idx, bool(check_ids),
+    )
+
+
+def _check_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _draw_seed(device: torch.device) -> torch.Tensor:
+    # Drawn on the tensors' device from torch's generator: reproducible under torch.manual_seed,
+    # no host synchronisation, and captured correctly by CUDA graphs.
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def _positions(start_pos: Optional[torch.Tensor], start_offset: int, shape, device) -> torch.Tensor:
+    positions = torch.arange(shape[1], device=device, dtype=torch.int64) + start_offset
+    positions = positions.expand(shape[0], shape[1])
+    return positions + start_pos[:, None] if start_pos is not None else positions
+
+
+def _setup_context(ctx, inputs, output):
+    input_ids, weight, pos_weight, start_pos, start_offset, scale, dropout_p, seed, padding_idx, _ = inputs
+    ctx.save_for_backward(input_ids, start_pos, seed)
+    ctx.num_embeddings = weight.shape[0]
+    ctx.max_positions = pos_weight.shape[0] if pos_weight is not None else 0
+    ctx.start_offset, ctx.scale, ctx.dropout_p, ctx.padding_idx = start_offset, scale, dropout_p, padding_idx
+
+
+def _backward(ctx, grad_output):
+    input_ids, start_pos, seed = ctx.saved_tensors
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    backward = torch.ops.fasttransformer.token_positional_embedding_backward
+    grad_weight = grad_pos_weight = None
+    if ctx.needs_input_grad[1]:
+        grad_weight = backward(grad_output, input_ids, ctx.num_embeddings, ctx.scale, ctx.dropout_p,
+                               seed, ctx.padding_idx, deterministic)
+    if ctx.needs_input_grad[2]:
+        positions = _positions(start_pos, ctx.start_offset, input_ids.shape, input_ids.device)
+        grad_pos_weight = backward(grad_output, positions, ctx.max_positions, 1.0, ctx.dropout_p,
+                                   seed, None, deterministic)
+    return None, grad_weight, grad_pos_weight, None, None, None, None, None, None, None
+
+
+if _extension.available():
+    torch.library.register_autograd(
+        "fasttransformer::token_positional_embedding", _backward, setup_context=_setup_context
+    )
+
+    @torch.library.register_fake("fasttransformer::token_positional_embedding")
+    def _(input_ids, weight, pos_weight, start_pos, start_offset, scale, dropout_p, seed,
+          padding_idx, check_ids):
+        return weight.new_empty((input_ids.shape[0], input_ids.shape[1], weight.shape[1]))
+
+    @torch.library.register_fake("fasttransformer::token_positional_embedding_backward")
+    def _(grad_output, index, num_rows, multiplier, dropout_p, seed, padding_idx, deterministic):
+        return grad_output.new_empty((num_rows, grad_output.shape[2]))

@@ -1,0 +1,39 @@
+"""Builds fasttransformer._C: CPU kernels always, CUDA kernels when torch has CUDA and nvcc exists.
+
+Install into the environment that holds your torch, without build isolation (isolation would
+build against a second, mismatched torch):  pip install --no-build-isolation .
+"""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+if os.environ.get("FASTTRANSFORMER_FORCE_CPU") == "1":
+    with_cuda = False
+# Ampere and Hopper by default (-gencode for sm_80 and sm_90); TORCH_CUDA_ARCH_LIST overrides.
+cuda_archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0") if with_cuda else ""
+
+sources = sorted(glob.glob("csrc/*.cpp"))
+cxx_flags = ["-O3", "-fopenmp", f'-DFT_CUDA_ARCHS="{cuda_archs}"']
+extension = CppExtension
+nvcc_flags = []
+if with_cuda:
+    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+    cxx_flags.append("-DWITH_CUDA")
+    nvcc_flags = ["-O3", "-DWITH_CUDA", "-Xptxas=-warn-spills", "-Xptxas=-warn-lmem-usage"]
+    extension = CUDAExtension
+
+setup(
+    ext_modules=[
+        extension(
+            "fasttransformer._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension},
+)

@@ -1,0 +1,25 @@
+"""The accuracy rule every kernel test uses (the one FlashAttention's tests use).
+
+A result is accepted when its max error against the float64 reference is at most ``factor``
+times the error of the same computation done by plain PyTorch in the same dtype (2 for
+outputs, 3 for gradients), plus a floor of a few units in the last place of the output scale.
+"""
+import torch
+
+POISON = float("nan")
+
+
+def max_error(result: torch.Tensor, reference: torch.Tensor) -> float:
+    return (result.double() - reference.double()).abs().max().item() if result.numel() else 0.0
+
+
+def assert_within_torch_error(result, reference, torch_result, factor=2.0, what="output"):
+    assert result.shape == reference.shape, f"{what}: shape {tuple(result.shape)} != {tuple(reference.shape)}"
+    assert torch.isfinite(result).all(), f"{what}: non-finite values"
+    error = max_error(result, reference)
+    torch_error = max_error(torch_result, reference)
+    magnitude = reference.abs().max().item() if reference.numel() else 0.0
+    floor = 4 * torch.finfo(result.dtype).eps * max(magnitude, 1.0)
+    assert error <= factor * torch_error + floor, (
+        f"{what}: max error {error:.3e} > {factor} x torch's {torch_error:.3e} + {floor:.1e}"
+    )

@@ -1,0 +1,31 @@
+"""Shared test setup: per-test seeds, the device list, and Triton's interpreter on CPU."""
+import os
+import zlib
+
+import torch
+
+# Triton kernels run under the interpreter when there is no GPU; it must be set before triton is
+# imported, and torch imports triton lazily.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda,
+                                pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]),
+]
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # A different, reproducible stream of random inputs for every test.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
+
+
+def pytest_report_header(config):
+    gpu = torch.cuda.get_device_name() if HAS_CUDA else "none"
+    return f"torch {torch.__version__}, GPU: {gpu}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
