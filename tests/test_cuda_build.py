@@ -8,7 +8,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from torch.utils.cpp_extension import CUDA_HOME, include_paths
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, CUDA_HOME, include_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc") or (os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None)
@@ -46,7 +46,9 @@ def test_ptxas_report_parser():
 @pytest.mark.parametrize("arch", ["80", "90"])
 @pytest.mark.parametrize("source", CU_SOURCES, ids=lambda p: p.name)
 def test_cuda_source_compiles_without_spills(source, arch, tmp_path):
-    command = [NVCC, "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+    # The flags torch's extension build adds (they forbid implicit half conversions) and ours.
+    command = [NVCC, "-std=c++17", "-O3", "-DWITH_CUDA", *COMMON_NVCC_FLAGS,
+               f"-gencode=arch=compute_{arch},code=sm_{arch}",
                "-Xptxas", "-v", "-c", str(source), "-o", str(tmp_path / "kernels.o")]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
