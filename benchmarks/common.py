@@ -24,7 +24,9 @@ def time_ms(fn, device: str) -> float:
         import triton.testing
         return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
     fn()  # warm-up
-    measurement = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=1.0)
+    # Timer runs on one thread unless told otherwise: use the threads torch would use.
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=1.0)
     return measurement.median * 1e3
 
 

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -19,7 +20,6 @@ namespace {
 // drifts by ~1e-16 a step, and recomputing costs d sin/cos calls (at every 32 steps it was 40%
 // of the forward's time at d = 512).
 constexpr int kRotationSteps = 256;
-constexpr int64_t kColumnsPerTask = 64;
 
 template <typename T>
 using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -52,6 +52,79 @@ void apply_dropout(acc_t* values, int64_t e0, int64_t n, uint64_t seed, uint32_t
   for (int64_t j = 0; j < n; ++j) values[j] *= dropout_keep(words[j], threshold) ? kept : acc_t(0);
 }
 
+// Conversions written on the bits, so the loops that use them vectorise (c10's operators do not).
+inline float to_acc(float v) { return v; }
+inline double to_acc(double v) { return v; }
+inline float to_acc(c10::Half v) { return static_cast<float>(v); }
+inline float to_acc(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+inline void from_acc(float v, float& out) { out = v; }
+inline void from_acc(double v, double& out) { out = v; }
+inline void from_acc(float v, c10::Half& out) { out = c10::Half(v); }
+inline void from_acc(float v, c10::BFloat16& out) {  // round to nearest even, NaN kept
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  out.x = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
+}
+
+// sin/cos of pos * inv_freq[i] for consecutive positions: each step rotates the pairs by
+// inv_freq[i] (in double), and every kRotationSteps (or on a jump) they are recomputed.
+class SinusoidStream {
+ public:
+  SinusoidStream(const std::vector<double>& inv_freq, const std::vector<double>& step_sin,
+                 const std::vector<double>& step_cos)
+      : inv_freq_(inv_freq), step_sin_(step_sin), step_cos_(step_cos),
+        sin_(inv_freq.size()), cos_(inv_freq.size()) {}
+
+  void seek(int64_t pos) {
+    const int64_t pairs = static_cast<int64_t>(inv_freq_.size());
+    if (pos == pos_ + 1 && steps_ < kRotationSteps) {
+      for (int64_t i = 0; i < pairs; ++i) {
+        const double s = sin_[i], c = cos_[i];
+        sin_[i] = s * step_cos_[i] + c * step_sin_[i];
+        cos_[i] = c * step_cos_[i] - s * step_sin_[i];
+      }
+      ++steps_;
+    } else if (pos != pos_) {
+      for (int64_t i = 0; i < pairs; ++i) {
+        sin_[i] = std::sin(static_cast<double>(pos) * inv_freq_[i]);
+        cos_[i] = std::cos(static_cast<double>(pos) * inv_freq_[i]);
+      }
+      steps_ = 0;
+    }
+    pos_ = pos;
+  }
+
+  // P[pos] interleaved (sin, cos, sin, ...) into out[0, 2 * pairs).
+  template <typename acc_t>
+  void write(acc_t* out) const {
+    for (size_t i = 0; i < sin_.size(); ++i) {
+      out[2 * i] = static_cast<acc_t>(sin_[i]);
+      out[2 * i + 1] = static_cast<acc_t>(cos_[i]);
+    }
+  }
+
+ private:
+  const std::vector<double>& inv_freq_;
+  const std::vector<double>& step_sin_;
+  const std::vector<double>& step_cos_;
+  std::vector<double> sin_, cos_;
+  int64_t pos_ = -2;
+  int steps_ = 0;
+};
+
+// When every sequence starts at the same position (start_pos an int), the sinusoid of the L
+// positions is computed once per call and shared by the batch rows, up to this many elements.
+constexpr int64_t kMaxSharedSinusoid = int64_t{1} << 22;
+// Weight rows are prefetched this many tokens ahead (bf16, d = 512, 16k tokens, 2 threads:
+// 4.0 ms without, 3.1 ms at 4 or 8 ahead, 3.4 ms at 16).
+constexpr int64_t kPrefetchTokens = 4;
+
 template <typename T, typename Index>
 void forward_kernel(const EmbeddingForwardParams& p, unsigned long long slots[2]) {
   using acc_t = acc_type_t<T>;
@@ -62,27 +135,37 @@ void forward_kernel(const EmbeddingForwardParams& p, unsigned long long slots[2]
   const bool learned = pos_weight != nullptr;
   const int64_t dim = p.dim, half_dim = learned ? 0 : dim / 2;
   const uint64_t seed = p.dropout ? static_cast<uint64_t>(*p.seed) : 0;
+  const acc_t scale = static_cast<acc_t>(p.scale);
 
-  // Consecutive positions advance each (sin, cos) pair by a rotation of inv_freq[i] radians.
   std::vector<double> inv_freq(half_dim), step_sin(half_dim), step_cos(half_dim);
   for (int64_t i = 0; i < half_dim; ++i) {
     inv_freq[i] = std::exp2(-static_cast<double>(i) * p.log2_base_over_half_dim);
     step_sin[i] = std::sin(inv_freq[i]);
     step_cos[i] = std::cos(inv_freq[i]);
   }
+  std::vector<acc_t> shared;  // (seq_len, dim): P[start_offset + t]
+  if (!learned && p.start_pos == nullptr && p.seq_len * dim <= kMaxSharedSinusoid) {
+    shared.resize(p.seq_len * dim);
+    at::parallel_for(0, p.seq_len, std::max<int64_t>(1, 4096 / std::max<int64_t>(dim, 1)),
+                     [&](int64_t begin, int64_t end) {
+      SinusoidStream stream(inv_freq, step_sin, step_cos);
+      for (int64_t t = begin; t < end; ++t) {
+        stream.seek(p.start_offset + t);
+        stream.write(shared.data() + t * dim);
+      }
+    });
+  }
+
   std::atomic<unsigned long long> bad_id{kNoError}, bad_pos{kNoError};
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1));
-
   at::parallel_for(0, p.n_tokens, grain, [&](int64_t begin, int64_t end) {
-    std::vector<double> sin_pos(half_dim), cos_pos(half_dim);
-    std::vector<acc_t> values(dim);
+    SinusoidStream stream(inv_freq, step_sin, step_cos);
+    std::vector<acc_t> values(dim), encoding(learned || !shared.empty() ? 0 : dim);
     std::vector<uint32_t> blocks;
-    int64_t state_pos = -2;
-    int steps = 0;
     for (int64_t token = begin; token < end; ++token) {
       const int64_t id = static_cast<int64_t>(ids[token]);
-      const int64_t b = token / p.seq_len;
-      const int64_t pos = p.start_offset + (p.start_pos ? p.start_pos[b] : 0) + (token - b * p.seq_len);
+      const int64_t b = token / p.seq_len, t = token - b * p.seq_len;
+      const int64_t pos = p.start_offset + (p.start_pos ? p.start_pos[b] : 0) + t;
       T* out_row = out + token * dim;
       const bool bad_id_here = id < 0 || id >= p.vocab;
       if (bad_id_here || pos < 0 || (learned && pos >= p.max_positions)) {
@@ -90,83 +173,91 @@ void forward_kernel(const EmbeddingForwardParams& p, unsigned long long slots[2]
         std::fill(out_row, out_row + dim, T(0));
         continue;
       }
-      const T* w = weight + id * dim;
-      if (learned) {
-        const T* pe = pos_weight + pos * dim;
-        for (int64_t j = 0; j < dim; ++j) {
-          values[j] = static_cast<acc_t>(w[j]) * static_cast<acc_t>(p.scale) + static_cast<acc_t>(pe[j]);
-        }
-      } else {
-        if (pos == state_pos + 1 && steps < kRotationSteps) {
-          for (int64_t i = 0; i < half_dim; ++i) {
-            const double s = sin_pos[i], c = cos_pos[i];
-            sin_pos[i] = s * step_cos[i] + c * step_sin[i];
-            cos_pos[i] = c * step_cos[i] - s * step_sin[i];
+      if (token + kPrefetchTokens < end) {  // rows are gathered at random: fetch ahead
+        const int64_t ahead = static_cast<int64_t>(ids[token + kPrefetchTokens]);
+        if (ahead >= 0 && ahead < p.vocab) {
+          const char* row = reinterpret_cast<const char*>(weight + ahead * dim);
+          for (int64_t byte = 0; byte < dim * static_cast<int64_t>(sizeof(T)); byte += 64) {
+            __builtin_prefetch(row + byte);
           }
-          ++steps;
-        } else {
-          for (int64_t i = 0; i < half_dim; ++i) {
-            sin_pos[i] = std::sin(static_cast<double>(pos) * inv_freq[i]);
-            cos_pos[i] = std::cos(static_cast<double>(pos) * inv_freq[i]);
-          }
-          steps = 0;
-        }
-        state_pos = pos;
-        for (int64_t i = 0; i < half_dim; ++i) {
-          values[2 * i] = static_cast<acc_t>(w[2 * i]) * static_cast<acc_t>(p.scale) +
-                          static_cast<acc_t>(sin_pos[i]);
-          values[2 * i + 1] = static_cast<acc_t>(w[2 * i + 1]) * static_cast<acc_t>(p.scale) +
-                              static_cast<acc_t>(cos_pos[i]);
         }
       }
-      if (p.dropout) apply_dropout(values.data(), token * dim, dim, seed, p.drop_threshold, p.drop_scale, blocks);
-      for (int64_t j = 0; j < dim; ++j) out_row[j] = static_cast<T>(values[j]);
+      const T* w = weight + id * dim;
+      acc_t* v = values.data();
+      if (learned) {
+        const T* pe = pos_weight + pos * dim;
+#pragma omp simd
+        for (int64_t j = 0; j < dim; ++j) v[j] = to_acc(w[j]) * scale + to_acc(pe[j]);
+      } else {
+        const acc_t* pe = shared.empty() ? encoding.data() : shared.data() + t * dim;
+        if (shared.empty()) {
+          stream.seek(pos);
+          stream.write(encoding.data());
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < dim; ++j) v[j] = to_acc(w[j]) * scale + pe[j];
+      }
+      if (p.dropout) apply_dropout(v, token * dim, dim, seed, p.drop_threshold, p.drop_scale, blocks);
+#pragma omp simd
+      for (int64_t j = 0; j < dim; ++j) from_acc(v[j], out_row[j]);
     }
   });
   slots[0] = bad_id.load();
   slots[1] = bad_pos.load();
 }
 
-// Sorted, column-parallel reduction: each task owns a band of columns and walks the tokens in
-// key order, so every gradient element is summed by one thread in one fixed order
-// (deterministic), in float32 (float64 for float64 tables), and written once.
+// Sorted reduction: tokens sorted by key form runs of equal keys; each thread owns the runs that
+// start in its range of sorted positions and sums each run, whole rows at a time, in sorted
+// order, in float32 (float64 for float64 tables), writing its row once. One fixed order per
+// row: deterministic. (Column bands over all tokens re-gathered every row 8 times at d = 512:
+// 11.5 ms against 4 ms for this.)
 template <typename T>
 void backward_kernel(const EmbeddingBackwardParams& p) {
   using acc_t = acc_type_t<T>;
   const T* grad_output = static_cast<const T*>(p.grad_output);
   T* grad = static_cast<T*>(p.grad);
-  const int64_t dim = p.dim;
+  const int64_t dim = p.dim, n = p.n_tokens;
   const uint64_t seed = p.dropout ? static_cast<uint64_t>(*p.seed) : 0;
-  const int64_t tasks = (dim + kColumnsPerTask - 1) / kColumnsPerTask;
+  const acc_t multiplier = static_cast<acc_t>(p.multiplier);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1));
 
-  at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
-    std::vector<acc_t> acc(kColumnsPerTask), row(kColumnsPerTask);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(dim), row(dim);
     std::vector<uint32_t> blocks;
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t j0 = task * kColumnsPerTask;
-      const int64_t width = std::min(kColumnsPerTask, dim - j0);
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t i = 0; i < p.n_tokens; ++i) {
-        const int64_t key = p.sorted_keys[i];
-        const bool counted = key != p.padding_idx && key >= 0 && key < p.num_rows;
-        if (counted) {
-          const int64_t token = p.order[i];
-          const T* g = grad_output + token * dim + j0;
-          for (int64_t j = 0; j < width; ++j) row[j] = static_cast<acc_t>(g[j]);
-          if (p.dropout) {
-            apply_dropout(row.data(), token * dim + j0, width, seed, p.drop_threshold, p.drop_scale, blocks);
-          }
-          for (int64_t j = 0; j < width; ++j) acc[j] += row[j];
-        }
-        if (i + 1 < p.n_tokens && p.sorted_keys[i + 1] == key) continue;
-        if (counted) {
-          T* out = grad + key * dim + j0;
-          for (int64_t j = 0; j < width; ++j) {
-            out[j] = static_cast<T>(acc[j] * static_cast<acc_t>(p.multiplier));
-          }
-        }
-        std::fill(acc.begin(), acc.end(), acc_t(0));
+    int64_t i = begin;
+    while (i > 0 && i < end && p.sorted_keys[i] == p.sorted_keys[i - 1]) ++i;  // not ours
+    while (i < end) {
+      const int64_t key = p.sorted_keys[i];
+      const bool counted = key != p.padding_idx && key >= 0 && key < p.num_rows;
+      int64_t k = i;
+      if (!counted) {
+        while (k < n && p.sorted_keys[k] == key) ++k;
+        i = k;
+        continue;
       }
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (; k < n && p.sorted_keys[k] == key; ++k) {
+        if (k + kPrefetchTokens < n) {
+          const char* ahead = reinterpret_cast<const char*>(grad_output + p.order[k + kPrefetchTokens] * dim);
+          for (int64_t byte = 0; byte < dim * static_cast<int64_t>(sizeof(T)); byte += 64) {
+            __builtin_prefetch(ahead + byte);
+          }
+        }
+        const int64_t token = p.order[k];
+        const T* g = grad_output + token * dim;
+        acc_t* r = row.data();
+#pragma omp simd
+        for (int64_t j = 0; j < dim; ++j) r[j] = to_acc(g[j]);
+        if (p.dropout) apply_dropout(r, token * dim, dim, seed, p.drop_threshold, p.drop_scale, blocks);
+        acc_t* a = acc.data();
+#pragma omp simd
+        for (int64_t j = 0; j < dim; ++j) a[j] += r[j];
+      }
+      T* out = grad + key * dim;
+      const acc_t* a = acc.data();
+#pragma omp simd
+      for (int64_t j = 0; j < dim; ++j) from_acc(a[j] * multiplier, out[j]);
+      i = k;
     }
   });
 }
