@@ -17,7 +17,9 @@ if os.environ.get("FASTTRANSFORMER_FORCE_CPU") == "1":
 cuda_archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0") if with_cuda else ""
 
 sources = sorted(glob.glob("csrc/*.cpp"))
-cxx_flags = ["-O3", "-fopenmp", f'-DFT_CUDA_ARCHS="{cuda_archs}"']
+cxx_flags = ["-O3", "-fopenmp"]
+if cuda_archs:  # shell-safe (no quotes, no ';'): module.cpp turns it into a string
+    cxx_flags.append("-DFT_CUDA_ARCHS=" + cuda_archs.replace(";", ",").replace(" ", ","))
 extension = CppExtension
 nvcc_flags = []
 if with_cuda:

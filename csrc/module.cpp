@@ -17,8 +17,12 @@ TORCH_LIBRARY(fasttransformer, m) {
       "-> Tensor");
 }
 
-#ifndef FT_CUDA_ARCHS
-#define FT_CUDA_ARCHS ""
+#define FT_STRINGIFY_(...) #__VA_ARGS__
+#define FT_STRINGIFY(...) FT_STRINGIFY_(__VA_ARGS__)
+#ifdef FT_CUDA_ARCHS
+#define FT_CUDA_ARCHS_STRING FT_STRINGIFY(FT_CUDA_ARCHS)
+#else
+#define FT_CUDA_ARCHS_STRING ""
 #endif
 
 extern "C" PyObject* PyInit__C(void) {
@@ -36,6 +40,6 @@ extern "C" PyObject* PyInit__C(void) {
 #else
   PyModule_AddIntConstant(module, "WITH_OPENMP", 0);
 #endif
-  PyModule_AddStringConstant(module, "CUDA_ARCHS", FT_CUDA_ARCHS);
+  PyModule_AddStringConstant(module, "CUDA_ARCHS", FT_CUDA_ARCHS_STRING);
   return module;
 }

@@ -15,6 +15,7 @@ def test_info_json_reports_versions_extension_and_backends(capsys):
     assert info["extension"]["built"] and info["extension"]["cpu_kernels"] is True
     if torch.cuda.is_available():  # make gpu-check builds with CUDA: the kernels must be there
         assert info["extension"]["cuda_kernels"] is True
+        assert "9.0" in info["extension"]["cuda_archs"]
     assert info["attention_backends"]["torch-math"] == "usable"
     assert (info["gpu"] is None) == (not torch.cuda.is_available())
 
