@@ -477,3 +477,42 @@ def test_cuda_large_index_arithmetic():
     tail = ids[:, -3:]
     expected = reference.token_positional_embedding(tail.cpu(), weight.double().cpu(), start_pos=tokens - 3)
     assert (out[:, -3:].double().cpu() - expected).abs().max() < 0.05
+
+
+# --- property test: random shapes and options ------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 4), seq_len=st.integers(1, 40), vocab=st.integers(1, 300),
+       half_dim=st.integers(1, 70), learned=st.booleans(), start=st.integers(0, 5000),
+       per_row=st.booleans(), pad=st.booleans(), int32_ids=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31))
+def test_random_configurations_match_reference(batch, seq_len, vocab, half_dim, learned, start, per_row,
+                                               pad, int32_ids, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    dim = 2 * half_dim - (1 if learned and half_dim % 3 == 0 else 0)  # odd dims with learned positions
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
+    weight = torch.randn(vocab, dim, dtype=dtype, generator=generator, requires_grad=True)
+    start_pos = torch.randint(0, start + 1, (batch,), generator=generator) if per_row else start
+    max_start = int(torch.as_tensor(start_pos).max())
+    pos_weight = (torch.randn(max_start + seq_len, dim, dtype=dtype, generator=generator, requires_grad=True)
+                  if learned else None)
+    padding_idx = int(ids[0, 0]) if pad else None
+    scale = 0.5 + seed % 7
+    out = token_positional_embedding(ids.int() if int32_ids else ids, weight, pos_weight, scale=scale,
+                                     padding_idx=padding_idx, start_pos=start_pos)
+    grad_out = torch.randn(out.shape, dtype=dtype, generator=generator)
+    out.backward(grad_out)
+    leaves = [weight] + ([pos_weight] if learned else [])
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference.token_positional_embedding(ids, ref_leaves[0], ref_leaves[1] if learned else None,
+                                               scale=scale, start_pos=start_pos)
+    ref.backward(grad_out.double())
+    if pad:
+        ref_leaves[0].grad[padding_idx] = 0
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5 * scale
+    assert (out.double() - ref).abs().max() <= tolerance * (1 + ref.abs().max())
+    for leaf, ref_leaf in zip(leaves, ref_leaves):
+        assert (leaf.grad.double() - ref_leaf.grad).abs().max() <= tolerance * (1 + ref_leaf.grad.abs().max()) * seq_len
