@@ -1,0 +1,1 @@
+"""Triton kernels (internal): one file per op and direction, e.g. attention_forward.py."""
