@@ -80,6 +80,12 @@ def main() -> int:
         print("unset TRITON_INTERPRET: the interpreter cannot compile", file=sys.stderr)
         return 2
     reports = [compile_forward(arch, head_dim, config) for (arch, head_dim), config in FORWARD_CONFIGS.items()]
+    # Every other mask kind must compile too (the worst case above has them all on).
+    for options in ({"CAUSAL": False, "WINDOW": False, "MASK_KIND": 0, "HAS_KEY_PADDING": False},
+                    {"MASK_KIND": 2}, {"CAUSAL": False, "MASK_KIND": 0}):
+        for arch in (80, 90):
+            reports.append(compile_forward(arch, 64, FORWARD_CONFIGS[(arch, 64)], options=options))
+            reports[-1]["options"] = options
     print(json.dumps(reports, indent=1))
     return 0
 

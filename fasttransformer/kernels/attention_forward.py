@@ -22,6 +22,46 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def tile_scores(scores, rows, cols, seqlen_q, seqlen_k, batch, causal_offset, window_left, window_right,
+                KeyPadding, stride_pb, stride_pn, mask_block,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
+                HAS_KEY_PADDING: tl.constexpr):
+    """Scores (base-2 units) of one (rows x cols) tile with every mask applied: -inf where a
+    query may not see a key. Shared by the forward and the backward kernels."""
+    visible = (rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :]
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
+    if WINDOW:
+        visible = visible & (cols[None, :] >= rows[:, None] + causal_offset - window_left)
+        visible = visible & (cols[None, :] <= rows[:, None] + causal_offset + window_right)
+    if HAS_KEY_PADDING:
+        padding = tl.load(KeyPadding + batch * stride_pb + cols * stride_pn, mask=cols < seqlen_k, other=1)
+        visible = visible & (padding == 0)[None, :]
+    if MASK_KIND == 1:
+        visible = visible & (tl.load(mask_block, boundary_check=(0, 1), padding_option="zero") != 0)
+    if MASK_KIND == 2:
+        bias = tl.load(mask_block, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        scores = scores + bias * 1.4426950408889634
+    return tl.where(visible, scores, float("-inf"))
+
+
+@triton.jit
+def key_range(start_m, seqlen_k, causal_offset, window_left, window_right,
+              CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the keys that queries [start_m, start_m + BLOCK_M) may see, lo a multiple of
+    BLOCK_N: key blocks outside it are never loaded."""
+    lo = tl.full([], 0, tl.int32)  # typed scalars: a Python int bound breaks the compiled loop
+    hi = tl.full([], 0, tl.int32) + seqlen_k
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset)
+    if WINDOW:
+        lo = tl.maximum(0, start_m + causal_offset - window_left)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset + window_right)
+    return lo, hi
+
+
+@triton.jit
 def attention_forward_kernel(
     Q, K, V, Out, Lse, Mask, KeyPadding,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -47,16 +87,8 @@ def attention_forward_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < seqlen_q
-
-    # Key range this query block can see: blocks outside it are never loaded.
-    lo = tl.full([], 0, tl.int32)  # typed scalars: a Python int bound breaks the compiled loop
-    hi = tl.full([], 0, tl.int32) + seqlen_k
-    if CAUSAL:
-        hi = tl.minimum(seqlen_k, pid_m * BLOCK_M + BLOCK_M + causal_offset)
-    if WINDOW:
-        lo = tl.maximum(0, pid_m * BLOCK_M + causal_offset - window_left)
-        lo = (lo // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(hi, pid_m * BLOCK_M + BLOCK_M + causal_offset + window_right)
+    lo, hi = key_range(pid_m * BLOCK_M, seqlen_k, causal_offset, window_left, window_right,
+                       CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
 
     # Block pointers, not 2-D pointer tensors: the latter held 64-bit addresses per element and
     # pushed D = 64 to 255 registers (ptxas, sm_90).
@@ -70,6 +102,7 @@ def attention_forward_kernel(
     v_block = tl.make_block_ptr(V + batch * stride_vb + kv_head * stride_vh, shape=(seqlen_k, head_dim),
                                 strides=(stride_vn, stride_vd), offsets=(lo, 0),
                                 block_shape=(BLOCK_N, BLOCK_D), order=(1, 0))
+    mask_block = Mask  # unused without a mask
     if MASK_KIND != 0:
         mask_block = tl.make_block_ptr(Mask + batch * stride_mb + head * stride_mh, shape=(seqlen_q, seqlen_k),
                                        strides=(stride_mm, stride_mn), offsets=(pid_m * BLOCK_M, lo),
@@ -80,24 +113,11 @@ def attention_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < seqlen_k
         k = tl.load(k_block, boundary_check=(0, 1), padding_option="zero")
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
-        visible = row_ok[:, None] & col_ok[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
-        if WINDOW:
-            visible = visible & (cols[None, :] >= offs_m[:, None] + causal_offset - window_left)
-            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset + window_right)
-        if HAS_KEY_PADDING:
-            padding = tl.load(KeyPadding + batch * stride_pb + cols * stride_pn, mask=col_ok, other=1)
-            visible = visible & (padding == 0)[None, :]
-        if MASK_KIND == 1:
-            visible = visible & (tl.load(mask_block, boundary_check=(0, 1), padding_option="zero") != 0)
-        if MASK_KIND == 2:
-            bias = tl.load(mask_block, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-            scores = scores + bias * 1.4426950408889634
-        scores = tl.where(visible, scores, float("-inf"))
+        scores = tile_scores(scores, offs_m, cols, seqlen_q, seqlen_k, batch, causal_offset, window_left,
+                             window_right, KeyPadding, stride_pb, stride_pn, mask_block,
+                             CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING)
 
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         # Rows that have seen no key yet keep m = -inf: subtract 0 there instead (no NaN).
