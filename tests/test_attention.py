@@ -188,3 +188,148 @@ def test_kernels_compile_for_sm80_and_sm90_with_their_matrix_instructions(aot_re
 def test_attention_configs_do_not_spill(aot_reports):
     spilling = [report for report in aot_reports if report["stack_bytes"]]
     assert not spilling, spilling
+
+
+# --- the public op: fasttransformer.ops.scaled_dot_product_attention --------------------------------
+
+import logging  # noqa: E402
+
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left  # noqa: E402
+
+from fasttransformer.ops import scaled_dot_product_attention  # noqa: E402
+
+# name -> (public keyword arguments builder, dense "allowed" builder) for Lq=29, Lk=41
+OP_CASES = {
+    "none": {},
+    "is_causal": {"is_causal": True},
+    "lower_right": {"attn_mask": "lower_right"},
+    "upper_left": {"attn_mask": "upper_left"},
+    "padding+window_int": {"key_padding_mask": True, "window_size": 6},
+    "window_pair+causal": {"window_size": (4, 0), "is_causal": True},
+    "bool+is_causal+padding": {"attn_mask": "bool", "is_causal": True, "key_padding_mask": True},
+    "float+padding": {"attn_mask": "float", "key_padding_mask": True},
+}
+
+
+def op_case(name, dtype, batch=2, heads=4, kv_heads=2, seqlen_q=29, seqlen_k=41, head_dim=24):
+    spec = OP_CASES[name]
+    q = torch.randn(batch, heads, seqlen_q, head_dim, device=DEVICE, dtype=dtype)
+    k = torch.randn(batch, kv_heads, seqlen_k, head_dim, device=DEVICE, dtype=dtype)
+    v = torch.randn(batch, kv_heads, seqlen_k, head_dim, device=DEVICE, dtype=dtype)
+    kwargs, allowed, bias = {"enable_gqa": True}, torch.ones(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool), None
+    offset = 0
+    if spec.get("attn_mask") == "lower_right":
+        kwargs["attn_mask"], offset = causal_lower_right(seqlen_q, seqlen_k), seqlen_k - seqlen_q
+        allowed &= causal_bool(seqlen_q, seqlen_k, offset)
+    if spec.get("attn_mask") == "upper_left":
+        kwargs["attn_mask"] = causal_upper_left(seqlen_q, seqlen_k)
+        allowed &= causal_bool(seqlen_q, seqlen_k, 0)
+    if spec.get("is_causal"):
+        kwargs["is_causal"] = True
+        allowed &= causal_bool(seqlen_q, seqlen_k, 0)
+    if "window_size" in spec:
+        kwargs["window_size"] = spec["window_size"]
+        left, right = (spec["window_size"], 0) if isinstance(spec["window_size"], int) else spec["window_size"]
+        allowed &= window_bool(seqlen_q, seqlen_k, offset, left, right)
+    if spec.get("key_padding_mask"):
+        padding = torch.rand(batch, seqlen_k) < 0.3
+        padding[1] = True  # the second sequence is all padding
+        kwargs["key_padding_mask"] = padding.to(DEVICE)
+        allowed &= ~padding[:, None, None, :]
+    if spec.get("attn_mask") == "bool":
+        mask = torch.rand(seqlen_q, seqlen_k) < 0.8
+        kwargs["attn_mask"] = mask.to(DEVICE)
+        allowed &= mask
+    if spec.get("attn_mask") == "float":
+        bias = torch.randn(batch, 1, seqlen_q, seqlen_k, dtype=dtype)
+        kwargs["attn_mask"] = bias.to(DEVICE)
+    return q, k, v, kwargs, allowed, bias
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(OP_CASES))
+def test_op_matches_reference_forward_and_backward(name, dtype, backend):
+    q, k, v, kwargs, allowed, bias = op_case(name, dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = scaled_dot_product_attention(*leaves, **kwargs, backend=backend)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = reference_attention(*ref_leaves, allowed, bias)
+    ref.backward(grad_out.double())
+    base_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    base = reference_attention(*base_leaves, allowed, bias)
+    base.backward(grad_out)
+    assert_within_torch_error(out, ref, base, 2.0, "output")
+    scale = max(leaf.grad.abs().max().item() for leaf in ref_leaves)
+    for label, leaf, ref_leaf, base_leaf in zip(("dq", "dk", "dv"), leaves, ref_leaves, base_leaves):
+        assert_within_torch_error(leaf.grad, ref_leaf.grad, base_leaf.grad, 3.0, label, magnitude=scale)
+
+
+def test_op_auto_on_cpu_uses_torch_and_logs_why(caplog):
+    q, k, v, kwargs, _, _ = op_case("padding+window_int", torch.float32)
+    with caplog.at_level(logging.DEBUG, logger="fasttransformer"):
+        auto = scaled_dot_product_attention(q, k, v, **kwargs)
+    assert "torch backend (CPU tensors go to torch)" in caplog.text
+    torch.testing.assert_close(auto, scaled_dot_product_attention(q, k, v, **kwargs, backend="torch"))
+
+
+def test_op_dropout_and_float_mask_gradient_go_to_torch():
+    q, k, v, kwargs, _, _ = op_case("float+padding", torch.float32)
+    with pytest.raises(RuntimeError, match="dropout is not in the Triton kernels yet"):
+        scaled_dot_product_attention(q, k, v, dropout_p=0.1, enable_gqa=True, backend="triton")
+    bias = kwargs["attn_mask"].clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="gradient of a float attn_mask"):
+        scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True, backend="triton")
+    out = scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)  # auto: torch
+    out.sum().backward()
+    assert bias.grad is not None and torch.isfinite(bias.grad).all()
+    torch.manual_seed(3)
+    first = scaled_dot_product_attention(q, k, v, dropout_p=0.5, enable_gqa=True)
+    torch.manual_seed(3)
+    assert torch.equal(first, scaled_dot_product_attention(q, k, v, dropout_p=0.5, enable_gqa=True))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_op_rows_without_keys_are_zero_with_zero_gradients(backend):
+    q, k, v, kwargs, allowed, _ = op_case("bool+is_causal+padding", torch.float32)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = scaled_dot_product_attention(*leaves, **kwargs, backend=backend)
+    out.sum().backward()
+    no_key = ~allowed.any(-1)
+    assert no_key[1].all() and (out[no_key.to(out.device)] == 0).all()
+    assert all(torch.isfinite(leaf.grad).all() for leaf in leaves)
+    assert (q.grad[no_key.to(q.device)] == 0).all()
+
+
+def test_op_opcheck():
+    q, k, v, kwargs, _, _ = op_case("bool+is_causal+padding", torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.fasttransformer.attention_forward.default,
+                          (q, k, v, kwargs["attn_mask"], kwargs["key_padding_mask"], 0.2, 0, [3, 1]))
+
+
+@pytest.mark.parametrize("change,error,pattern", [
+    ({"query": torch.randn(2, 4, 29)}, ValueError, r"query must be \(batch, heads, seq_len, head_dim\)"),
+    ({"query": torch.randn(2, 4, 29, 24).int()}, TypeError, "query must be float16, bfloat16 or float32"),
+    ({"key": torch.randn(2, 2, 41, 24, dtype=torch.float64)}, TypeError, "key must be float16"),
+    ({"value": torch.randn(2, 2, 41, 16)}, ValueError, "head dims differ"),
+    ({"enable_gqa": False}, ValueError, "pass enable_gqa=True"),
+    ({"key": torch.randn(2, 3, 41, 24), "value": torch.randn(2, 3, 41, 24)}, ValueError, "multiple of key heads"),
+    ({"attn_mask": torch.ones(5, 41, dtype=torch.bool)}, ValueError, "does not broadcast"),
+    ({"attn_mask": torch.ones(29, 41, dtype=torch.int32)}, TypeError, "attn_mask must be bool or floating"),
+    ({"attn_mask": causal_lower_right(3, 4)}, ValueError, "causal bias for"),
+    ({"key_padding_mask": torch.zeros(2, 41)}, TypeError, "key_padding_mask must be a bool tensor"),
+    ({"key_padding_mask": torch.zeros(2, 40, dtype=torch.bool)}, ValueError, r"key_padding_mask must be \(batch, Lk\)"),
+    ({"window_size": -1}, ValueError, "window_size must be"),
+    ({"window_size": (1, 2, 3)}, ValueError, "window_size must be"),
+    ({"dropout_p": 2.0}, ValueError, "dropout_p must be"),
+    ({"backend": "cudnn"}, ValueError, "backend must be one of"),
+])
+def test_op_bad_arguments_name_the_argument(change, error, pattern):
+    args = {"query": torch.randn(2, 4, 29, 24), "key": torch.randn(2, 2, 41, 24), "value": torch.randn(2, 2, 41, 24),
+            "enable_gqa": True}
+    args.update(change)
+    with pytest.raises(error, match=pattern):
+        scaled_dot_product_attention(args.pop("query"), args.pop("key"), args.pop("value"), **args)

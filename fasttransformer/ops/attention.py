@@ -1,0 +1,254 @@
+"""Masked scaled-dot-product attention: ``fasttransformer.ops.scaled_dot_product_attention``.
+
+Layers, top to bottom: the Triton kernels (fasttransformer/kernels/attention_*.py), the custom
+ops ``fasttransformer::attention_forward`` / ``attention_backward`` (torch.library, with fake
+implementations and an autograd formula, so torch.compile traces them), the torch fallback, and
+the public function, which validates everything once and dispatches.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("fasttransformer")
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_BACKENDS = ("auto", "triton", "torch")
+MAX_HEAD_DIM = 256
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False, *, key_padding_mask=None, window_size=None,
+                                 backend="auto"):
+    r"""``softmax(Q K^T * scale + mask) V``, as ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Shapes: ``query (B, Hq, Lq, D)``, ``key``/``value (B, Hk, Lk, D)``; returns ``(B, Hq, Lq, D)``
+    in the query's dtype.
+
+    Masks (they combine):
+      * ``attn_mask``: bool (True = may attend) or float (added to the scores), broadcastable to
+        ``(B, Hq, Lq, Lk)``; broadcast dimensions are read in place, never expanded. torch's
+        ``causal_upper_left(Lq, Lk)`` / ``causal_lower_right(Lq, Lk)`` objects are accepted.
+      * ``is_causal``: query i sees keys ``j <= i`` (top-left, as torch). May be combined with
+        ``attn_mask`` (torch refuses that).
+      * ``key_padding_mask``: bool ``(B, Lk)``, **True = padding** (torch.nn.MultiheadAttention's
+        convention).
+      * ``window_size``: ``w`` (the w keys before the query and itself) or ``(left, right)``,
+        relative to the causal alignment in use (top-left when there is none).
+    A query that sees no key gets zeros and zero gradients, never NaN.
+
+    ``backend``: ``"triton"`` (the fused kernels; on CPU tensors only under
+    ``TRITON_INTERPRET=1``, set before triton is imported), ``"torch"`` (torch's SDPA, masks
+    merged into one), or ``"auto"``: Triton for CUDA tensors when the kernels support the case,
+    torch otherwise; the reason is logged at DEBUG level by the ``fasttransformer`` logger. Not
+    yet in the kernels, so sent to torch by ``"auto"``: ``dropout_p > 0`` and a float
+    ``attn_mask`` that requires grad.
+    """
+    spec = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                     key_padding_mask, window_size, backend)
+    reason = _triton_unsupported(query, spec)
+    if backend == "triton" and reason:
+        raise RuntimeError(f"backend='triton' cannot run this call: {reason}")
+    if backend == "auto" and query.device.type != "cuda":
+        reason = reason or "CPU tensors go to torch"
+    if backend == "torch" or reason:
+        if backend == "auto":
+            logger.debug("scaled_dot_product_attention: torch backend (%s)", reason)
+        return _torch_attention(query, key, value, spec)
+    return torch.ops.fasttransformer.attention_forward(
+        query, key, value, spec["attn_mask"], spec["key_padding_mask"], spec["scale"],
+        spec["causal_offset"], list(spec["window"]) if spec["window"] else None)[0]
+
+
+def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, key_padding_mask,
+              window_size, backend) -> dict:
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 4:
+            raise ValueError(f"{name} must be (batch, heads, seq_len, head_dim), got shape {tuple(tensor.shape)}")
+        if tensor.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {tensor.dtype}")
+        if tensor.dtype != query.dtype or tensor.device != query.device:
+            raise ValueError(f"{name} is {tensor.dtype} on {tensor.device} but query is {query.dtype} on {query.device}")
+    batch, heads, seqlen_q, head_dim = query.shape
+    _, kv_heads, seqlen_k, _ = key.shape
+    if key.shape[0] != batch or value.shape[0] != batch:
+        raise ValueError(f"batch sizes differ: query {batch}, key {key.shape[0]}, value {value.shape[0]}")
+    if key.shape[3] != head_dim or value.shape[3] != head_dim:
+        raise ValueError(f"head dims differ: query {head_dim}, key {key.shape[3]}, value {value.shape[3]}")
+    if value.shape[1:3] != key.shape[1:3]:
+        raise ValueError(f"value heads/length {tuple(value.shape[1:3])} differ from key's {tuple(key.shape[1:3])}")
+    if kv_heads != heads and not (enable_gqa and kv_heads > 0 and heads % kv_heads == 0):
+        raise ValueError(f"query has {heads} heads and key {kv_heads}: pass enable_gqa=True with heads "
+                         "a multiple of key heads" if not enable_gqa else
+                         f"enable_gqa needs query heads ({heads}) to be a multiple of key heads ({kv_heads})")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)):
+        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    causal_offset = 0 if is_causal else None
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a tensor, a CausalBias or None, got {type(attn_mask).__name__}")
+    if isinstance(attn_mask, CausalBias):  # a torch.Tensor subclass: test it first
+        if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (seqlen_q, seqlen_k):
+            raise ValueError(f"attn_mask is a causal bias for ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) "
+                             f"but the inputs are ({seqlen_q}, {seqlen_k})")
+        lower_right = attn_mask.variant == CausalVariant.LOWER_RIGHT
+        if is_causal and lower_right and seqlen_q != seqlen_k:
+            raise ValueError("is_causal=True (top-left) and a causal_lower_right attn_mask disagree")
+        causal_offset = seqlen_k - seqlen_q if lower_right else 0
+        attn_mask = None
+    if attn_mask is not None:
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        try:
+            if torch.broadcast_shapes(attn_mask.shape, (batch, heads, seqlen_q, seqlen_k)) != (batch, heads, seqlen_q, seqlen_k):
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"(batch, heads, Lq, Lk) = {(batch, heads, seqlen_q, seqlen_k)}") from None
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must be a bool tensor (True = padding)")
+        if key_padding_mask.shape != (batch, seqlen_k):
+            raise ValueError(f"key_padding_mask must be (batch, Lk) = {(batch, seqlen_k)}, got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != query.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but query is on {query.device}")
+    window = None
+    if window_size is not None:
+        pair = (window_size, 0) if isinstance(window_size, numbers.Integral) else tuple(window_size)
+        if len(pair) != 2 or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 0 for w in pair):
+            raise ValueError(f"window_size must be an int >= 0 or a pair (left, right) of ints >= 0, got {window_size!r}")
+        window = (int(pair[0]), int(pair[1]))
+    return {"attn_mask": attn_mask, "key_padding_mask": key_padding_mask, "causal_offset": causal_offset,
+            "window": window, "dropout_p": float(dropout_p), "enable_gqa": bool(enable_gqa),
+            "scale": 1.0 / math.sqrt(head_dim) if scale is None else float(scale)}
+
+
+def _triton_unsupported(query, spec) -> Optional[str]:
+    """Why the Triton kernels cannot run this call, or None."""
+    if query.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "CPU tensors need TRITON_INTERPRET=1 (set before triton is imported) for the Triton kernels"
+    if query.device.type not in ("cpu", "cuda"):
+        return f"tensors on {query.device.type}"
+    if query.device.type == "cpu" and query.dtype == torch.bfloat16:
+        return "bfloat16 under Triton's interpreter multiplies raw bits (triton 3.6); use float16/float32 on CPU"
+    if query.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {query.shape[-1]} > {MAX_HEAD_DIM}"
+    if spec["dropout_p"] > 0:
+        return "dropout is not in the Triton kernels yet"
+    mask = spec["attn_mask"]
+    if mask is not None and mask.dtype != torch.bool and mask.requires_grad:
+        return "the gradient of a float attn_mask is not in the Triton kernels yet"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    return None
+
+
+def _torch_attention(query, key, value, spec):
+    """torch's SDPA with every mask merged into one (dense) mask; rows with no visible key give
+    zeros: they are given one harmless key for torch (whose softmax would be NaN) and zeroed after."""
+    batch, heads, seqlen_q, _ = query.shape
+    seqlen_k = key.shape[2]
+    allowed = None
+    if spec["causal_offset"] is not None or spec["window"] is not None:
+        offset = spec["causal_offset"] or 0
+        relative = (torch.arange(seqlen_k, device=query.device)[None, :]
+                    - torch.arange(seqlen_q, device=query.device)[:, None] - offset)
+        allowed = relative <= 0 if spec["causal_offset"] is not None else torch.ones_like(relative, dtype=torch.bool)
+        if spec["window"] is not None:
+            allowed = allowed & (relative >= -spec["window"][0]) & (relative <= spec["window"][1])
+    if spec["key_padding_mask"] is not None:
+        keep = ~spec["key_padding_mask"][:, None, None, :]
+        allowed = keep if allowed is None else allowed & keep
+    mask = spec["attn_mask"]
+    if mask is not None and mask.dtype == torch.bool:
+        allowed = mask if allowed is None else allowed & mask
+        mask = None
+    if allowed is None and mask is None:
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=spec["dropout_p"], scale=spec["scale"],
+                                              enable_gqa=spec["enable_gqa"])
+    sees_nothing = None
+    if allowed is not None:
+        allowed = allowed.expand(batch, heads, seqlen_q, seqlen_k)
+        sees_nothing = ~allowed.any(-1, keepdim=True)
+    if mask is not None:  # float: merge the boolean part in as -inf
+        bias = mask.to(query.dtype).expand(batch, heads, seqlen_q, seqlen_k)
+        if allowed is not None:
+            bias = bias.masked_fill(~allowed, float("-inf"))
+        all_neg_inf = torch.isneginf(bias).all(-1, keepdim=True)
+        sees_nothing = all_neg_inf if sees_nothing is None else sees_nothing | all_neg_inf
+        merged = bias.masked_fill(sees_nothing, 0.0)
+    else:
+        merged = allowed | sees_nothing
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=merged, dropout_p=spec["dropout_p"],
+                                         scale=spec["scale"], enable_gqa=spec["enable_gqa"])
+    return out.masked_fill(sees_nothing, 0.0)
+
+
+# --- custom ops: torch.compile sees them as single nodes --------------------------------------------
+
+@torch.library.custom_op("fasttransformer::attention_forward", mutates_args=())
+def _attention_forward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                          scale: float, causal_offset: Optional[int],
+                          window: Optional[List[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    from fasttransformer.kernels.attention_forward import attention_forward
+    out, lse = attention_forward(query, key, value, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                 scale=scale, causal_offset=causal_offset, window=tuple(window) if window else None)
+    return out, lse
+
+
+@_attention_forward_op.register_fake
+def _(query, key, value, attn_mask, key_padding_mask, scale, causal_offset, window=None):
+    return torch.empty_like(query), query.new_empty(query.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fasttransformer::attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                           key_padding_mask: Optional[torch.Tensor], scale: float, causal_offset: Optional[int],
+                           window: Optional[List[int]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fasttransformer.kernels.attention_backward import attention_backward
+    return attention_backward(grad_out.contiguous(), query, key, value, out, lse, attn_mask=attn_mask,
+                              key_padding_mask=key_padding_mask, scale=scale, causal_offset=causal_offset,
+                              window=tuple(window) if window else None)
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, scale, causal_offset, window=None):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, key_padding_mask, scale, causal_offset = inputs[:7]
+    window = inputs[7] if len(inputs) > 7 else None
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, attn_mask, key_padding_mask)
+    ctx.scale, ctx.causal_offset, ctx.window = scale, causal_offset, window
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, out, lse, attn_mask, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask,
+                                        ctx.scale, ctx.causal_offset, ctx.window)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
