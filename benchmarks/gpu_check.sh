@@ -20,16 +20,22 @@ grep -iE "spill|lmem" "$out/build.log" | head -20
 $PY -m fasttransformer info --json > "$out/info.json"
 $PY -m fasttransformer info
 
-echo "== tests"
-$PY -m pytest tests -q -rs --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
-tests_rc=$?
-tail -25 "$out/tests.log"
-
 echo "== benchmarks"
 $PY benchmarks/bench_embedding.py --out "$out"
 bench_rc=$?
 
+echo "== tests"
+# The attention kernels run in a process of their own, last: a kernel fault on the GPU ends its
+# process, and must not take the other results with it.
+$PY -m pytest tests -q -rs --ignore=tests/test_attention.py --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
+tests_rc=$?
+tail -15 "$out/tests.log"
+$PY -m pytest tests/test_attention.py -q -rs -x > "$out/tests_attention.log" 2>&1
+attention_rc=$?
+tail -15 "$out/tests_attention.log"
+
 echo "== summary ($out)"
 grep -E "passed|failed" "$out/tests.log" | tail -1
+grep -E "passed|failed" "$out/tests_attention.log" | tail -1
 [ -f "$out/embedding.md" ] && cat "$out/embedding.md"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+exit $(( tests_rc != 0 || attention_rc != 0 || bench_rc != 0 ))

@@ -269,6 +269,8 @@ def test_op_matches_reference_forward_and_backward(name, dtype, backend):
 
 def test_op_auto_on_cpu_uses_torch_and_logs_why(caplog):
     q, k, v, kwargs, _, _ = op_case("padding+window_int", torch.float32)
+    q, k, v = q.cpu(), k.cpu(), v.cpu()
+    kwargs["key_padding_mask"] = kwargs["key_padding_mask"].cpu()
     with caplog.at_level(logging.DEBUG, logger="fasttransformer"):
         auto = scaled_dot_product_attention(q, k, v, **kwargs)
     assert "torch backend (CPU tensors go to torch)" in caplog.text
