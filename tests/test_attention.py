@@ -71,6 +71,14 @@ MASKS = ["none", "causal", "lower_right", "padding", "bool", "float", "window", 
          "padding+bool+causal", "float+padding+lower_right", "window+padding"]
 
 
+def reference_attention(q, k, v, allowed, bias):
+    attn_mask = allowed.to(q.device)
+    if bias is not None:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+        attn_mask = attn_mask + bias.to(q.device, q.dtype)
+    return reference.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("masks", MASKS)
 @pytest.mark.parametrize("batch,heads,kv_heads,seqlen_q,seqlen_k,head_dim", SHAPES)
@@ -79,15 +87,8 @@ def test_forward_matches_reference(batch, heads, kv_heads, seqlen_q, seqlen_k, h
                                                     masks.split("+"), dtype)
     out, lse = attention_forward(q, k, v, **kernel_args)
 
-    def run_reference(q, k, v):
-        attn_mask = allowed.to(q.device)
-        if bias is not None:
-            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
-            attn_mask = attn_mask + bias.to(q.device, q.dtype)
-        return reference.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
-
-    ref = run_reference(q.double(), k.double(), v.double())
-    base = run_reference(q, k, v)  # plain PyTorch in the input dtype
+    ref = reference_attention(q.double(), k.double(), v.double(), allowed, bias)
+    base = reference_attention(q, k, v, allowed, bias)  # plain PyTorch in the input dtype
     assert_within_torch_error(out, ref, base, 2.0, "attention output")
 
     # The logsumexp the backward will use: +inf exactly where a row sees no key.
@@ -102,14 +103,6 @@ def test_forward_matches_reference(batch, heads, kv_heads, seqlen_q, seqlen_k, h
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     if (~no_key).any():
         assert (lse[~no_key].double() - ref_lse[~no_key]).abs().max() < tolerance
-
-
-def reference_attention(q, k, v, allowed, bias):
-    attn_mask = allowed.to(q.device)
-    if bias is not None:
-        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
-        attn_mask = attn_mask + bias.to(q.device, q.dtype)
-    return reference.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fasttransformer.kernels.attention_forward import LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, key_range, tile_scores
+from fasttransformer.kernels.attention_forward import LOG2E, key_range, mask_arguments, tile_scores
 
 
 @triton.jit
@@ -187,16 +187,8 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     query, dq = like(query)
     key, dk = like(key)
     value, dv = like(value)
-    if attn_mask is None:
-        mask_kind, mask, mask_strides = MASK_NONE, query, (0, 0, 0, 0)
-    else:
-        mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_FLOAT
-        mask = attn_mask.expand(batch, heads, seqlen_q, seqlen_k)
-        if mask_kind == MASK_BOOL:
-            mask = mask.view(torch.uint8)
-        mask_strides = mask.stride()
-    padding = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else query
-    padding_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    mask_kind, mask, mask_strides, padding, padding_strides = mask_arguments(
+        attn_mask, key_padding_mask, (batch, heads, seqlen_q, seqlen_k), query)
     window_left, window_right = window if window is not None else (0, 0)
     constants = dict(CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
                      HAS_KEY_PADDING=key_padding_mask is not None,

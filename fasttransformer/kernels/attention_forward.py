@@ -145,6 +145,23 @@ def attention_forward_kernel(
     tl.store(Lse + pid_bh * seqlen_q + offs_m, lse, mask=row_ok)
 
 
+def mask_arguments(attn_mask, key_padding_mask, shape, placeholder):
+    """(MASK_KIND, mask, its 4 strides, key padding, its 2 strides) for the kernels' arguments.
+    The mask is a broadcast view (stride 0 where it broadcasts); bool tensors are reinterpreted
+    as uint8 (same bytes). Absent tensors are replaced by ``placeholder`` (never read)."""
+    if attn_mask is None:
+        mask_kind, mask, mask_strides = MASK_NONE, placeholder, (0, 0, 0, 0)
+    else:
+        mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_FLOAT
+        mask = attn_mask.expand(shape)
+        if mask_kind == MASK_BOOL:
+            mask = mask.view(torch.uint8)
+        mask_strides = mask.stride()
+    if key_padding_mask is None:
+        return mask_kind, mask, mask_strides, placeholder, (0, 0)
+    return mask_kind, mask, mask_strides, key_padding_mask.view(torch.uint8), key_padding_mask.stride()
+
+
 def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=None, scale=None,
                       causal_offset=None, window=None, block_m=64, block_n=64, num_warps=4, num_stages=2):
     """Launches the kernel on already validated ``(B, H, L, D)`` tensors.
@@ -161,16 +178,8 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     out = torch.empty_like(query)
     lse = torch.empty(batch, heads, seqlen_q, device=query.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    if attn_mask is None:
-        mask_kind, mask, mask_strides = MASK_NONE, query, (0, 0, 0, 0)
-    else:
-        mask_kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_FLOAT
-        mask = attn_mask.expand(batch, heads, seqlen_q, seqlen_k)
-        if mask_kind == MASK_BOOL:
-            mask = mask.view(torch.uint8)  # same bytes, a dtype Triton loads
-        mask_strides = mask.stride()
-    padding = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else query
-    padding_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    mask_kind, mask, mask_strides, padding, padding_strides = mask_arguments(
+        attn_mask, key_padding_mask, (batch, heads, seqlen_q, seqlen_k), query)
     window_left, window_right = window if window is not None else (0, 0)
     block_d = max(16, triton.next_power_of_2(head_dim))
     grid = (triton.cdiv(seqlen_q, block_m), batch * heads)
