@@ -29,7 +29,7 @@ struct EmbeddingForwardParams {
   // error_slots[0]: smallest token index with an id outside [0, vocab);
   // error_slots[1]: smallest token index with a position outside the table (or negative).
   unsigned long long* error_slots;
-  bool trap_on_error;           // CUDA only: device-side assert instead of error_slots
+  bool trap_on_error;           // CUDA only: device-side assert instead (error_slots is null)
 };
 
 struct EmbeddingBackwardParams {

@@ -37,10 +37,13 @@ at::Tensor token_positional_embedding_cuda(const at::Tensor& input_ids, const at
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   const bool host_check = check_ids && capture == cudaStreamCaptureStatusNone;
-  at::Tensor slots = at::empty({2}, weight.options().dtype(at::kLong));
-  p.error_slots = reinterpret_cast<unsigned long long*>(slots.data_ptr());
+  at::Tensor slots;  // only read back when checking on the host: no allocation otherwise
   p.trap_on_error = !host_check;
-  if (host_check) C10_CUDA_CHECK(cudaMemsetAsync(p.error_slots, 0xFF, 2 * sizeof(int64_t), stream));
+  if (host_check) {
+    slots = at::empty({2}, weight.options().dtype(at::kLong));
+    p.error_slots = reinterpret_cast<unsigned long long*>(slots.data_ptr());
+    C10_CUDA_CHECK(cudaMemsetAsync(p.error_slots, 0xFF, 2 * sizeof(int64_t), stream));
+  }
   C10_CUDA_CHECK(embedding_forward_cuda(p, stream));
   if (host_check) {
     const at::Tensor host = slots.cpu();

@@ -90,8 +90,9 @@ __device__ __forceinline__ void report_error(const EmbeddingForwardParams& p, in
     __assert_fail(slot == 0 ? "fasttransformer: input_ids value outside [0, num_embeddings)"
                             : "fasttransformer: position outside the position table",
                   __FILE__, __LINE__, __func__);
+  } else {  // error_slots is null in trap mode
+    atomicMin(p.error_slots + slot, static_cast<unsigned long long>(token));
   }
-  atomicMin(p.error_slots + slot, static_cast<unsigned long long>(token));
 }
 
 // At most 128 registers (2 blocks of 256 per SM): uncapped, bf16 with 16-byte vectors took
