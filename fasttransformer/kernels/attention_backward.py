@@ -25,6 +25,28 @@ from fasttransformer.kernels.attention_forward import LOG2E, key_range, mask_arg
 
 
 @triton.jit
+def recompute_probabilities(q, k, lse, rows, cols, start_m, start_n, batch, head, seqlen_q, seqlen_k,
+                            scale_log2, causal_offset, window_left, window_right,
+                            Mask, stride_mb, stride_mh, stride_mm, stride_mn, KeyPadding, stride_pb, stride_pn,
+                            CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
+                            HAS_KEY_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """P = exp(S - lse) of one (rows x cols) tile, with the forward's masks (``tile_scores``).
+    Shared by both backward kernels. dP is left to the callers: computed here, before dV's
+    product, it raised the dK/dV kernel's spills from 272 to 336 bytes (sm_90)."""
+    mask_block = Mask  # unused without a mask
+    if MASK_KIND != 0:
+        mask_block = tl.make_block_ptr(Mask + batch * stride_mb + head * stride_mh, shape=(seqlen_q, seqlen_k),
+                                       strides=(stride_mm, stride_mn), offsets=(start_m, start_n),
+                                       block_shape=(BLOCK_M, BLOCK_N), order=(1, 0))
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    scores = tile_scores(scores, rows, cols, seqlen_q, seqlen_k, batch, causal_offset, window_left,
+                         window_right, KeyPadding, stride_pb, stride_pn, mask_block,
+                         CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING)
+    return tl.exp2(scores - lse[:, None] * 1.4426950408889634)
+
+
+@triton.jit
 def attention_backward_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, Mask, KeyPadding,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -82,16 +104,11 @@ def attention_backward_dkdv_kernel(
                          mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             lse = tl.load(Lse + row_base + rows, mask=m_ok, other=float("inf"))
             delta = tl.load(Delta + row_base + rows, mask=m_ok, other=0.0)
-            mask_block = Mask  # unused without a mask
-            if MASK_KIND != 0:
-                mask_block = tl.make_block_ptr(Mask + batch * stride_mb + head * stride_mh, shape=(seqlen_q, seqlen_k),
-                                               strides=(stride_mm, stride_mn), offsets=(start_m, start_n),
-                                               block_shape=(BLOCK_M, BLOCK_N), order=(1, 0))
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-            scores = tile_scores(scores, rows, offs_n, seqlen_q, seqlen_k, batch, causal_offset, window_left,
-                                 window_right, KeyPadding, stride_pb, stride_pn, mask_block,
-                                 CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING)
-            p = tl.exp2(scores - lse[:, None] * 1.4426950408889634)  # (BLOCK_M, BLOCK_N)
+            p = recompute_probabilities(
+                q, k, lse, rows, offs_n, start_m, start_n, batch, head, seqlen_q, seqlen_k,
+                scale_log2, causal_offset, window_left, window_right, Mask, stride_mb, stride_mh, stride_mm,
+                stride_mn, KeyPadding, stride_pb, stride_pn, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING,
+                DOT_PRECISION, BLOCK_M, BLOCK_N)
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
@@ -148,16 +165,11 @@ def attention_backward_dq_kernel(
         kv_mask = (cols < seqlen_k)[:, None] & d_ok[None, :]
         k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        mask_block = Mask  # unused without a mask
-        if MASK_KIND != 0:
-            mask_block = tl.make_block_ptr(Mask + batch * stride_mb + head * stride_mh, shape=(seqlen_q, seqlen_k),
-                                           strides=(stride_mm, stride_mn), offsets=(start_m, start_n),
-                                           block_shape=(BLOCK_M, BLOCK_N), order=(1, 0))
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        scores = tile_scores(scores, rows, cols, seqlen_q, seqlen_k, batch, causal_offset, window_left,
-                             window_right, KeyPadding, stride_pb, stride_pn, mask_block,
-                             CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING)
-        p = tl.exp2(scores - lse[:, None] * 1.4426950408889634)
+        p = recompute_probabilities(
+            q, k, lse, rows, cols, start_m, start_n, batch, head, seqlen_q, seqlen_k,
+            scale_log2, causal_offset, window_left, window_right, Mask, stride_mb, stride_mh, stride_mm,
+            stride_mn, KeyPadding, stride_pb, stride_pn, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING,
+            DOT_PRECISION, BLOCK_M, BLOCK_N)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
