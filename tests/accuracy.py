@@ -4,9 +4,22 @@ A result is accepted when its max error against the float64 reference is at most
 times the error of the same computation done by plain PyTorch in the same dtype (2 for
 outputs, 3 for gradients), plus a floor of a few units in the last place of the output scale.
 """
+import contextlib
+
 import torch
 
-POISON = float("nan")
+
+@contextlib.contextmanager
+def poisoned_allocations(device="cpu"):
+    """Every empty() inside is filled with NaN (torch does it under deterministic mode), the
+    ones inside our ops included: an output element a kernel does not write stays NaN."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.isnan(torch.empty(8, device=device)).all(), "uninitialised memory is not poisoned"
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def max_error(result: torch.Tensor, reference: torch.Tensor) -> float:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from accuracy import assert_within_torch_error
+from accuracy import assert_within_torch_error, poisoned_allocations
 from conftest import HAS_CUDA
 from fasttransformer import reference
 
@@ -85,7 +85,8 @@ def reference_attention(q, k, v, allowed, bias):
 def test_forward_matches_reference(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, masks, dtype):
     q, k, v, kernel_args, allowed, bias = make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim,
                                                     masks.split("+"), dtype)
-    out, lse = attention_forward(q, k, v, **kernel_args)
+    with poisoned_allocations(DEVICE):
+        out, lse = attention_forward(q, k, v, **kernel_args)
 
     ref = reference_attention(q.double(), k.double(), v.double(), allowed, bias)
     base = reference_attention(q, k, v, allowed, bias)  # plain PyTorch in the input dtype
@@ -112,8 +113,9 @@ def test_backward_matches_reference(batch, heads, kv_heads, seqlen_q, seqlen_k, 
     q, k, v, kernel_args, allowed, bias = make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim,
                                                     masks.split("+"), dtype)
     grad_out = torch.randn(batch, heads, seqlen_q, head_dim, device=DEVICE, dtype=dtype)
-    out, lse = attention_forward(q, k, v, **kernel_args)
-    grads = attention_backward(grad_out, q, k, v, out, lse, **kernel_args)
+    with poisoned_allocations(DEVICE):
+        out, lse = attention_forward(q, k, v, **kernel_args)
+        grads = attention_backward(grad_out, q, k, v, out, lse, **kernel_args)
 
     leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     reference_attention(*leaves64, allowed, bias).backward(grad_out.double())
