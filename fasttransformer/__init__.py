@@ -1,10 +1,12 @@
 """fasttransformer: fused masked attention and Transformer layers for PyTorch.
 
-Public API: ``fasttransformer.ops`` (functional ops), ``fasttransformer.nn`` (modules).
+Public API: ``fasttransformer.ops`` (functional ops), ``fasttransformer.nn`` (modules),
+``fasttransformer.models`` (Seq2SeqTransformer) and ``fasttransformer.convert``.
 """
 import torch  # noqa: F401  (loads libtorch before the native extension)
 
-from fasttransformer import nn, ops
+from fasttransformer import models, nn, ops
+from fasttransformer.nn import convert
 
 __version__ = "0.1.0"
-__all__ = ["nn", "ops", "__version__"]
+__all__ = ["convert", "models", "nn", "ops", "__version__"]

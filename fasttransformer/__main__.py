@@ -1,4 +1,4 @@
-"""Command line: ``python -m fasttransformer info`` (also installed as ``fasttransformer``)."""
+"""Command line: ``python -m fasttransformer info | demo`` (also installed as ``fasttransformer``)."""
 from __future__ import annotations
 
 import argparse
@@ -87,7 +87,11 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info_parser = commands.add_parser("info", help="versions, GPU, native extension and usable backends")
     info_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    from fasttransformer import demo
+    demo.build_parser(commands.add_parser("demo", help="train a small Seq2SeqTransformer on a synthetic task"))
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        demo.run(args)
     if args.command == "info":
         info = environment()
         if args.json:

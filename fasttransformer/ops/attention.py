@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger("fasttransformer")
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BACKENDS = ("auto", "triton", "torch")
 MAX_HEAD_DIM = 256
 
@@ -58,7 +58,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if backend == "auto" and query.device.type != "cuda":
         reason = reason or "CPU tensors go to torch"
     if backend == "torch" or reason:
-        if backend == "auto":
+        if backend == "auto" and not torch.compiler.is_compiling():  # dynamo cannot trace logging
             logger.debug("scaled_dot_product_attention: torch backend (%s)", reason)
         return _torch_attention(query, key, value, spec)
     return torch.ops.fasttransformer.attention_forward(
@@ -74,7 +74,7 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         if tensor.dim() != 4:
             raise ValueError(f"{name} must be (batch, heads, seq_len, head_dim), got shape {tuple(tensor.shape)}")
         if tensor.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {tensor.dtype}")
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
         if tensor.dtype != query.dtype or tensor.device != query.device:
             raise ValueError(f"{name} is {tensor.dtype} on {tensor.device} but query is {query.dtype} on {query.device}")
     batch, heads, seqlen_q, head_dim = query.shape
@@ -147,6 +147,8 @@ def _triton_unsupported(query, spec) -> Optional[str]:
         return f"tensors on {query.device.type}"
     if query.device.type == "cpu" and query.dtype == torch.bfloat16:
         return "bfloat16 under Triton's interpreter multiplies raw bits (triton 3.6); use float16/float32 on CPU"
+    if query.dtype == torch.float64:
+        return "float64 is not in the Triton kernels (torch computes it)"
     if query.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {query.shape[-1]} > {MAX_HEAD_DIM}"
     if spec["dropout_p"] > 0:

@@ -1,0 +1,237 @@
+"""``MultiheadAttention``: torch.nn.MultiheadAttention over ``ops.scaled_dot_product_attention``,
+and ``KVCache``, the keys and values one attention layer keeps across decoding steps."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from fasttransformer.ops.attention import scaled_dot_product_attention
+
+
+class KVCache:
+    """Keys and values ``(B, H, length, D)`` of one attention layer, for incremental decoding.
+
+    ``static=False`` (self-attention): every call appends the new tokens' keys and values, in
+    place, to a buffer of ``capacity`` positions allocated on the first call.
+    ``static=True`` (cross-attention): the first call projects the key/value inputs (the encoder
+    memory) once; later calls reuse them and ignore their key/value arguments.
+    """
+
+    def __init__(self, capacity: Optional[int] = None, static: bool = False):
+        if not static and (capacity is None or capacity < 1):
+            raise ValueError(f"a self-attention KVCache needs a capacity >= 1, got {capacity!r}")
+        self.capacity, self.static = capacity, static
+        self.key: Optional[torch.Tensor] = None
+        self.value: Optional[torch.Tensor] = None
+        self.length = 0
+
+    def update(self, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Store ``key``/``value (B, H, L_new, D)``; return every key and value held so far."""
+        if self.static:
+            self.key, self.value, self.length = key, value, key.shape[2]
+            return key, value
+        new_length = self.length + key.shape[2]
+        if new_length > self.capacity:
+            raise RuntimeError(f"KVCache is full: {self.length} + {key.shape[2]} positions > capacity {self.capacity}")
+        if self.key is None:
+            shape = (*key.shape[:2], self.capacity, key.shape[3])
+            self.key, self.value = key.new_empty(shape), value.new_empty(shape)
+        self.key[:, :, self.length:new_length] = key
+        self.value[:, :, self.length:new_length] = value
+        self.length = new_length
+        return self.key[:, :, :new_length], self.value[:, :, :new_length]
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    r"""``torch.nn.MultiheadAttention`` (same constructor, parameters, state_dict keys, forward
+    arguments and return values) computed by ``fasttransformer.ops.scaled_dot_product_attention``.
+
+    Masks keep torch.nn's conventions: a bool ``attn_mask`` is True where attention is **not**
+    allowed, a float one is added; ``key_padding_mask`` is True (or -inf) at padding. They reach
+    the attention op in their cheapest form: the key-padding mask as ``key_padding_mask``, a 2-D
+    ``attn_mask`` broadcast over batch and heads (never expanded), ``is_causal=True`` as the
+    kernel's causal mask (``attn_mask`` may then be omitted, which torch refuses; when given it is
+    trusted to be causal, as torch does).
+
+    Differences from torch: a query that sees no key gives zeros (then ``out_proj``), never NaN,
+    also in the returned weights. ``need_weights=True`` (torch's default) returns the weights
+    through a slower path that forms the ``(B, H, Lq, Lk)`` probabilities in memory; pass
+    ``need_weights=False`` for the fused kernels (the Transformer layers do).
+
+    ``forward(..., cache=KVCache(...))`` decodes incrementally: see :class:`KVCache`. With a cache,
+    ``is_causal`` aligns the queries with the last keys (lower-right) and ``key_padding_mask``
+    covers every cached key ``(B, length)``.
+    """
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False, *, cache: Optional[KVCache] = None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask, cache)
+        if not batched:  # (L, E) -> (1, L, E)
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:  # (L, B, E) -> (B, L, E), the layout the projections read
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        batch, seqlen_q = query.shape[:2]
+        q, k, v = self._project(query, key, value, cache)
+        seqlen_k = k.shape[2]
+
+        # Masks in the op's conventions: bool True = may attend, float added.
+        causal_offset = None  # is_causal: top-left (0), or aligned with the last cached keys
+        if is_causal:
+            attn_mask = None  # the hint says attn_mask is the causal mask: the kernel makes its own
+            causal_offset = seqlen_k - seqlen_q if cache is not None else 0
+            if cache is not None and seqlen_q == 1:
+                causal_offset = None  # the one new query sees every cached key
+        if attn_mask is not None and attn_mask.dim() == 3:  # (B * H, Lq, Lk) or unbatched (H, Lq, Lk)
+            attn_mask = attn_mask.view(batch, self.num_heads, seqlen_q, seqlen_k)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = ~attn_mask  # torch.nn: True = not allowed
+        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+            bias = key_padding_mask.to(q.dtype)[:, None, None, :]  # a float padding mask is added
+            if attn_mask is None:
+                attn_mask = bias
+            elif attn_mask.dtype == torch.bool:
+                attn_mask = _restrict(bias, attn_mask)
+            else:
+                attn_mask = attn_mask.to(q.dtype) + bias
+            key_padding_mask = None
+        extra_keys = self.bias_k is not None or self.add_zero_attn
+        if causal_offset is not None and (causal_offset != 0 or extra_keys or need_weights):
+            if attn_mask is None and not extra_keys and not need_weights:
+                attn_mask = causal_lower_right(seqlen_q, seqlen_k)  # a bias object: nothing materialised
+            else:
+                causal = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device).tril(causal_offset)
+                attn_mask = causal if attn_mask is None else _restrict(attn_mask, causal)
+            causal_offset = None
+        if extra_keys:
+            k, v, attn_mask, key_padding_mask = self._extra_keys(k, v, attn_mask, key_padding_mask)
+
+        dropout_p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            out, weights = _attention_with_weights(q, k, v, attn_mask, key_padding_mask, dropout_p)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+        else:
+            out = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                               is_causal=causal_offset is not None,
+                                               key_padding_mask=key_padding_mask)
+        out = self.out_proj(out.transpose(1, 2).flatten(2))  # (B, Lq, E)
+        if not batched:
+            return out.squeeze(0), weights.squeeze(0) if weights is not None else None
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask, cache) -> bool:
+        """Whether the inputs are batched; errors name the argument (torch raises AssertionError)."""
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query must be (L, E) or batched 3-D, got shape {tuple(query.shape)}")
+        for name, tensor in (("key", key), ("value", value)):
+            if tensor.dim() != query.dim():
+                raise ValueError(f"{name} is {tensor.dim()}-D but query is {query.dim()}-D")
+        if query.shape[-1] != self.embed_dim:
+            raise ValueError(f"query's last dim is {query.shape[-1]}, expected embed_dim = {self.embed_dim}")
+        if key.shape[-1] != self.kdim or value.shape[-1] != self.vdim:
+            raise ValueError(f"key/value last dims are {key.shape[-1]}/{value.shape[-1]}, "
+                             f"expected kdim/vdim = {self.kdim}/{self.vdim}")
+        batched = query.dim() == 3
+        batch_dim = 0 if self.batch_first or not batched else 1
+        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+                raise TypeError(f"{name} must be bool or floating point, got {mask.dtype}")
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be a fasttransformer.nn.KVCache, got {type(cache).__name__}")
+            if not batched:
+                raise ValueError("cache needs batched inputs")
+            return batched
+        seqlen_q, seqlen_k = query.shape[1 - batch_dim if batched else 0], key.shape[1 - batch_dim if batched else 0]
+        batch = query.shape[batch_dim] if batched else None
+        if batched and (key.shape[batch_dim] != batch or value.shape[batch_dim] != batch):
+            raise ValueError(f"batch sizes differ: query {batch}, key {key.shape[batch_dim]}, value {value.shape[batch_dim]}")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} differ in batch or length")
+        if key_padding_mask is not None:
+            expected = (batch, seqlen_k) if batched else (seqlen_k,)
+            if tuple(key_padding_mask.shape) != expected:
+                raise ValueError(f"key_padding_mask must be {expected}, got {tuple(key_padding_mask.shape)}")
+        if attn_mask is not None:
+            heads = self.num_heads * (batch if batched else 1)
+            if tuple(attn_mask.shape) not in ((seqlen_q, seqlen_k), (heads, seqlen_q, seqlen_k)):
+                raise ValueError(f"attn_mask must be (Lq, Lk) = {(seqlen_q, seqlen_k)} or (batch * num_heads, "
+                                 f"Lq, Lk) = {(heads, seqlen_q, seqlen_k)}, got {tuple(attn_mask.shape)}")
+        return batched
+
+    def _project(self, query, key, value, cache):
+        """(B, L, E) inputs -> (B, H, L, head_dim) q, k, v; one matmul for self-attention."""
+        def heads(x):
+            return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # (B, L, n * E) -> (B, n * H, L, D)
+
+        def update(k, v):
+            return (k, v) if cache is None else cache.update(k, v)
+
+        weight, bias, embed_dim = self.in_proj_weight, self.in_proj_bias, self.embed_dim
+        biases = bias.split(embed_dim) if bias is not None else (None, None, None)
+        reuse = cache is not None and cache.static and cache.key is not None
+        if self._qkv_same_embed_dim and query is key and key is value and cache is None:
+            q, k, v = heads(F.linear(query, weight, bias)).chunk(3, dim=1)
+            return q, k, v
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = weight.split(embed_dim)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        q = heads(F.linear(query, w_q, biases[0]))
+        if reuse:
+            return q, cache.key, cache.value
+        if key is value and self._qkv_same_embed_dim:
+            kv_bias = bias[embed_dim:] if bias is not None else None
+            k, v = heads(F.linear(key, weight[embed_dim:], kv_bias)).chunk(2, dim=1)
+        else:
+            k, v = heads(F.linear(key, w_k, biases[1])), heads(F.linear(value, w_v, biases[2]))
+        return (q, *update(k, v))
+
+    def _extra_keys(self, k, v, attn_mask, key_padding_mask):
+        """``add_bias_kv`` / ``add_zero_attn``: extra keys every query sees, masks padded to match."""
+        extra_k, extra_v = [], []
+        if self.bias_k is not None:
+            extra_k.append(self.bias_k.view(1, self.num_heads, 1, self.head_dim).expand(k.shape[0], -1, -1, -1))
+            extra_v.append(self.bias_v.view(1, self.num_heads, 1, self.head_dim).expand(v.shape[0], -1, -1, -1))
+        if self.add_zero_attn:
+            extra_k.append(k.new_zeros(k.shape[0], self.num_heads, 1, self.head_dim))
+            extra_v.append(v.new_zeros(v.shape[0], self.num_heads, 1, self.head_dim))
+        count = len(extra_k)
+        k, v = torch.cat([k, *extra_k], dim=2), torch.cat([v, *extra_v], dim=2)
+        if attn_mask is not None:  # bool True = may attend, float 0 = no bias
+            attn_mask = F.pad(attn_mask, (0, count), value=attn_mask.dtype == torch.bool)
+        if key_padding_mask is not None:
+            key_padding_mask = F.pad(key_padding_mask, (0, count), value=False)
+        return k, v, attn_mask, key_padding_mask
+
+
+def _restrict(attn_mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``attn_mask`` (op conventions) further limited to ``allowed`` (bool, True = may attend)."""
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & allowed
+    return torch.where(allowed, attn_mask, float("-inf"))  # broadcasts both ways
+
+
+def _attention_with_weights(q, k, v, attn_mask, key_padding_mask, dropout_p):
+    """The ``need_weights=True`` path: the probabilities ``(B, H, Lq, Lk)`` are formed in memory
+    (as torch.nn does) and returned after dropout, as torch returns them. Rows with no visible
+    key give zero weights."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if attn_mask is not None:
+        scores = _restrict(scores, attn_mask) if attn_mask.dtype == torch.bool else scores + attn_mask.to(scores.dtype)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    no_key = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    weights = torch.softmax(scores.masked_fill(no_key, 0.0), dim=-1).masked_fill(no_key, 0.0)
+    if dropout_p > 0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v, weights

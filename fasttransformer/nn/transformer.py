@@ -1,0 +1,190 @@
+"""The torch.nn Transformer family over fasttransformer's attention, and ``convert``.
+
+Each class subclasses its torch.nn namesake and replaces only ``forward``: the constructor,
+parameters, ``state_dict`` keys, defaults and ``extra_repr`` are torch's own, so weights load
+both ways with ``strict=True``. The forwards hand the masks to the attention op as they are
+(a key-padding mask stays a ``(B, Lk)`` mask, a causal mask becomes ``is_causal``), without
+torch's fast paths that convert them into dense float masks or nested tensors.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.transformer import _detect_is_causal_mask
+
+from fasttransformer.nn.attention import KVCache, MultiheadAttention
+
+
+class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
+    """``torch.nn.TransformerEncoderLayer`` over fasttransformer's attention (same arguments).
+
+    ``is_causal=True`` makes the self-attention causal; ``src_mask`` may then be omitted (torch
+    requires it); when given it is trusted to be causal, as torch does.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.self_attn.__class__ = MultiheadAttention
+
+    def forward(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
+                src_key_padding_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        def self_attention(x):
+            x = self.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
+                               need_weights=False, is_causal=is_causal)[0]
+            return self.dropout1(x)
+
+        x = src
+        if self.norm_first:
+            x = x + self_attention(self.norm1(x))
+            return x + self._feed_forward(self.norm2(x))
+        x = self.norm1(x + self_attention(x))
+        return self.norm2(x + self._feed_forward(x))
+
+    def _feed_forward(self, x):
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+
+class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
+    """``torch.nn.TransformerDecoderLayer`` over fasttransformer's attention (same arguments).
+
+    ``forward(..., cache=(self_attn_cache, cross_attn_cache))`` decodes incrementally (two
+    :class:`KVCache`, the second static): ``tgt`` holds only the new positions and
+    ``tgt_key_padding_mask`` covers every cached one.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.self_attn.__class__ = MultiheadAttention
+        self.multihead_attn.__class__ = MultiheadAttention
+
+    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: Optional[torch.Tensor] = None,
+                memory_mask: Optional[torch.Tensor] = None, tgt_key_padding_mask: Optional[torch.Tensor] = None,
+                memory_key_padding_mask: Optional[torch.Tensor] = None, tgt_is_causal: bool = False,
+                memory_is_causal: bool = False, *,
+                cache: Optional[Tuple[KVCache, KVCache]] = None) -> torch.Tensor:
+        self_cache, cross_cache = cache if cache is not None else (None, None)
+
+        def self_attention(x):
+            x = self.self_attn(x, x, x, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
+                               need_weights=False, is_causal=tgt_is_causal, cache=self_cache)[0]
+            return self.dropout1(x)
+
+        def cross_attention(x):
+            x = self.multihead_attn(x, memory, memory, attn_mask=memory_mask,
+                                    key_padding_mask=memory_key_padding_mask, need_weights=False,
+                                    is_causal=memory_is_causal, cache=cross_cache)[0]
+            return self.dropout2(x)
+
+        x = tgt
+        if self.norm_first:
+            x = x + self_attention(self.norm1(x))
+            x = x + cross_attention(self.norm2(x))
+            return x + self._feed_forward(self.norm3(x))
+        x = self.norm1(x + self_attention(x))
+        x = self.norm2(x + cross_attention(x))
+        return self.norm3(x + self._feed_forward(x))
+
+    def _feed_forward(self, x):
+        return self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+
+class TransformerEncoder(torch.nn.TransformerEncoder):
+    """``torch.nn.TransformerEncoder`` (same arguments; torch.nn layers given to it are converted).
+    Never converts inputs to nested tensors: padding is skipped inside the attention kernels."""
+
+    def __init__(self, encoder_layer, num_layers, norm=None, enable_nested_tensor=True, mask_check=True):
+        super().__init__(encoder_layer, num_layers, norm, enable_nested_tensor=False, mask_check=mask_check)
+        self.enable_nested_tensor = enable_nested_tensor  # kept for state and repr; has no effect
+        convert(self.layers)
+
+    def forward(self, src: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                src_key_padding_mask: Optional[torch.Tensor] = None, is_causal: Optional[bool] = None) -> torch.Tensor:
+        seq_dim = 1 if self.layers[0].self_attn.batch_first and src.dim() == 3 else 0
+        is_causal = _detect_is_causal_mask(mask, is_causal, src.shape[seq_dim])
+        for layer in self.layers:
+            src = layer(src, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
+        return self.norm(src) if self.norm is not None else src
+
+
+class TransformerDecoder(torch.nn.TransformerDecoder):
+    """``torch.nn.TransformerDecoder`` (same arguments; torch.nn layers given to it are converted).
+
+    ``forward(..., cache=DecoderCache(...))`` decodes incrementally: ``tgt`` holds only the new
+    positions (see :class:`DecoderCache`)."""
+
+    def __init__(self, decoder_layer, num_layers, norm=None):
+        super().__init__(decoder_layer, num_layers, norm)
+        convert(self.layers)
+
+    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: Optional[torch.Tensor] = None,
+                memory_mask: Optional[torch.Tensor] = None, tgt_key_padding_mask: Optional[torch.Tensor] = None,
+                memory_key_padding_mask: Optional[torch.Tensor] = None, tgt_is_causal: Optional[bool] = None,
+                memory_is_causal: bool = False, *, cache: Optional["DecoderCache"] = None) -> torch.Tensor:
+        seq_dim = 1 if self.layers[0].self_attn.batch_first and tgt.dim() == 3 else 0
+        tgt_is_causal = _detect_is_causal_mask(tgt_mask, tgt_is_causal, tgt.shape[seq_dim])
+        if cache is not None and len(cache.self_attn) != len(self.layers):
+            raise ValueError(f"cache has {len(cache.self_attn)} layers, the decoder {len(self.layers)}")
+        for index, layer in enumerate(self.layers):
+            layer_cache = (cache.self_attn[index], cache.cross_attn[index]) if cache is not None else None
+            tgt = layer(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                        tgt_key_padding_mask=tgt_key_padding_mask,
+                        memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=tgt_is_causal,
+                        memory_is_causal=memory_is_causal, cache=layer_cache)
+        return self.norm(tgt) if self.norm is not None else tgt
+
+
+class DecoderCache:
+    """The :class:`KVCache` pair of every layer of a decoder: the self-attention keys and values of
+    up to ``capacity`` target positions, and the encoder memory projected once per layer."""
+
+    def __init__(self, num_layers: int, capacity: int):
+        self.self_attn: List[KVCache] = [KVCache(capacity) for _ in range(num_layers)]
+        self.cross_attn: List[KVCache] = [KVCache(static=True) for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        """Target positions held."""
+        return self.self_attn[0].length if self.self_attn else 0
+
+
+class Transformer(torch.nn.Transformer):
+    """``torch.nn.Transformer`` (same arguments, parameters and forward) built from
+    fasttransformer's layers; ``custom_encoder`` / ``custom_decoder`` made of torch.nn layers are
+    converted too."""
+
+    def __init__(self, *args, **kwargs):
+        with warnings.catch_warnings():  # torch's advice on its nested-tensor path, which is replaced
+            warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
+            super().__init__(*args, **kwargs)
+        convert(self)
+
+
+_TWINS = {
+    torch.nn.MultiheadAttention: MultiheadAttention,
+    torch.nn.TransformerEncoderLayer: TransformerEncoderLayer,
+    torch.nn.TransformerDecoderLayer: TransformerDecoderLayer,
+    torch.nn.TransformerEncoder: TransformerEncoder,
+    torch.nn.TransformerDecoder: TransformerDecoder,
+    torch.nn.Transformer: Transformer,
+}
+
+
+def convert(module: torch.nn.Module) -> torch.nn.Module:
+    """Make every ``torch.nn`` ``MultiheadAttention``, ``TransformerEncoderLayer`` and
+    ``TransformerDecoderLayer`` inside ``module`` (and the ``TransformerEncoder`` /
+    ``TransformerDecoder`` / ``Transformer`` holding them) run on fasttransformer, in place.
+
+    The modules stay the same objects and only their class changes, so parameters, buffers,
+    hooks, optimizers and references held elsewhere all stay valid. Only exact torch.nn classes
+    are converted: a user subclass keeps its own forward. Returns ``module``.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    for child in module.modules():
+        twin = _TWINS.get(type(child))
+        if twin is not None:
+            child.__class__ = twin
+    return module

@@ -1,0 +1,451 @@
+"""fasttransformer.nn against its torch.nn namesakes: same weights, same outputs and gradients.
+
+Equivalence runs in float64 (where both are exact to ~1e-15, any masking or layout mistake
+shows), and in float32 under the accuracy rule against the float64 result. Rows that torch
+turns into NaN (a query with no visible key, in its need_weights / inference paths) are
+compared only where torch is finite; ours must be finite everywhere.
+"""
+import copy
+import functools
+import io
+
+import pytest
+import torch
+
+import fasttransformer as ft
+from accuracy import assert_within_torch_error
+from conftest import DEVICES
+
+D_MODEL, NHEAD = 24, 3
+
+
+def twins(torch_module, ours_class, *args, **kwargs):
+    """``ours_class(*args)`` with the torch module's weights (loaded strictly)."""
+    ours = ours_class(*args, **kwargs).to(next(torch_module.parameters()))
+    ours.load_state_dict(torch_module.state_dict(), strict=True)
+    ours.train(torch_module.training)
+    return ours
+
+
+def run_both(torch_module, ours, inputs, kwargs):
+    """Outputs of both modules and the gradients of a random projection of them with respect to
+    the float inputs and every parameter."""
+    results = []
+    grad_seed = torch.randint(0, 2**31, ()).item()
+    for module in (torch_module, ours):
+        module.zero_grad(set_to_none=True)
+        args = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+        out = module(*args, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
+        torch.nan_to_num(out * weights, nan=0.0).sum().backward()
+        grads = {f"input{i}": a.grad for i, a in enumerate(args) if a.grad is not None}
+        grads.update({name: p.grad for name, p in module.named_parameters() if p.grad is not None})
+        results.append((out.detach(), grads))
+    return results
+
+
+def assert_same(torch_result, ours_result, tolerance=1e-10):
+    (out_t, grads_t), (out_o, grads_o) = torch_result, ours_result
+    assert torch.isfinite(out_o).all(), "fasttransformer gave non-finite values"
+    finite = torch.isfinite(out_t)
+    assert finite.any(), "the case compares nothing"
+    torch.testing.assert_close(out_o[finite], out_t[finite], atol=tolerance, rtol=tolerance)
+    if finite.all():
+        assert grads_t.keys() == grads_o.keys()
+        for name in grads_t:
+            torch.testing.assert_close(grads_o[name], grads_t[name], atol=tolerance, rtol=tolerance, msg=name)
+
+
+def masks(kind, batch, seqlen_q, seqlen_k, heads=NHEAD):
+    """(attn_mask, key_padding_mask) in torch.nn's conventions (bool True = not allowed)."""
+    attn_mask = key_padding_mask = None
+    if "bool2d" in kind:
+        attn_mask = torch.rand(seqlen_q, seqlen_k) < 0.3
+    if "float2d" in kind:
+        attn_mask = torch.randn(seqlen_q, seqlen_k, dtype=torch.float64)
+    if "bool3d" in kind:
+        attn_mask = torch.rand(batch * heads, seqlen_q, seqlen_k) < 0.3
+    if "float3d" in kind:
+        attn_mask = torch.randn(batch * heads, seqlen_q, seqlen_k, dtype=torch.float64)
+    if "padding" in kind:  # the last sequence is fully padded
+        key_padding_mask = torch.rand(batch, seqlen_k) < 0.3
+        key_padding_mask[-1] = True
+    if "floatpad" in kind:
+        key_padding_mask = torch.zeros(batch, seqlen_k, dtype=torch.float64).masked_fill(
+            torch.rand(batch, seqlen_k) < 0.3, float("-inf"))
+    return attn_mask, key_padding_mask
+
+
+MASK_KINDS = ["none", "bool2d", "float2d", "bool3d", "float3d", "padding", "floatpad", "bool2d+padding",
+              "float3d+padding", "bool2d+floatpad"]
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "weights"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq-first", "batch-first"])
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_multihead_attention_matches_torch(kind, batch_first, need_weights):
+    batch, seqlen_q, seqlen_k = 3, 7, 11
+    torch_mha = torch.nn.MultiheadAttention(D_MODEL, NHEAD, batch_first=batch_first).double()
+    ours = twins(torch_mha, ft.nn.MultiheadAttention, D_MODEL, NHEAD, batch_first=batch_first)
+    query = torch.randn(batch, seqlen_q, D_MODEL, dtype=torch.float64)
+    memory = torch.randn(batch, seqlen_k, D_MODEL, dtype=torch.float64)
+    if not batch_first:
+        query, memory = query.transpose(0, 1), memory.transpose(0, 1)
+    attn_mask, key_padding_mask = masks(kind, batch, seqlen_q, seqlen_k)
+    kwargs = {"attn_mask": attn_mask, "key_padding_mask": key_padding_mask, "need_weights": need_weights}
+    assert_same(*run_both(torch_mha, ours, [query, memory, memory], kwargs))
+    if need_weights:
+        _, weights_t = torch_mha(query, memory, memory, **kwargs)
+        _, weights_o = ours(query, memory, memory, **kwargs)
+        finite = torch.isfinite(weights_t)
+        torch.testing.assert_close(weights_o[finite], weights_t[finite], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("options", [
+    {"kdim": 10, "vdim": 14}, {"add_bias_kv": True}, {"add_zero_attn": True},
+    {"add_bias_kv": True, "add_zero_attn": True}, {"bias": False},
+], ids=["kdim-vdim", "bias-kv", "zero-attn", "bias-kv+zero-attn", "no-bias"])
+@pytest.mark.parametrize("kind", ["none", "bool2d+padding", "float3d"])
+def test_multihead_attention_options_match_torch(options, kind):
+    batch, seqlen_q, seqlen_k = 2, 5, 9
+    torch_mha = torch.nn.MultiheadAttention(D_MODEL, NHEAD, batch_first=True, **options).double()
+    ours = twins(torch_mha, ft.nn.MultiheadAttention, D_MODEL, NHEAD, batch_first=True, **options)
+    query = torch.randn(batch, seqlen_q, D_MODEL, dtype=torch.float64)
+    key = torch.randn(batch, seqlen_k, options.get("kdim", D_MODEL), dtype=torch.float64)
+    value = torch.randn(batch, seqlen_k, options.get("vdim", D_MODEL), dtype=torch.float64)
+    attn_mask, key_padding_mask = masks(kind, batch, seqlen_q, seqlen_k)
+    if key_padding_mask is not None:
+        key_padding_mask[-1, 0] = False  # with extra keys torch keeps padded rows finite: keep one real key
+    kwargs = {"attn_mask": attn_mask, "key_padding_mask": key_padding_mask, "need_weights": False}
+    assert_same(*run_both(torch_mha, ours, [query, key, value], kwargs))
+
+
+def test_multihead_attention_self_attention_unbatched_and_causal():
+    torch_mha = torch.nn.MultiheadAttention(D_MODEL, NHEAD).double()
+    ours = twins(torch_mha, ft.nn.MultiheadAttention, D_MODEL, NHEAD)
+    x = torch.randn(9, D_MODEL, dtype=torch.float64)  # unbatched (L, E), query is key is value
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(9, dtype=torch.float64)
+    for kwargs in ({}, {"attn_mask": causal, "is_causal": True, "need_weights": False},
+                   {"attn_mask": torch.isneginf(causal), "is_causal": True, "need_weights": True},
+                   {"key_padding_mask": torch.rand(9) < 0.3}):
+        out_t, weights_t = torch_mha(x, x, x, **kwargs)
+        out_o, weights_o = ours(x, x, x, **kwargs)
+        torch.testing.assert_close(out_o, out_t, atol=1e-12, rtol=1e-12)
+        assert (weights_t is None) == (weights_o is None)
+        if weights_t is not None:
+            torch.testing.assert_close(weights_o, weights_t, atol=1e-12, rtol=1e-12)
+    out_t, weights_t = torch_mha(x, x, x, attn_mask=causal, average_attn_weights=False)
+    out_o, weights_o = ours(x, x, x, attn_mask=causal, average_attn_weights=False)
+    assert weights_o.shape == weights_t.shape == (NHEAD, 9, 9)
+    torch.testing.assert_close(weights_o, weights_t, atol=1e-12, rtol=1e-12)
+
+
+LAYER_KINDS = ["none", "bool2d", "float2d", "bool3d", "padding", "float2d+padding", "causal", "causal+padding"]
+
+
+def layer_masks(kind, batch, seqlen):
+    attn_mask, key_padding_mask = masks(kind.replace("causal", ""), batch, seqlen, seqlen)
+    is_causal = "causal" in kind
+    if is_causal:
+        attn_mask = torch.nn.Transformer.generate_square_subsequent_mask(seqlen, dtype=torch.float64)
+    return attn_mask, key_padding_mask, is_causal
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq-first", "batch-first"])
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_encoder_layer_matches_torch(kind, batch_first, norm_first):
+    batch, seqlen = 3, 8
+    config = dict(dim_feedforward=40, dropout=0.0, batch_first=batch_first, norm_first=norm_first)
+    torch_layer = torch.nn.TransformerEncoderLayer(D_MODEL, NHEAD, activation="gelu", **config).double()
+    ours = twins(torch_layer, ft.nn.TransformerEncoderLayer, D_MODEL, NHEAD, activation="gelu", **config)
+    src = torch.randn(batch, seqlen, D_MODEL, dtype=torch.float64)
+    if not batch_first:
+        src = src.transpose(0, 1)
+    attn_mask, key_padding_mask, is_causal = layer_masks(kind, batch, seqlen)
+    kwargs = {"src_mask": attn_mask, "src_key_padding_mask": key_padding_mask, "is_causal": is_causal}
+    assert_same(*run_both(torch_layer, ours, [src], kwargs))
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq-first", "batch-first"])
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_decoder_layer_matches_torch(kind, batch_first, norm_first):
+    batch, seqlen, seqlen_src = 3, 8, 6
+    config = dict(dim_feedforward=40, dropout=0.0, batch_first=batch_first, norm_first=norm_first)
+    torch_layer = torch.nn.TransformerDecoderLayer(D_MODEL, NHEAD, **config).double()
+    ours = twins(torch_layer, ft.nn.TransformerDecoderLayer, D_MODEL, NHEAD, **config)
+    tgt = torch.randn(batch, seqlen, D_MODEL, dtype=torch.float64)
+    memory = torch.randn(batch, seqlen_src, D_MODEL, dtype=torch.float64)
+    if not batch_first:
+        tgt, memory = tgt.transpose(0, 1), memory.transpose(0, 1)
+    tgt_mask, tgt_padding, is_causal = layer_masks(kind, batch, seqlen)
+    _, memory_padding = masks("padding" if "padding" in kind else "none", batch, seqlen, seqlen_src)
+    memory_mask = masks("bool2d", batch, seqlen, seqlen_src)[0] if kind == "bool2d" else None
+    kwargs = {"tgt_mask": tgt_mask, "memory_mask": memory_mask, "tgt_key_padding_mask": tgt_padding,
+              "memory_key_padding_mask": memory_padding, "tgt_is_causal": is_causal}
+    assert_same(*run_both(torch_layer, ours, [tgt, memory], kwargs))
+
+
+def make_transformers(dtype=torch.float64, **config):
+    config = {"d_model": D_MODEL, "nhead": NHEAD, "num_encoder_layers": 2, "num_decoder_layers": 2,
+              "dim_feedforward": 40, "dropout": 0.0, "batch_first": True, **config}
+    torch_model = torch.nn.Transformer(**config).to(dtype)
+    return torch_model, twins(torch_model, ft.nn.Transformer, **config)
+
+
+def transformer_inputs(batch=3, seqlen_src=9, seqlen_tgt=7, dtype=torch.float64):
+    src = torch.randn(batch, seqlen_src, D_MODEL, dtype=dtype)
+    tgt = torch.randn(batch, seqlen_tgt, D_MODEL, dtype=dtype)
+    src_padding = torch.rand(batch, seqlen_src) < 0.3
+    src_padding[:, 0] = False
+    kwargs = {"tgt_mask": torch.nn.Transformer.generate_square_subsequent_mask(seqlen_tgt, dtype=dtype),
+              "src_key_padding_mask": src_padding, "memory_key_padding_mask": src_padding}
+    return [src, tgt], kwargs
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_transformer_matches_torch(training, norm_first):
+    torch_model, ours = make_transformers(norm_first=norm_first)
+    torch_model.train(training), ours.train(training)
+    inputs, kwargs = transformer_inputs()
+    assert_same(*run_both(torch_model, ours, inputs, kwargs))
+    # the other way round too: torch loads fasttransformer's state_dict strictly
+    torch.nn.Transformer(D_MODEL, NHEAD, 2, 2, 40, batch_first=True).double().load_state_dict(
+        ours.state_dict(), strict=True)
+
+
+def test_transformer_float32_within_torch_error():
+    torch_model, ours = make_transformers()
+    inputs, kwargs = transformer_inputs()
+    reference = torch_model(*inputs, **kwargs)
+    torch_model.float(), ours.float()
+    inputs32 = [x.float() for x in inputs]
+    kwargs32 = {**kwargs, "tgt_mask": kwargs["tgt_mask"].float()}
+    assert_within_torch_error(ours(*inputs32, **kwargs32), reference, torch_model(*inputs32, **kwargs32))
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_transformer_on_triton_kernels_within_torch_error(monkeypatch, norm_first):
+    """The layers on the Triton kernels (the CUDA path; the interpreter here): projections give
+    strided q/k/v views, masks arrive as key padding and is_causal. Forward and gradients."""
+    monkeypatch.setattr(ft.nn.attention, "scaled_dot_product_attention",
+                        functools.partial(ft.ops.scaled_dot_product_attention, backend="triton"))
+    torch_model, ours = make_transformers(norm_first=norm_first)
+    inputs, kwargs = transformer_inputs()
+    kwargs["tgt_key_padding_mask"] = torch.rand(3, 7) < 0.2
+    (reference, reference_grads), _ = run_both(torch_model, copy.deepcopy(torch_model), inputs, kwargs)
+    torch_model.float(), ours.float()
+    inputs32 = [x.float() for x in inputs]
+    kwargs32 = {**kwargs, "tgt_mask": kwargs["tgt_mask"].float()}
+    (out_t, grads_t), (out_o, grads_o) = run_both(torch_model, ours, inputs32, kwargs32)
+    finite = torch.isfinite(reference)
+    assert_within_torch_error(out_o[finite], reference[finite], out_t[finite])
+    magnitude = max(g.abs().max().item() for g in reference_grads.values())
+    for name, grad in reference_grads.items():
+        assert_within_torch_error(grads_o[name], grad, grads_t[name], factor=3.0, what=name, magnitude=magnitude)
+
+
+def test_masks_reach_the_op_in_their_cheapest_form(monkeypatch):
+    """A key-padding mask arrives as (B, Lk), a square causal mask as is_causal: never dense."""
+    calls = []
+    real_op = ft.nn.attention.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        calls.append({"attn_mask": attn_mask, "is_causal": is_causal, **kwargs})
+        return real_op(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(ft.nn.attention, "scaled_dot_product_attention", spy)
+    _, ours = make_transformers()
+    inputs, kwargs = transformer_inputs()
+    kwargs["tgt_key_padding_mask"] = torch.zeros(3, 7, dtype=torch.bool)
+    ours(*inputs, **kwargs)
+    assert len(calls) == 2 + 2 * 2  # encoder self-attention, decoder self- and cross-attention
+    for call in calls:
+        assert call["key_padding_mask"] is not None and call["key_padding_mask"].shape in {(3, 9), (3, 7)}
+        assert call["attn_mask"] is None
+    assert [call["is_causal"] for call in calls] == [False, False, True, False, True, False]
+
+
+class Nested(torch.nn.Module):
+    """A user model that nests the torch.nn layers (and a subclass, which must be left alone)."""
+
+    class OwnAttention(torch.nn.MultiheadAttention):
+        pass
+
+    def __init__(self):
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(D_MODEL, NHEAD, 40, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(D_MODEL, D_MODEL))])
+        self.pool = torch.nn.MultiheadAttention(D_MODEL, NHEAD, batch_first=True)
+        self.own = self.OwnAttention(D_MODEL, NHEAD, batch_first=True)
+
+    def forward(self, x, padding):
+        x = self.blocks[0](self.encoder(x, src_key_padding_mask=padding))
+        x = self.pool(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+        return self.own(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+
+
+def test_convert_nested_model_in_place_and_training_matches():
+    original = Nested().double()
+    converted = copy.deepcopy(original)
+    parameters_before = [id(p) for p in converted.parameters()]
+    assert ft.convert(converted) is converted
+    assert [id(p) for p in converted.parameters()] == parameters_before  # shared, not copied
+    assert type(converted.pool) is ft.nn.MultiheadAttention
+    assert type(converted.encoder) is ft.nn.TransformerEncoder
+    assert all(type(layer) is ft.nn.TransformerEncoderLayer for layer in converted.encoder.layers)
+    assert type(converted.encoder.layers[0].self_attn) is ft.nn.MultiheadAttention
+    assert type(converted.own) is Nested.OwnAttention  # a user subclass keeps its class
+    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (original, converted)]
+    for step in range(3):
+        x = torch.randn(4, 10, D_MODEL, dtype=torch.float64)
+        padding = torch.rand(4, 10) < 0.3
+        padding[:, 0] = False
+        losses = []
+        for model, optimizer in zip((original, converted), optimizers):
+            loss = model(x, padding).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[1] == pytest.approx(losses[0], rel=1e-10), f"step {step}"
+    for p_original, p_converted in zip(original.parameters(), converted.parameters()):
+        torch.testing.assert_close(p_converted, p_original, atol=1e-10, rtol=1e-10)
+
+
+def test_convert_rejects_non_modules():
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
+        ft.convert("model")
+
+
+def test_save_load_round_trip(tmp_path):
+    _, ours = make_transformers()
+    inputs, kwargs = transformer_inputs()
+    expected = ours(*inputs, **kwargs)
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is ft.nn.Transformer
+    torch.testing.assert_close(loaded(*inputs, **kwargs), expected, atol=0, rtol=0)
+    path = tmp_path / "weights.pt"
+    torch.save(ours.state_dict(), path)
+    fresh = ft.nn.Transformer(D_MODEL, NHEAD, 2, 2, 40, dropout=0.0, batch_first=True).double()
+    fresh.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    torch.testing.assert_close(fresh(*inputs, **kwargs), expected, atol=0, rtol=0)
+
+
+def test_autocast_bfloat16_matches_torch():
+    torch_model, ours = make_transformers(dtype=torch.float32)
+    inputs, kwargs = transformer_inputs(dtype=torch.float32)
+    reference = torch_model.double()(*[x.double() for x in inputs], **{**kwargs, "tgt_mask": kwargs["tgt_mask"].double()})
+    torch_model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_t = torch_model(*inputs, **kwargs)
+        out_o = ours(*inputs, **kwargs)
+    assert out_o.dtype == out_t.dtype
+    assert_within_torch_error(out_o.float(), reference, out_t.float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_matches_eager(device):
+    layer = ft.nn.TransformerEncoderLayer(D_MODEL, NHEAD, 40, dropout=0.0, batch_first=True).to(device)
+    x = torch.randn(3, 9, D_MODEL, device=device)
+    padding = torch.rand(3, 9, device=device) < 0.3
+    padding[:, 0] = False
+    eager = layer(x, src_key_padding_mask=padding, is_causal=True)
+    compiled = torch.compile(layer, fullgraph=True)(x, src_key_padding_mask=padding, is_causal=True)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kv_cache_equals_full_recomputation(device):
+    layer = ft.nn.TransformerDecoderLayer(D_MODEL, NHEAD, 40, dropout=0.0, batch_first=True).double().to(device)
+    decoder = ft.nn.TransformerDecoder(layer, 2).eval()
+    tgt = torch.randn(2, 9, D_MODEL, dtype=torch.float64, device=device)
+    memory = torch.randn(2, 5, D_MODEL, dtype=torch.float64, device=device)
+    padding = torch.zeros(2, 5, dtype=torch.bool, device=device)
+    padding[1, 3:] = True
+    full = decoder(tgt, memory, memory_key_padding_mask=padding, tgt_is_causal=True)
+    cache = ft.nn.DecoderCache(2, capacity=9)
+    pieces = []
+    for start, stop in ((0, 4), (4, 5), (5, 9)):  # a prompt, one token, then several at once
+        pieces.append(decoder(tgt[:, start:stop], memory, memory_key_padding_mask=padding, tgt_is_causal=True,
+                              cache=cache))
+        assert cache.length == stop
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-12, rtol=1e-12)
+    with pytest.raises(RuntimeError, match="KVCache is full"):
+        decoder(tgt[:, :1], memory, tgt_is_causal=True, cache=cache)
+
+
+def test_bad_inputs_name_the_argument():
+    mha = ft.nn.MultiheadAttention(D_MODEL, NHEAD, batch_first=True)
+    x = torch.randn(2, 5, D_MODEL)
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        mha(x, x, x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask must be"):
+        mha(x, x, x, attn_mask=torch.zeros(5, 6, dtype=torch.bool))
+    with pytest.raises(TypeError, match="attn_mask must be bool or floating"):
+        mha(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="query's last dim is 7"):
+        mha(torch.randn(2, 5, 7), x, x)
+    with pytest.raises(ValueError, match="key is 2-D but query is 3-D"):
+        mha(x, x[0], x)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        mha(x, x[:1], x[:1])
+    with pytest.raises(TypeError, match="cache must be a fasttransformer.nn.KVCache"):
+        mha(x, x, x, cache=object())
+    with pytest.raises(ValueError, match="needs a capacity"):
+        ft.nn.KVCache()
+
+
+def _distributed_worker(rank, world_size, directory, wrapper):
+    """One rank: trains an original torch.nn model and its converted twin, both wrapped by
+    ``wrapper`` (DDP or FSDP2), on this rank's batches; writes both loss curves."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        original = Nested()
+        converted = ft.convert(copy.deepcopy(original))
+        curves = []
+        for model in (original, converted):
+            if wrapper == "ddp":
+                model = torch.nn.parallel.DistributedDataParallel(model)
+            else:
+                from torch.distributed.fsdp import fully_shard
+                for layer in model.encoder.layers:
+                    fully_shard(layer)
+                fully_shard(model)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            data = torch.Generator().manual_seed(100 + rank)
+            losses = []
+            for _ in range(3):
+                x = torch.randn(4, 10, D_MODEL, generator=data)
+                padding = torch.rand(4, 10, generator=data) < 0.3
+                padding[:, 0] = False
+                loss = model(x, padding).square().mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+            curves.append(losses)
+        torch.save(curves, f"{directory}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_distributed_training_matches_unconverted(tmp_path, wrapper):
+    """2 CPU processes on gloo: a converted model trains to the same losses as the original."""
+    torch.multiprocessing.spawn(_distributed_worker, args=(2, str(tmp_path), wrapper), nprocs=2)
+    for rank in range(2):
+        original, converted = torch.load(tmp_path / f"rank{rank}.pt")
+        assert original[0] != original[-1], "the model did not train"
+        assert converted == pytest.approx(original, rel=1e-5)
