@@ -1,4 +1,5 @@
 # make test       set up .venv (pinned deps), build the extension, run the whole suite (CI runs this)
+# make demo       train a small Seq2SeqTransformer and decode with it (DEMO_ARGS="--compare --task sort" ...)
 # make info       what was built and which backends are usable here
 # make bench      the CPU benchmarks, results under benchmarks/results/<date>-cpu/
 # make gpu-check  on a GPU machine: build with its own python3, tests on CUDA, benchmark sweep
@@ -9,7 +10,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 INSTALL_STAMP := $(VENV)/.fasttransformer-installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.h)
 
-.PHONY: test build info bench gpu-check clean
+.PHONY: test build demo info bench gpu-check clean
 
 $(DEPS_STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,9 @@ build: $(INSTALL_STAMP) $(SOURCES)
 
 test: build
 	$(PY) -m pytest tests
+
+demo: build
+	$(PY) -m fasttransformer demo $(DEMO_ARGS)
 
 info: build
 	$(PY) -m fasttransformer info

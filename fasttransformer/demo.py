@@ -47,7 +47,7 @@ class SinusoidalEmbedding(torch.nn.Embedding):
 
     def __init__(self, num_embeddings, embedding_dim, padding_idx, dropout, max_len=4096):
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
-        self.register_buffer("encoding", sinusoidal_positions(torch.arange(max_len), embedding_dim).float(),
+        self.register_buffer("encoding", sinusoidal_positions(torch.arange(max_len), embedding_dim),
                              persistent=False)
         self.scale, self.dropout = math.sqrt(embedding_dim), torch.nn.Dropout(dropout)
 

@@ -1,0 +1,120 @@
+"""Seq2SeqTransformer against the same model built from torch.nn parts, KV-cache generation
+against full recomputation, and the demo end to end."""
+import pytest
+import torch
+
+from conftest import DEVICES
+from fasttransformer import demo
+from fasttransformer.__main__ import main
+from fasttransformer.models import Seq2SeqTransformer
+
+CONFIG = dict(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=48, dropout=0.0)
+VOCAB_SRC, VOCAB_TGT, PAD = 19, 23, 0
+
+
+def padded_ids(batch, length, vocab, generator=None):
+    ids = torch.randint(3, vocab, (batch, length), generator=generator)
+    for row in range(batch):
+        ids[row, torch.randint(1, length + 1, (), generator=generator):] = PAD
+    return ids
+
+
+@pytest.mark.parametrize("tie_output", [True, False], ids=["tied", "untied"])
+def test_seq2seq_matches_torch_nn_model(tie_output):
+    """Same weights, dropout off: the logits and every gradient equal torch.nn's (float64)."""
+    ours = Seq2SeqTransformer(VOCAB_SRC, VOCAB_TGT, **CONFIG, pad_id=PAD, tie_output=tie_output).double()
+    baseline = demo.TorchSeq2Seq(VOCAB_SRC, VOCAB_TGT, **CONFIG, pad_id=PAD, tie_output=tie_output).double()
+    baseline.load_state_dict(ours.state_dict(), strict=True)
+    src, tgt = padded_ids(3, 11, VOCAB_SRC), padded_ids(3, 8, VOCAB_TGT)
+    tgt[:, 0] = 1
+    grad = torch.randn(3, 8, VOCAB_TGT, dtype=torch.float64)
+    logits = []
+    for model in (ours, baseline):
+        out = model(src, tgt)
+        (out * grad).sum().backward()
+        logits.append(out)
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-10, rtol=1e-10)
+    baseline_params = dict(baseline.named_parameters())
+    for name, parameter in ours.named_parameters():
+        torch.testing.assert_close(parameter.grad, baseline_params[name].grad, atol=1e-10, rtol=1e-10, msg=name)
+    assert (ours.output_projection.weight is ours.tgt_embed.weight) == tie_output
+
+
+def test_seq2seq_options():
+    shared = Seq2SeqTransformer(VOCAB_SRC, VOCAB_SRC, **CONFIG, share_embeddings=True, max_positions=64)
+    assert shared.src_embed is shared.tgt_embed and shared.src_embed.pos_weight.shape == (64, 32)
+    assert shared(padded_ids(2, 5, VOCAB_SRC), padded_ids(2, 4, VOCAB_SRC)).shape == (2, 4, VOCAB_SRC)
+    with pytest.raises(ValueError, match="share_embeddings needs equal vocabularies"):
+        Seq2SeqTransformer(VOCAB_SRC, VOCAB_TGT, share_embeddings=True)
+    with pytest.raises(ValueError, match="pad_id 30 is outside"):
+        Seq2SeqTransformer(VOCAB_SRC, VOCAB_TGT, pad_id=30)
+
+
+def greedy_by_recomputation(model, src, max_new_tokens, bos_id, eos_id):
+    """The slow definition: run the whole model on the prefix at every step."""
+    tokens = torch.full((src.shape[0], 1), bos_id, dtype=src.dtype, device=src.device)
+    finished = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+    for _ in range(max_new_tokens):
+        next_token = model(src, tokens)[:, -1].argmax(-1)
+        tokens = torch.cat([tokens, next_token.masked_fill(finished, PAD)[:, None]], dim=1)
+        finished |= next_token == eos_id
+        if finished.all():
+            break
+    return tokens[:, 1:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generate_equals_full_recomputation(device):
+    torch.manual_seed(1)
+    # untied: a random tied model tends to repeat one token everywhere
+    model = Seq2SeqTransformer(VOCAB_SRC, VOCAB_TGT, **CONFIG, pad_id=PAD, tie_output=False)
+    model = model.double().to(device).eval()
+    src = padded_ids(6, 9, VOCAB_SRC).to(device)
+    # As EOS, the token the (random) model first emits at the most different steps across rows.
+    probe = greedy_by_recomputation(model, src, 12, bos_id=1, eos_id=-1).cpu()  # never ends
+
+    def first_steps(token):
+        return {int((row == token).nonzero()[0]) if (row == token).any() else None for row in probe}
+
+    eos_id = max(probe.unique().tolist(), key=lambda token: len(first_steps(token)))
+    expected = greedy_by_recomputation(model, src, 12, bos_id=1, eos_id=eos_id)
+    ends = [(row == eos_id).nonzero()[0].item() if (row == eos_id).any() else None for row in expected]
+    assert len(set(ends)) > 1, f"every row ends at the same step {ends}: the case tests too little"
+    generated = model.generate(src, 12, bos_id=1, eos_id=eos_id)
+    assert torch.equal(generated, expected)
+    assert model.generate(src, 0, bos_id=1, eos_id=eos_id).shape == (6, 0)
+
+
+def test_generate_rejects_bad_arguments():
+    model = Seq2SeqTransformer(VOCAB_SRC, VOCAB_TGT, **CONFIG)
+    src = padded_ids(2, 5, VOCAB_SRC)
+    with pytest.raises(ValueError, match="src_ids must be"):
+        model.generate(src[0], 4, 1, 2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(src, -1, 1, 2)
+    with pytest.raises(ValueError, match="eos_id 23 is outside"):
+        model.generate(src, 4, 1, VOCAB_TGT)
+
+
+def test_demo_runs_end_to_end(capsys):
+    assert main(["demo", "--steps", "15", "--eval-size", "8", "--examples", "2", "--no-progress",
+                 "--compare", "--max-len", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "fasttransformer: exact match" in out and "torch.nn: exact match" in out
+
+
+def test_demo_rejects_bad_options(capsys):
+    with pytest.raises(SystemExit, match="--max-len"):
+        main(["demo", "--min-len", "5", "--max-len", "3"])
+    with pytest.raises(SystemExit):
+        main(["demo", "--task", "shuffle"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["reverse", "sort"])
+def test_demo_defaults_learn_the_task(task):
+    """What the README promises: with its defaults the demo reaches >= 95% exact match."""
+    args = demo.build_parser().parse_args(["--task", task, "--no-progress", "--eval-size", "500"])
+    result, = demo.run(args)
+    assert result.accuracy >= 0.95, f"{task}: exact match {result.accuracy:.1%}"
