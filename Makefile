@@ -37,6 +37,7 @@ info: build
 
 bench: build
 	$(PY) benchmarks/bench_embedding.py --out benchmarks/results/$$(date +%Y-%m-%d)-cpu
+	$(PY) benchmarks/bench_model.py --out benchmarks/results/$$(date +%Y-%m-%d)-cpu
 
 # Uses the machine's own python3 and installs nothing (the GPU machine has no network).
 gpu-check:

@@ -2,7 +2,7 @@
 # `make gpu-check`: everything the GPU machine must run, in one go (see ../shared/GPU.md).
 # Builds the extension with the machine's python3 (nothing is installed), runs the whole test
 # suite on CUDA, runs the benchmark sweep, and writes logs/JSON/Markdown under $OUT (or
-# benchmarks/results/<date>-<gpu>/). Prints a summary last.
+# benchmarks/results/<date>-<gpu>/): 8 files at most, what the device tool brings back. Prints a summary last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -23,11 +23,12 @@ $PY -m fasttransformer info
 echo "== benchmarks"
 $PY benchmarks/bench_embedding.py --out "$out"
 bench_rc=$?
+$PY benchmarks/bench_model.py --out "$out" || bench_rc=1
 
 echo "== tests"
 # The attention kernels run in a process of their own, last: a kernel fault on the GPU ends its
 # process, and must not take the other results with it.
-$PY -m pytest tests -q -rs --ignore=tests/test_attention.py --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
+$PY -m pytest tests -q -rs --ignore=tests/test_attention.py > "$out/tests.log" 2>&1
 tests_rc=$?
 tail -15 "$out/tests.log"
 $PY -m pytest tests/test_attention.py -q -rs -x > "$out/tests_attention.log" 2>&1
@@ -38,4 +39,5 @@ echo "== summary ($out)"
 grep -E "passed|failed" "$out/tests.log" | tail -1
 grep -E "passed|failed" "$out/tests_attention.log" | tail -1
 [ -f "$out/embedding.md" ] && cat "$out/embedding.md"
+[ -f "$out/model.md" ] && cat "$out/model.md"
 exit $(( tests_rc != 0 || attention_rc != 0 || bench_rc != 0 ))

@@ -309,8 +309,11 @@ def test_op_opcheck():
 
 @pytest.mark.parametrize("change,error,pattern", [
     ({"query": torch.randn(2, 4, 29)}, ValueError, r"query must be \(batch, heads, seq_len, head_dim\)"),
-    ({"query": torch.randn(2, 4, 29, 24).int()}, TypeError, "query must be float16, bfloat16 or float32"),
-    ({"key": torch.randn(2, 2, 41, 24, dtype=torch.float64)}, TypeError, "key must be float16"),
+    ({"query": torch.randn(2, 4, 29, 24).int()}, TypeError, "query must be float16, bfloat16, float32 or float64"),
+    ({"key": torch.randn(2, 2, 41, 24, dtype=torch.float64)}, ValueError, "key is torch.float64 on cpu but query"),
+    ({"query": torch.randn(2, 4, 29, 24).double(), "key": torch.randn(2, 2, 41, 24).double(),
+      "value": torch.randn(2, 2, 41, 24).double(), "backend": "triton"}, RuntimeError,
+     "float64 is not in the Triton kernels"),
     ({"value": torch.randn(2, 2, 41, 16)}, ValueError, "head dims differ"),
     ({"enable_gqa": False}, ValueError, "pass enable_gqa=True"),
     ({"key": torch.randn(2, 3, 41, 24), "value": torch.randn(2, 3, 41, 24)}, ValueError, "multiple of key heads"),

@@ -166,8 +166,11 @@ def _triton_unsupported(query, spec) -> Optional[str]:
 def _torch_attention(query, key, value, spec):
     """torch's SDPA with every mask merged into one (dense) mask; rows with no visible key give
     zeros: they are given one harmless key for torch (whose softmax would be NaN) and zeroed after."""
-    batch, heads, seqlen_q, _ = query.shape
-    seqlen_k = key.shape[2]
+    seqlen_q, seqlen_k = query.shape[2], key.shape[2]
+    only_causal = spec["causal_offset"] == 0 and spec["window"] is None and spec["key_padding_mask"] is None
+    if only_causal and spec["attn_mask"] is None:  # top-left: every query sees key 0, no empty row
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=spec["dropout_p"], is_causal=True,
+                                              scale=spec["scale"], enable_gqa=spec["enable_gqa"])
     allowed = None
     if spec["causal_offset"] is not None or spec["window"] is not None:
         offset = spec["causal_offset"] or 0
@@ -186,17 +189,17 @@ def _torch_attention(query, key, value, spec):
     if allowed is None and mask is None:
         return F.scaled_dot_product_attention(query, key, value, dropout_p=spec["dropout_p"], scale=spec["scale"],
                                               enable_gqa=spec["enable_gqa"])
+    # Masks keep their broadcast shapes: a (B, 1, 1, Lk) padding mask is never expanded.
     sees_nothing = None
     if allowed is not None:
-        allowed = allowed.expand(batch, heads, seqlen_q, seqlen_k)
         sees_nothing = ~allowed.any(-1, keepdim=True)
     if mask is not None:  # float: merge the boolean part in as -inf
-        bias = mask.to(query.dtype).expand(batch, heads, seqlen_q, seqlen_k)
+        bias = mask.to(query.dtype)
         if allowed is not None:
-            bias = bias.masked_fill(~allowed, float("-inf"))
+            bias = torch.where(allowed, bias, float("-inf"))
         all_neg_inf = torch.isneginf(bias).all(-1, keepdim=True)
         sees_nothing = all_neg_inf if sees_nothing is None else sees_nothing | all_neg_inf
-        merged = bias.masked_fill(sees_nothing, 0.0)
+        merged = torch.where(sees_nothing, 0.0, bias)
     else:
         merged = allowed | sees_nothing
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=merged, dropout_p=spec["dropout_p"],
