@@ -36,8 +36,7 @@ info: build
 	$(PY) -m fasttransformer info
 
 bench: build
-	$(PY) benchmarks/bench_embedding.py --out benchmarks/results/$$(date +%Y-%m-%d)-cpu
-	$(PY) benchmarks/bench_model.py --out benchmarks/results/$$(date +%Y-%m-%d)-cpu
+	$(PY) -m fasttransformer bench all --device cpu --out benchmarks/results/$$(date +%Y-%m-%d)-cpu
 
 # Uses the machine's own python3 and installs nothing (the GPU machine has no network).
 gpu-check:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fasttransformer info | demo`` (also installed as ``fasttransformer``)."""
+"""Command line: ``python -m fasttransformer info | demo | bench`` (also installed as ``fasttransformer``)."""
 from __future__ import annotations
 
 import argparse
@@ -89,9 +89,13 @@ def main(argv=None) -> int:
     info_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     from fasttransformer import demo
     demo.build_parser(commands.add_parser("demo", help="train a small Seq2SeqTransformer on a synthetic task"))
+    from fasttransformer.bench import cli as bench
+    bench.build_parser(commands.add_parser("bench", help="benchmarks against torch (JSON, Markdown, plots)"))
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo.run(args)
+    if args.command == "bench":
+        bench.run(args)
     if args.command == "info":
         info = environment()
         if args.json:

@@ -1,0 +1,263 @@
+"""Masked attention: fasttransformer's Triton kernels against torch SDPA with each backend forced
+(flash, efficient, cudnn, math), FlexAttention (compiled, with the equivalent BlockMask) and a
+naive PyTorch implementation, on the same inputs in the same process.
+
+Shapes (issue 3): B * L = 16k tokens, 2048 hidden (H = 2048 / D), D in {64, 128}, L from 512 to
+16k, bf16. FLOPs count the (query, key) pairs the mask leaves visible: forward 4 * D per pair
+(QK^T and PV), backward 2.5x that (FlashAttention's convention); TFLOP/s are reported against the
+measured bf16 matmul rate. A baseline that cannot run a case is "n/a" with its reason.
+
+    python -m fasttransformer bench attention [--quick] [--mask causal] [--head-dim 128] ...
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from fasttransformer.bench import common
+from fasttransformer.ops import scaled_dot_product_attention
+
+TOKENS, HIDDEN = 16384, 2048
+MASKS = ("none", "causal", "padding", "document", "window", "causal+padding")
+IMPLEMENTATIONS = ("fasttransformer", "torch-flash", "torch-efficient", "torch-cudnn", "torch-math", "flex", "naive")
+WINDOW = 256
+BACKWARD_FLOP_RATIO = 2.5
+
+
+def flops(visible_pairs: int, head_dim: int, mode: str) -> float:
+    """FLOPs of one call: 2 matmuls of 2 * D FLOPs per visible (query, key) pair forward; the
+    backward (5 matmuls) counted as 2.5x the forward; ``fwd+bwd`` both."""
+    forward = 4.0 * head_dim * visible_pairs
+    return {"fwd": forward, "bwd": BACKWARD_FLOP_RATIO * forward,
+            "fwd+bwd": (1 + BACKWARD_FLOP_RATIO) * forward}[mode]
+
+
+def bytes_moved(batch: int, heads: int, seqlen: int, head_dim: int, itemsize: int, mode: str) -> int:
+    """The minimum traffic of a fused kernel: read Q, K, V and write O (forward); the backward
+    reads Q, K, V, O, dO and writes dQ, dK, dV."""
+    tensor = batch * heads * seqlen * head_dim * itemsize
+    return {"fwd": 4 * tensor, "bwd": 8 * tensor, "fwd+bwd": 12 * tensor}[mode]
+
+
+class Case:
+    """Inputs and every implementation's callable for one (mask, L, D)."""
+
+    def __init__(self, mask: str, seqlen: int, head_dim: int, device: str, dtype=torch.bfloat16, tokens=TOKENS,
+                 hidden=HIDDEN):
+        self.mask, self.seqlen, self.head_dim, self.device, self.dtype = mask, seqlen, head_dim, device, dtype
+        self.batch, self.heads = max(1, tokens // seqlen), hidden // head_dim
+        shape = (self.batch, self.heads, seqlen, head_dim)
+        self.q, self.k, self.v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        self.grad = torch.randn(shape, device=device, dtype=dtype)
+        self.ours_kwargs: dict = {}
+        self.torch_kwargs: dict = {}  # torch's SDPA: the masks merged into one bool mask (True = attend)
+        self.allowed = None           # (B or 1, 1, L, L) bool, for torch, naive and the FLOP count
+        self.mask_mod: Optional[Callable] = None
+        positions = torch.arange(seqlen, device=device)
+        rows, cols = positions[:, None], positions[None, :]
+        if "causal" in mask:
+            self.ours_kwargs["is_causal"] = True
+            self.allowed = (cols <= rows)[None, None]
+        if mask == "window":
+            self.ours_kwargs["window_size"] = (WINDOW - 1, 0)
+            self.allowed = ((cols <= rows) & (cols > rows - WINDOW))[None, None]
+        if "padding" in mask:  # every sequence keeps a random 25% to 100% of its keys (50% on average)
+            lengths = (seqlen * (0.25 + 0.75 * torch.rand(self.batch, device=device))).long().clamp(min=1)
+            padding = positions[None, :] >= lengths[:, None]
+            self.ours_kwargs["key_padding_mask"] = padding
+            keep = ~padding[:, None, None, :]
+            self.allowed = keep if self.allowed is None else self.allowed & keep
+        if mask == "document":  # packed documents of random lengths: a block-diagonal boolean mask
+            cuts = torch.sort(torch.randint(1, seqlen, (self.batch, max(1, seqlen // 1024)), device=device)).values
+            document = (positions[None, :, None] >= cuts[:, None, :]).sum(-1)  # (B, L) document index
+            self.allowed = (document[:, :, None] == document[:, None, :])[:, None]
+            self.ours_kwargs["attn_mask"] = self.allowed
+            self.document = document
+        if self.allowed is not None:
+            self.torch_kwargs["attn_mask"] = self.allowed
+        if mask == "causal":
+            self.torch_kwargs = {"is_causal": True}  # torch's own fast causal path, not a dense mask
+        if mask == "causal":  # the convention (../shared/GPU.md): half the square
+            self.visible_pairs = self.batch * self.heads * seqlen * seqlen // 2
+        elif self.allowed is None:
+            self.visible_pairs = self.batch * self.heads * seqlen * seqlen
+        else:
+            self.visible_pairs = self.heads * int(self.allowed.expand(self.batch, 1, seqlen, seqlen).sum())
+
+    def implementations(self) -> Dict[str, Callable]:
+        return {"fasttransformer": self.ours, "torch-flash": self.sdpa("FLASH_ATTENTION"),
+                "torch-efficient": self.sdpa("EFFICIENT_ATTENTION"), "torch-cudnn": self.sdpa("CUDNN_ATTENTION"),
+                "torch-math": self.sdpa("MATH"), "flex": self.flex(), "naive": self.naive}
+
+    def ours(self):
+        return scaled_dot_product_attention(self.q, self.k, self.v, backend="triton", **self.ours_kwargs)
+
+    def sdpa(self, backend: str):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def run():
+            with sdpa_kernel(getattr(SDPBackend, backend)):
+                return F.scaled_dot_product_attention(self.q, self.k, self.v, **self.torch_kwargs)
+        return run
+
+    def flex(self):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        seqlen, window = self.seqlen, WINDOW
+        padding = self.ours_kwargs.get("key_padding_mask")
+        document = getattr(self, "document", None)
+        mask_mods = {
+            "none": None,
+            "causal": lambda b, h, q, k: k <= q,
+            "window": lambda b, h, q, k: (k <= q) & (k > q - window),
+            "padding": lambda b, h, q, k: ~padding[b, k],
+            "causal+padding": lambda b, h, q, k: (k <= q) & ~padding[b, k],
+            "document": lambda b, h, q, k: document[b, q] == document[b, k],
+        }
+        mask_mod = mask_mods[self.mask]
+        block_mask = None
+        if mask_mod is not None:  # built once, outside the timed region: "given the same mask"
+            batch = None if self.mask in ("causal", "window") else self.batch
+            block_mask = create_block_mask(mask_mod, batch, None, seqlen, seqlen, device=self.device)
+        compiled = _compiled_flex_attention(flex_attention)
+        return lambda: compiled(self.q, self.k, self.v, block_mask=block_mask)
+
+    def naive(self):
+        scores = (self.q @ self.k.transpose(-2, -1)) * self.head_dim ** -0.5
+        if self.allowed is not None:
+            scores = scores.masked_fill(~self.allowed, float("-inf"))
+        return torch.softmax(scores.float(), dim=-1).to(self.dtype) @ self.v
+
+    def run(self, fn, mode: str):
+        """One call of ``fn`` in ``mode``: forward (no autograd graph) or forward + backward."""
+        if mode == "fwd":
+            with torch.no_grad():
+                return fn()
+        self.q.grad = self.k.grad = self.v.grad = None
+        fn().backward(self.grad)
+
+
+_FLEX = {}
+
+
+def _compiled_flex_attention(flex_attention):
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
+def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=None, modes=None,
+          dtype=torch.bfloat16, progress=None) -> dict:
+    """Every (mask, D, L, implementation, mode) on CUDA; the record holds a row per case."""
+    if device != "cuda":
+        return {"benchmark": "attention", "skipped": "no CUDA GPU: the Triton kernels run on the CPU only "
+                "under the interpreter (for correctness, not speed)", "results": []}
+    masks = masks or (("none", "causal", "padding", "document") if quick else MASKS)
+    head_dims = head_dims or ((128,) if quick else (64, 128))
+    seqlens = seqlens or ((1024, 8192) if quick else (512, 1024, 2048, 4096, 8192, 16384))
+    modes = modes or ("fwd", "fwd+bwd")
+    record = {"benchmark": "attention", "environment": common.environment(device), "ceilings": common.ceilings(device),
+              "tokens": TOKENS, "hidden": HIDDEN, "dtype": str(dtype).replace("torch.", ""), "results": []}
+    peak = record["ceilings"]["matmul_tflops"]
+    cases = [(mask, head_dim, seqlen) for mask in masks for head_dim in head_dims for seqlen in seqlens]
+    for index, (mask, head_dim, seqlen) in enumerate(cases):
+        case = Case(mask, seqlen, head_dim, device, dtype)
+        for mode in modes:
+            row = {"mask": mask, "head_dim": head_dim, "seqlen": seqlen, "batch": case.batch, "heads": case.heads,
+                   "mode": mode, "visible_fraction": case.visible_pairs / (case.batch * case.heads * seqlen**2),
+                   "flops": flops(case.visible_pairs, head_dim, mode), "times_ms": {}, "peak_mib": {},
+                   "not_run": {}}
+            for name, fn in case.implementations().items():
+                try:
+                    torch.cuda.reset_peak_memory_stats()
+                    row["times_ms"][name] = common.time_ms(lambda: case.run(fn, mode), device)
+                    row["peak_mib"][name] = torch.cuda.max_memory_allocated() / 2**20
+                except Exception as error:  # noqa: BLE001  (every failure is a reported "n/a")
+                    row["not_run"][name] = _reason(error)
+                    torch.cuda.empty_cache()
+            ours = row["times_ms"].get("fasttransformer")
+            row["tflops"] = {name: row["flops"] / ms / 1e9 for name, ms in row["times_ms"].items()}
+            row["fraction_of_matmul"] = {name: value / peak for name, value in row["tflops"].items()}
+            row["speedup"] = {name: ms / ours for name, ms in row["times_ms"].items()} if ours else {}
+            record["results"].append(row)
+            if progress:
+                progress(index + 1, len(cases), row)
+        del case
+        torch.cuda.empty_cache()
+    return record
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:160] if text else ''}"
+
+
+def markdown(record: dict) -> str:
+    if record.get("skipped"):
+        return f"# Attention benchmark\n\nSkipped: {record['skipped']}.\n"
+    env, ceil = record["environment"], record["ceilings"]
+    lines = [f"# Attention benchmark: {env['device']}",
+             f"{env['date']}, torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}, driver "
+             f"{env.get('driver')}, commit {env['commit']}. Command: `{env['command']}`",
+             f"B*L = {record['tokens']} tokens, hidden {record['hidden']}, {record['dtype']}. Measured bf16 matmul: "
+             f"{ceil['matmul_tflops']:.0f} TFLOP/s. TFLOP/s count visible (query, key) pairs only; speedup = "
+             "baseline time / fasttransformer time.", ""]
+    baselines = [name for name in IMPLEMENTATIONS if name != "fasttransformer"]
+    lines.append("| mask | D | L | mode | visible | fasttransformer TFLOP/s (% of matmul) | "
+                 + " | ".join(f"vs {name}" for name in baselines) + " |")
+    lines.append("|" + "---|" * (6 + len(baselines)))
+    for row in record["results"]:
+        ours = row["tflops"].get("fasttransformer")
+        cells = [row["mask"], str(row["head_dim"]), str(row["seqlen"]), row["mode"], f"{row['visible_fraction']:.0%}",
+                 f"{ours:.0f} ({row['fraction_of_matmul']['fasttransformer']:.0%})" if ours else
+                 f"n/a: {row['not_run'].get('fasttransformer', '')}"]
+        for name in baselines:
+            if name in row["speedup"]:
+                cells.append(f"{row['speedup'][name]:.2f}x")
+            elif name in row["times_ms"]:
+                cells.append(f"{row['tflops'][name]:.0f} TFLOP/s")
+            else:
+                cells.append("n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    reasons = {(name, reason) for row in record["results"] for name, reason in row["not_run"].items()}
+    if reasons:
+        lines += ["", "Not run (n/a):", ""] + [f"- {name}: {reason}" for name, reason in sorted(reasons)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, path) -> bool:
+    """TFLOP/s against L, one panel per (mask, D, mode), one line per implementation. False when
+    matplotlib is missing or there is nothing to plot."""
+    if not record["results"]:
+        return False
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = sorted({(row["mask"], row["head_dim"], row["mode"]) for row in record["results"]})
+    columns = min(4, len(panels))
+    rows_count = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(rows_count, columns, figsize=(4.2 * columns, 3.2 * rows_count), squeeze=False)
+    for axis, (mask, head_dim, mode) in zip(axes.flat, panels):
+        rows = sorted((r for r in record["results"] if (r["mask"], r["head_dim"], r["mode"]) == (mask, head_dim, mode)),
+                      key=lambda r: r["seqlen"])
+        for name in IMPLEMENTATIONS:
+            points = [(r["seqlen"], r["tflops"][name]) for r in rows if name in r["tflops"]]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=name, linewidth=2.5 if name == "fasttransformer" else 1)
+        axis.set_xscale("log", base=2)
+        axis.set_title(f"{mask}, D={head_dim}, {mode}", fontsize=9)
+        axis.set_xlabel("sequence length")
+        axis.set_ylabel("TFLOP/s")
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True

@@ -1,0 +1,102 @@
+"""``python -m fasttransformer bench [attention|embedding|model|all]``: run the sweeps on this
+machine and write, per subject, ``<subject>.json`` (environment and every figure),
+``<subject>.md`` (the table, also printed) and, for attention, ``attention.png``.
+
+Without a GPU it runs what is meaningful on the CPU (the embedding's CPU kernels against torch's
+chain, the layers and model on the CPU) and says that the GPU subjects were skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+
+import torch
+
+SUBJECTS = ("attention", "embedding", "model")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser(parser=None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="fasttransformer bench")
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("subject", nargs="?", default="all", choices=SUBJECTS + ("all",),
+                        help="what to benchmark (default: all)")
+    parser.add_argument("--quick", action="store_true", help="a few points only (about a minute per subject)")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default: bench-results/<date>-<gpu or cpu>)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda when available, else cpu")
+    attention = parser.add_argument_group("attention")
+    attention.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    attention.add_argument("--head-dim", type=int, action="append", help="head dim (repeatable; default 64 and 128)")
+    attention.add_argument("--seq-len", type=int, action="append", help="sequence length (repeatable; default 512..16k)")
+    attention.add_argument("--mask", action="append", help="mask kind (repeatable): none, causal, padding, document, "
+                           "window, causal+padding")
+    modes = attention.add_mutually_exclusive_group()
+    modes.add_argument("--fwd", action="store_true", help="forward only")
+    modes.add_argument("--bwd", action="store_true", help="forward + backward only")
+    return parser
+
+
+def run(args) -> dict:
+    """Runs the chosen subjects; returns {subject: record}."""
+    from fasttransformer.bench import attention, common, embedding, model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    for name, values in (("--head-dim", args.head_dim), ("--seq-len", args.seq_len)):
+        if values and any(v < 1 for v in values):
+            raise SystemExit(f"{name} must be >= 1, got {values}")
+    if args.head_dim and any(d > 256 for d in args.head_dim):
+        raise SystemExit(f"--head-dim must be <= 256 (the kernels' limit), got {args.head_dim}")
+    if args.mask and (unknown := sorted(set(args.mask) - set(attention.MASKS))):
+        raise SystemExit(f"--mask {unknown[0]!r} is not one of {', '.join(attention.MASKS)}")
+    label = torch.cuda.get_device_name().split()[-1].lower() if device == "cuda" else "cpu"
+    out = Path(args.out or f"bench-results/{datetime.date.today()}-{label}")
+    subjects = SUBJECTS if args.subject == "all" else (args.subject,)
+    modules = {"attention": attention, "embedding": embedding, "model": model}
+    records = {}
+    for subject in subjects:
+        print(f"== {subject} on {device}", flush=True)
+        if subject == "attention":
+            record = attention.sweep(device, args.quick, masks=args.mask, head_dims=args.head_dim,
+                                     seqlens=args.seq_len, modes=("fwd",) if args.fwd else ("fwd+bwd",) if args.bwd
+                                     else None, dtype=DTYPES[args.dtype], progress=_progress())
+        else:
+            record = modules[subject].sweep(device, args.quick)
+        text = modules[subject].markdown(record)
+        common.write_results(str(out), subject, record, text)
+        written = [f"{subject}.json", f"{subject}.md"]
+        if subject == "attention" and attention.plot(record, out / "attention.png"):
+            written.append("attention.png")
+        print(text)
+        print(f"wrote {', '.join(str(out / name) for name in written)}", flush=True)
+        records[subject] = record
+    if device == "cpu":
+        print("GPU subjects skipped (no CUDA device): the attention kernels and the GPU sweeps of the embedding "
+              "and the model need one.")
+    return records
+
+
+def _progress():
+    """tqdm over the attention cases when tqdm is installed, else a line per case."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    state = {}
+
+    def update(done, total, row):
+        if tqdm is None:
+            print(f"[{done}/{total}] {row['mask']} D={row['head_dim']} L={row['seqlen']} {row['mode']}", flush=True)
+            return
+        bar = state.setdefault("bar", tqdm(total=total, unit="case"))
+        bar.set_postfix_str(f"{row['mask']} D={row['head_dim']} L={row['seqlen']}")
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return update

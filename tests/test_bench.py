@@ -1,0 +1,156 @@
+"""`fasttransformer bench`: FLOP/byte accounting, the attention cases' implementations agreeing
+with each other, rendering from records, the README section, and the CLI end to end on CPU."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttransformer.__main__ import main
+from fasttransformer.bench import attention, embedding, model
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_RESULTS = ROOT / "benchmarks" / "results" / "2026-11-23-cpu"
+
+
+def test_flop_and_byte_accounting_by_hand():
+    # B=2, H=3, L=4, D=8 without a mask: 2*3*16 = 96 pairs, 4*8 = 32 FLOPs each
+    assert attention.flops(96, 8, "fwd") == 96 * 32
+    assert attention.flops(96, 8, "bwd") == 2.5 * 96 * 32
+    assert attention.flops(96, 8, "fwd+bwd") == 3.5 * 96 * 32
+    # Q, K, V read and O written: 4 tensors of 2*3*4*8 bf16 values
+    assert attention.bytes_moved(2, 3, 4, 8, 2, "fwd") == 4 * 2 * 3 * 4 * 8 * 2
+    assert attention.bytes_moved(2, 3, 4, 8, 2, "bwd") == 8 * 2 * 3 * 4 * 8 * 2
+
+
+@pytest.mark.parametrize("mask,expected", [("none", 1.0), ("causal", 0.5), ("window", None), ("padding", None)])
+def test_visible_pairs(mask, expected):
+    case = attention.Case(mask, 64, 16, "cpu", torch.float32, tokens=128, hidden=32)
+    assert (case.batch, case.heads) == (2, 2)
+    fraction = case.visible_pairs / (case.batch * case.heads * 64 * 64)
+    if mask == "window":  # each query sees min(i + 1, 256) keys: all of the causal triangle at L=64
+        expected = (64 * 65 / 2) / 64**2
+    if mask == "padding":  # each sequence keeps its first `length` keys
+        expected = (~case.ours_kwargs["key_padding_mask"]).float().mean().item()
+    assert fraction == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("mask", attention.MASKS)
+def test_attention_case_implementations_agree(mask):
+    """Every implementation that runs on the CPU computes the same attention for the case
+    (fasttransformer on the Triton interpreter, torch's backends that accept it, FlexAttention
+    eager, naive)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    case = attention.Case(mask, 96, 16, "cpu", torch.float32, tokens=192, hidden=32)
+    for tensor in (case.q, case.k, case.v):
+        tensor.requires_grad_(False)  # FlexAttention refuses inputs that need grad on the CPU
+    expected = case.naive()
+    implementations = case.implementations()
+    results = {name: implementations[name]() for name in ("fasttransformer", "torch-math")}
+    flex_case = attention._FLEX.pop("fn", None)
+    attention._FLEX["fn"] = flex_attention  # eager here: compiling on the CPU would dominate the suite
+    try:
+        results["flex"] = case.flex()()
+    finally:
+        attention._FLEX.pop("fn")
+        if flex_case is not None:
+            attention._FLEX["fn"] = flex_case
+    for name in ("torch-flash", "torch-efficient", "torch-cudnn"):  # where a backend refuses: reported n/a
+        try:
+            results[name] = implementations[name]()
+        except RuntimeError as error:
+            assert attention._reason(error).startswith("RuntimeError: ")
+    for name, result in results.items():
+        torch.testing.assert_close(result, expected, atol=2e-5, rtol=2e-5, msg=name)
+
+
+def synthetic_attention_record():
+    """A record shaped like a GPU sweep's (invented numbers: it tests the rendering only)."""
+    row = {"mask": "causal", "head_dim": 128, "seqlen": 4096, "batch": 4, "heads": 16, "mode": "fwd",
+           "visible_fraction": 0.5, "flops": 1e12, "times_ms": {"fasttransformer": 2.0, "torch-flash": 3.0},
+           "peak_mib": {}, "not_run": {"torch-cudnn": "RuntimeError: no kernel"}}
+    row["tflops"] = {name: row["flops"] / ms / 1e9 for name, ms in row["times_ms"].items()}
+    row["fraction_of_matmul"] = {name: value / 800 for name, value in row["tflops"].items()}
+    row["speedup"] = {name: ms / 2.0 for name, ms in row["times_ms"].items()}
+    environment = {"device": "Synthetic GPU", "date": "2026-01-01", "torch": "x", "triton": "y", "commit": "z",
+                   "command": "test", "cuda": "13.0", "driver": "1"}
+    return {"benchmark": "attention", "environment": environment, "tokens": 16384, "hidden": 2048,
+            "dtype": "bfloat16", "ceilings": {"matmul_tflops": 800.0, "copy_gbps": 3000.0}, "results": [row]}
+
+
+def test_attention_markdown_and_plot(tmp_path):
+    record = synthetic_attention_record()
+    text = attention.markdown(record)
+    assert "| causal | 128 | 4096 | fwd | 50% | 500 (62%) | 1.50x | n/a | n/a |" in text
+    assert "- torch-cudnn: RuntimeError: no kernel" in text
+    assert attention.plot(record, tmp_path / "attention.png")
+    assert (tmp_path / "attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Skipped: no CUDA" in attention.markdown(attention.sweep("cpu"))
+
+
+@pytest.mark.parametrize("subject,module", [("embedding", embedding), ("model", model)])
+def test_committed_markdown_is_rendered_from_its_json(subject, module):
+    record = json.loads((CPU_RESULTS / f"{subject}.json").read_text())
+    assert module.markdown(record) == (CPU_RESULTS / f"{subject}.md").read_text()
+
+
+def test_readme_performance_section_is_rendered_from_the_results():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "render_readme.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    readme = (ROOT / "README.md").read_text()
+    record = json.loads((CPU_RESULTS / "model.json").read_text())
+    generation = record["results"][-1]
+    assert f"| {generation['subject']} | {generation['speedup']:.2f}x |" in readme
+
+
+def test_render_readme_from_a_recorded_gpu_json(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import render_readme
+
+    folder = tmp_path / "2026-01-01-h100"
+    folder.mkdir()
+    (folder / "attention.json").write_text(json.dumps(synthetic_attention_record()))
+    text = render_readme.render("intro\n<!-- performance:start -->old<!-- performance:end -->\nrest", tmp_path)
+    assert text.startswith("intro\n<!-- performance:start -->") and text.endswith("<!-- performance:end -->\nrest")
+    assert "### attention: Synthetic GPU (2026-01-01-h100)" in text and "| causal | 128 | 4096 | fwd | 500 (62%)" in text
+    assert "old" not in text
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["bench", "attention", "--mask", "diagonal"], "--mask 'diagonal' is not one of"),
+    (["bench", "attention", "--head-dim", "512"], "--head-dim must be <= 256"),
+    (["bench", "attention", "--seq-len", "0"], "--seq-len must be >= 1"),
+    (["bench", "--device", "cuda"] if not torch.cuda.is_available() else ["bench", "--seq-len", "-1"],
+     "no CUDA device here" if not torch.cuda.is_available() else "--seq-len must be >= 1"),
+])
+def test_bench_rejects_bad_arguments(argv, pattern):
+    with pytest.raises(SystemExit, match=pattern):
+        main(argv)
+
+
+def test_bench_rejects_unknown_subject(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "everything"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run: on a GPU machine `make gpu-check` runs the sweep")
+def test_bench_quick_on_cpu_end_to_end(tmp_path, capsys):
+    assert main(["bench", "all", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "GPU subjects skipped" in out and "Skipped: no CUDA GPU" in out
+    for subject in ("attention", "embedding", "model"):
+        record = json.loads((tmp_path / f"{subject}.json").read_text())
+        assert record["benchmark"] == subject
+        assert (tmp_path / f"{subject}.md").read_text().startswith(f"# {subject.capitalize()} benchmark")
+    embedding_record = json.loads((tmp_path / "embedding.json").read_text())
+    assert {"environment", "ceilings", "results"} <= embedding_record.keys()
+    row = embedding_record["results"][0]
+    assert row["fwd_ms_fused"] > 0 and row["fwd_speedup"] == pytest.approx(row["fwd_ms_unfused"] / row["fwd_ms_fused"])
+    model_record = json.loads((tmp_path / "model.json").read_text())
+    assert [r["subject"] for r in model_record["results"]][-1].startswith("generate")
