@@ -1,4 +1,5 @@
-"""Command line: ``python -m fasttransformer info | demo | bench`` (also installed as ``fasttransformer``)."""
+"""Command line: ``python -m fasttransformer info | demo | bench | profile`` (also installed as
+``fasttransformer``)."""
 from __future__ import annotations
 
 import argparse
@@ -91,7 +92,11 @@ def main(argv=None) -> int:
     demo.build_parser(commands.add_parser("demo", help="train a small Seq2SeqTransformer on a synthetic task"))
     from fasttransformer.bench import cli as bench
     bench.build_parser(commands.add_parser("bench", help="benchmarks against torch (JSON, Markdown, plots)"))
+    from fasttransformer import profile
+    profile.build_parser(commands.add_parser("profile", help="profile Seq2SeqTransformer steps (top kernels, trace)"))
     args = parser.parse_args(argv)
+    if args.command == "profile":
+        profile.run(args)
     if args.command == "demo":
         demo.run(args)
     if args.command == "bench":

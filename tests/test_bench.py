@@ -154,3 +154,33 @@ def test_bench_quick_on_cpu_end_to_end(tmp_path, capsys):
     assert row["fwd_ms_fused"] > 0 and row["fwd_speedup"] == pytest.approx(row["fwd_ms_unfused"] / row["fwd_ms_fused"])
     model_record = json.loads((tmp_path / "model.json").read_text())
     assert [r["subject"] for r in model_record["results"]][-1].startswith("generate")
+
+
+TINY = ["--d-model", "32", "--nhead", "2", "--layers", "1", "--dim-feedforward", "64", "--vocab", "50",
+        "--seq-len", "16", "--batch", "2", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("mode", ["train", "generate"])
+def test_profile_prints_top_operators_and_writes_a_trace(tmp_path, capsys, mode):
+    from fasttransformer import profile
+
+    trace = tmp_path / "trace.json"
+    args = profile.build_parser().parse_args(["--mode", mode, "--steps", "1", "--warmup", "1", "--new-tokens", "4",
+                                              "--trace", str(trace), *TINY])
+    result = profile.run(args)
+    out = capsys.readouterr().out
+    assert "operator / kernel" in out and f"{mode} step of Seq2SeqTransformer" in out
+    shares = [share for _, _, _, share in result["rows"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    names = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
+    assert {"ft.MultiheadAttention", "ft.TransformerDecoderLayer", "ft.TokenPositionalEmbedding"} <= names
+    assert ("step.backward" in names) == (mode == "train")
+
+
+def test_profile_rejects_bad_arguments():
+    with pytest.raises(SystemExit, match="--ncu-range needs a CUDA device"):
+        main(["profile", "--ncu-range", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--steps must be >= 1"):
+        main(["profile", "--steps", "0", *TINY])
+    with pytest.raises(SystemExit, match="must be a multiple of --nhead"):
+        main(["profile", *TINY, "--nhead", "3"])
