@@ -44,7 +44,8 @@ def test_attention_case_implementations_agree(mask):
     eager, naive)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    case = attention.Case(mask, 96, 16, "cpu", torch.float32, tokens=192, hidden=32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernels' device (interpreter on CPU)
+    case = attention.Case(mask, 96, 16, device, torch.float32, tokens=192, hidden=32)
     for tensor in (case.q, case.k, case.v):
         tensor.requires_grad_(False)  # FlexAttention refuses inputs that need grad on the CPU
     expected = case.naive()

@@ -14,7 +14,7 @@ import torch
 
 import fasttransformer as ft
 from accuracy import assert_within_torch_error
-from conftest import DEVICES
+from conftest import DEVICES, HAS_CUDA
 
 D_MODEL, NHEAD = 24, 3
 
@@ -38,6 +38,7 @@ def run_both(torch_module, ours, inputs, kwargs):
         out = module(*args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
+        weights = weights.to(out.device)
         torch.nan_to_num(out * weights, nan=0.0).sum().backward()
         grads = {f"input{i}": a.grad for i, a in enumerate(args) if a.grad is not None}
         grads.update({name: p.grad for name, p in module.named_parameters() if p.grad is not None})
@@ -188,19 +189,19 @@ def test_decoder_layer_matches_torch(kind, batch_first, norm_first):
     assert_same(*run_both(torch_layer, ours, [tgt, memory], kwargs))
 
 
-def make_transformers(dtype=torch.float64, **config):
+def make_transformers(dtype=torch.float64, device="cpu", **config):
     config = {"d_model": D_MODEL, "nhead": NHEAD, "num_encoder_layers": 2, "num_decoder_layers": 2,
               "dim_feedforward": 40, "dropout": 0.0, "batch_first": True, **config}
-    torch_model = torch.nn.Transformer(**config).to(dtype)
+    torch_model = torch.nn.Transformer(**config).to(device, dtype)
     return torch_model, twins(torch_model, ft.nn.Transformer, **config)
 
 
-def transformer_inputs(batch=3, seqlen_src=9, seqlen_tgt=7, dtype=torch.float64):
-    src = torch.randn(batch, seqlen_src, D_MODEL, dtype=dtype)
-    tgt = torch.randn(batch, seqlen_tgt, D_MODEL, dtype=dtype)
-    src_padding = torch.rand(batch, seqlen_src) < 0.3
+def transformer_inputs(batch=3, seqlen_src=9, seqlen_tgt=7, dtype=torch.float64, device="cpu"):
+    src = torch.randn(batch, seqlen_src, D_MODEL, dtype=dtype, device=device)
+    tgt = torch.randn(batch, seqlen_tgt, D_MODEL, dtype=dtype, device=device)
+    src_padding = torch.rand(batch, seqlen_src, device=device) < 0.3
     src_padding[:, 0] = False
-    kwargs = {"tgt_mask": torch.nn.Transformer.generate_square_subsequent_mask(seqlen_tgt, dtype=dtype),
+    kwargs = {"tgt_mask": torch.nn.Transformer.generate_square_subsequent_mask(seqlen_tgt, dtype=dtype, device=device),
               "src_key_padding_mask": src_padding, "memory_key_padding_mask": src_padding}
     return [src, tgt], kwargs
 
@@ -229,13 +230,15 @@ def test_transformer_float32_within_torch_error():
 
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
 def test_transformer_on_triton_kernels_within_torch_error(monkeypatch, norm_first):
-    """The layers on the Triton kernels (the CUDA path; the interpreter here): projections give
-    strided q/k/v views, masks arrive as key padding and is_causal. Forward and gradients."""
+    """The layers on the Triton kernels (on the GPU when there is one, else under the
+    interpreter): projections give strided q/k/v views, masks arrive as key padding and
+    is_causal. Forward and gradients."""
     monkeypatch.setattr(ft.nn.attention, "scaled_dot_product_attention",
                         functools.partial(ft.ops.scaled_dot_product_attention, backend="triton"))
-    torch_model, ours = make_transformers(norm_first=norm_first)
-    inputs, kwargs = transformer_inputs()
-    kwargs["tgt_key_padding_mask"] = torch.rand(3, 7) < 0.2
+    device = "cuda" if HAS_CUDA else "cpu"
+    torch_model, ours = make_transformers(norm_first=norm_first, device=device)
+    inputs, kwargs = transformer_inputs(device=device)
+    kwargs["tgt_key_padding_mask"] = torch.rand(3, 7, device=device) < 0.2
     (reference, reference_grads), _ = run_both(torch_model, copy.deepcopy(torch_model), inputs, kwargs)
     torch_model.float(), ours.float()
     inputs32 = [x.float() for x in inputs]
@@ -339,12 +342,14 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(fresh(*inputs, **kwargs), expected, atol=0, rtol=0)
 
 
-def test_autocast_bfloat16_matches_torch():
-    torch_model, ours = make_transformers(dtype=torch.float32)
-    inputs, kwargs = transformer_inputs(dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_bfloat16_matches_torch(device):
+    """On CUDA this runs the Triton kernels in bfloat16 (the interpreter cannot, on the CPU)."""
+    torch_model, ours = make_transformers(dtype=torch.float32, device=device)
+    inputs, kwargs = transformer_inputs(dtype=torch.float32, device=device)
     reference = torch_model.double()(*[x.double() for x in inputs], **{**kwargs, "tgt_mask": kwargs["tgt_mask"].double()})
     torch_model.float()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         out_t = torch_model(*inputs, **kwargs)
         out_o = ours(*inputs, **kwargs)
     assert out_o.dtype == out_t.dtype
