@@ -89,7 +89,26 @@ def test_attention_markdown_and_plot(tmp_path):
     assert "- torch-cudnn: RuntimeError: no kernel" in text
     assert attention.plot(record, tmp_path / "attention.png")
     assert (tmp_path / "attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Skipped: no CUDA" in attention.markdown(attention.sweep("cpu"))
+    skipped = {"benchmark": "attention", "skipped": attention.SKIPPED_WITHOUT_GPU, "results": []}
+    assert "Skipped: no CUDA GPU" in attention.markdown(skipped)
+
+
+def test_attention_sweep_rows_small():
+    """The sweep's bookkeeping, on a small case: a row per mode, the derived backward row, FLOPs,
+    speedups, and a baseline that cannot run reported with its reason."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = attention.sweep(device, masks=("causal",), head_dims=(16,), seqlens=(64,), dtype=torch.float32,
+                             tokens=128, hidden=32, implementations=("fasttransformer", "torch-math", "torch-flash"))
+    rows = {row["mode"]: row for row in record["results"]}
+    assert sorted(rows) == ["bwd", "fwd", "fwd+bwd"]
+    for mode, row in rows.items():
+        assert row["flops"] == attention.flops(2 * 2 * 64 * 64 // 2, 16, mode)
+        assert row["speedup"]["fasttransformer"] == 1.0
+        assert {"fasttransformer", "torch-math"} <= set(row["times_ms"])
+        assert "torch-flash" in row["times_ms"] or row["not_run"]["torch-flash"]
+    assert rows["bwd"]["times_ms"]["torch-math"] == pytest.approx(
+        rows["fwd+bwd"]["times_ms"]["torch-math"] - rows["fwd"]["times_ms"]["torch-math"])
+    assert "| causal | 16 | 64 | bwd |" in attention.markdown(record)
 
 
 @pytest.mark.parametrize("subject,module", [("embedding", embedding), ("model", model)])

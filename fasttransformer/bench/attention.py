@@ -149,45 +149,68 @@ def _compiled_flex_attention(flex_attention):
     return _FLEX["fn"]
 
 
+SKIPPED_WITHOUT_GPU = ("no CUDA GPU: the Triton kernels run on the CPU only under the interpreter (for "
+                       "correctness, not speed)")
+
+
 def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=None, modes=None,
-          dtype=torch.bfloat16, progress=None) -> dict:
-    """Every (mask, D, L, implementation, mode) on CUDA; the record holds a row per case."""
-    if device != "cuda":
-        return {"benchmark": "attention", "skipped": "no CUDA GPU: the Triton kernels run on the CPU only "
-                "under the interpreter (for correctness, not speed)", "results": []}
+          dtype=torch.bfloat16, progress=None, tokens=TOKENS, hidden=HIDDEN, implementations=IMPLEMENTATIONS) -> dict:
+    """Every (mask, D, L, implementation, mode); the record holds a row per case and mode, and a
+    "bwd" row (fwd+bwd time minus fwd time) when both were timed. Meant for CUDA (the CLI skips
+    it elsewhere); on the CPU it runs too, for the tests, with small ``tokens``/``hidden``."""
+    cuda = device == "cuda"
     masks = masks or (("none", "causal", "padding", "document") if quick else MASKS)
     head_dims = head_dims or ((128,) if quick else (64, 128))
     seqlens = seqlens or ((1024, 8192) if quick else (512, 1024, 2048, 4096, 8192, 16384))
     modes = modes or ("fwd", "fwd+bwd")
     record = {"benchmark": "attention", "environment": common.environment(device), "ceilings": common.ceilings(device),
-              "tokens": TOKENS, "hidden": HIDDEN, "dtype": str(dtype).replace("torch.", ""), "results": []}
+              "tokens": tokens, "hidden": hidden, "dtype": str(dtype).replace("torch.", ""), "results": []}
     peak = record["ceilings"]["matmul_tflops"]
     cases = [(mask, head_dim, seqlen) for mask in masks for head_dim in head_dims for seqlen in seqlens]
     for index, (mask, head_dim, seqlen) in enumerate(cases):
-        case = Case(mask, seqlen, head_dim, device, dtype)
+        case = Case(mask, seqlen, head_dim, device, dtype, tokens, hidden)
+        by_mode = {}
         for mode in modes:
-            row = {"mask": mask, "head_dim": head_dim, "seqlen": seqlen, "batch": case.batch, "heads": case.heads,
-                   "mode": mode, "visible_fraction": case.visible_pairs / (case.batch * case.heads * seqlen**2),
-                   "flops": flops(case.visible_pairs, head_dim, mode), "times_ms": {}, "peak_mib": {},
-                   "not_run": {}}
+            row = _row(case, mode)
             for name, fn in case.implementations().items():
+                if name not in implementations:
+                    continue
                 try:
-                    torch.cuda.reset_peak_memory_stats()
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats()
                     row["times_ms"][name] = common.time_ms(lambda: case.run(fn, mode), device)
-                    row["peak_mib"][name] = torch.cuda.max_memory_allocated() / 2**20
+                    if cuda:
+                        row["peak_mib"][name] = torch.cuda.max_memory_allocated() / 2**20
                 except Exception as error:  # noqa: BLE001  (every failure is a reported "n/a")
                     row["not_run"][name] = _reason(error)
-                    torch.cuda.empty_cache()
+                    if cuda:
+                        torch.cuda.empty_cache()
+            by_mode[mode] = row
+        if {"fwd", "fwd+bwd"} <= by_mode.keys():  # the backward alone: the difference of the two
+            row = by_mode["bwd"] = _row(case, "bwd")
+            forward, both = by_mode["fwd"], by_mode["fwd+bwd"]
+            row["times_ms"] = {name: both["times_ms"][name] - ms for name, ms in forward["times_ms"].items()
+                               if name in both["times_ms"]}
+            row["not_run"] = {**forward["not_run"], **both["not_run"]}
+        for row in by_mode.values():
             ours = row["times_ms"].get("fasttransformer")
             row["tflops"] = {name: row["flops"] / ms / 1e9 for name, ms in row["times_ms"].items()}
             row["fraction_of_matmul"] = {name: value / peak for name, value in row["tflops"].items()}
             row["speedup"] = {name: ms / ours for name, ms in row["times_ms"].items()} if ours else {}
             record["results"].append(row)
-            if progress:
-                progress(index + 1, len(cases), row)
+        if progress:
+            progress(index + 1, len(cases), row)
         del case
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     return record
+
+
+def _row(case: Case, mode: str) -> dict:
+    seqlen = case.seqlen
+    return {"mask": case.mask, "head_dim": case.head_dim, "seqlen": seqlen, "batch": case.batch, "heads": case.heads,
+            "mode": mode, "visible_fraction": case.visible_pairs / (case.batch * case.heads * seqlen**2),
+            "flops": flops(case.visible_pairs, case.head_dim, mode), "times_ms": {}, "peak_mib": {}, "not_run": {}}
 
 
 def _reason(error: Exception) -> str:

@@ -61,7 +61,9 @@ def run(args) -> dict:
     records = {}
     for subject in subjects:
         print(f"== {subject} on {device}", flush=True)
-        if subject == "attention":
+        if subject == "attention" and device != "cuda":
+            record = {"benchmark": "attention", "skipped": attention.SKIPPED_WITHOUT_GPU, "results": []}
+        elif subject == "attention":
             record = attention.sweep(device, args.quick, masks=args.mask, head_dims=args.head_dim,
                                      seqlens=args.seq_len, modes=("fwd",) if args.fwd else ("fwd+bwd",) if args.bwd
                                      else None, dtype=DTYPES[args.dtype], progress=_progress())
