@@ -418,6 +418,7 @@ def _distributed_worker(rank, world_size, directory, wrapper):
         torch.manual_seed(0)
         original = Nested()
         converted = ft.convert(copy.deepcopy(original))
+        assert type(converted.encoder.layers[0].self_attn) is ft.nn.MultiheadAttention  # really compared
         curves = []
         for model in (original, converted):
             if wrapper == "ddp":

@@ -90,7 +90,8 @@ class Seq2SeqTransformer(torch.nn.Module):
         finished = torch.zeros(batch, dtype=torch.bool, device=src_ids.device)
         for step in range(max_new_tokens):
             hidden = self.transformer.decoder(
-                self.tgt_embed(tokens[:, step:step + 1], start_pos=step), memory,
+                # argmax ids are in range: no host synchronisation for the id check
+                self.tgt_embed(tokens[:, step:step + 1], start_pos=step, check_ids=False), memory,
                 tgt_key_padding_mask=tokens[:, :step + 1] == self.pad_id,
                 memory_key_padding_mask=src_padding, tgt_is_causal=True, cache=cache)
             next_token = self.output_projection(hidden[:, -1]).argmax(-1).to(tokens.dtype)

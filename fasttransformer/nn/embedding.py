@@ -26,7 +26,9 @@ class TokenPositionalEmbedding(torch.nn.Module):
     embedding has unit variance (fairseq's choice; ``torch.nn.Embedding`` uses ``N(0, 1)``).
 
     Shape: ``input_ids (B, L)`` int32/int64 -> ``(B, L, d)`` in the parameters' dtype.
-    ``forward(input_ids, start_pos=0)`` takes ``start_pos`` as an int or a ``(B,)`` tensor.
+    ``forward(input_ids, start_pos=0, *, check_ids=True)`` takes ``start_pos`` as an int or a
+    ``(B,)`` tensor; ``check_ids=False`` skips the host synchronisation of the id check on CUDA
+    (see ``ops.token_positional_embedding``).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None,
@@ -67,10 +69,11 @@ class TokenPositionalEmbedding(torch.nn.Module):
             with torch.no_grad():
                 self.weight[self.padding_idx].zero_()
 
-    def forward(self, input_ids: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0, *,
+                check_ids: bool = True) -> torch.Tensor:
         return token_positional_embedding(
             input_ids, self.weight, self.pos_weight, scale=self.scale, padding_idx=self.padding_idx,
-            start_pos=start_pos, dropout_p=self.dropout if self.training else 0.0,
+            start_pos=start_pos, dropout_p=self.dropout if self.training else 0.0, check_ids=check_ids,
         )
 
     def extra_repr(self) -> str:

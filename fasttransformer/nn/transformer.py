@@ -12,7 +12,6 @@ import warnings
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.nn.modules.transformer import _detect_is_causal_mask
 
 from fasttransformer.nn.attention import KVCache, MultiheadAttention
