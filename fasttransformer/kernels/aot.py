@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of Triton kernels for a GPU that is not here.
 
-``python -m fasttransformer.kernels.aot`` compiles every attention-forward config in
-``FORWARD_CONFIGS`` (and the backward kernels at ``BACKWARD_CONFIG``) for sm_80 and sm_90 with ``triton.compile(..., target=GPUTarget(...))``
+``python -m fasttransformer.kernels.aot`` compiles every config of the table in configs.py
+(forward, and both backward kernels) for sm_80 and sm_90 with ``triton.compile(..., target=GPUTarget(...))``
 and prints, as JSON, what each cubin uses (registers, stack bytes from Triton's cuobjdump) and
 which matrix instructions its PTX has (wgmma on sm_90, mma.sync on sm_80). It must run without
 TRITON_INTERPRET (the interpreter replaces ``triton.jit``), so tests call it in a subprocess.
@@ -18,18 +18,9 @@ import tempfile
 
 MATRIX_INSTRUCTIONS = ("wgmma.mma_async", "mma.sync")
 
-# Worst-case options (every mask kind on): what a config must survive without spilling.
-WORST_CASE = {"CAUSAL": True, "WINDOW": True, "MASK_KIND": 1, "HAS_KEY_PADDING": True}
-# (arch, head_dim) -> (BLOCK_M, BLOCK_N, num_warps, num_stages). Candidates only: chosen by a
-# ptxas sweep on 2026-11-23 (no GPU timing yet); none is spill-free at D = 128 yet.
-FORWARD_CONFIGS = {
-    (80, 64): (64, 64, 8, 2), (80, 128): (64, 32, 8, 2),
-    (90, 64): (128, 64, 8, 2), (90, 128): (128, 64, 8, 2),
-}
-# The backward's launcher default; not tuned yet. With every mask on, both backward kernels sit
-# at 255 registers and spill even at 32 x 32 tiles (sweep of 2026-11-23), so the cause is the
-# code, not the tile size: to be found before tuning.
-BACKWARD_CONFIG = (64, 64, 4, 1)
+# Worst-case options (every mask on): what a config must survive without spilling.
+WORST_CASE = {"CAUSAL": True, "WINDOW": True, "MASK_KIND": 1, "HAS_KEY_PADDING": True, "SPARSE": True}
+NO_MASK = {"CAUSAL": False, "WINDOW": False, "MASK_KIND": 0, "HAS_KEY_PADDING": False, "SPARSE": False}
 
 
 def _signature(fn, dtype: str) -> dict:
@@ -41,6 +32,10 @@ def _signature(fn, dtype: str) -> dict:
             types[name] = "*fp32"
         elif name in ("Mask", "KeyPadding"):
             types[name] = "*u8"
+        elif name in ("BlockCounts", "BlockIndex"):
+            types[name] = "*i32"
+        elif name == "DBias":
+            types[name] = "*fp32"
         elif name in ("scale_log2", "scale"):
             types[name] = "fp32"
         elif name.isupper() or name.startswith("BLOCK"):
@@ -50,9 +45,25 @@ def _signature(fn, dtype: str) -> dict:
     return types
 
 
-def compile_forward(arch: int, head_dim: int, config, dtype: str = "bf16", options=None) -> dict:
-    from fasttransformer.kernels.attention_forward import attention_forward_kernel
-    return compile_kernel(attention_forward_kernel, arch, head_dim, config, dtype, options)
+# What the JIT specialises at runtime for contiguous (B, H, L, D) inputs with L and D multiples
+# of 16, which the compile here must mirror (without it the report describes another kernel:
+# unknown strides forbid vectorised loads, and 32 x 32 tiles spilled):
+#  * an int argument equal to 1 becomes a constant: the innermost strides;
+#  * pointers and ints divisible by 16 get the hint tt.divisibility=16.
+RUNTIME_ONES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_mn", "stride_pn")
+DIVISIBLE_INTS = ("seqlen_q", "seqlen_k", "head_dim")
+
+
+def _runtime_specialisation(fn, signature: dict):
+    """(constants, attrs) that the JIT would give a launch on typical inputs."""
+    constants, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in RUNTIME_ONES:
+            constants[name] = 1
+        elif signature[name].startswith("*") or name in DIVISIBLE_INTS or (
+                name.startswith("stride_") and name[7] not in "ci"):  # not the block lists' strides
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return constants, attrs
 
 
 def compile_kernel(kernel, arch: int, head_dim: int, config, dtype: str = "bf16", options=None) -> dict:
@@ -61,9 +72,14 @@ def compile_kernel(kernel, arch: int, head_dim: int, config, dtype: str = "bf16"
     from triton.compiler import ASTSource
 
     block_m, block_n, num_warps, num_stages = config
-    constants = {**WORST_CASE, **(options or {}), "DOT_PRECISION": "tf32",
+    signature = _signature(kernel.fn, dtype)
+    ones, attrs = _runtime_specialisation(kernel, signature)
+    constants = {**WORST_CASE, **(options or {}), **ones, "DOT_PRECISION": "tf32x3" if dtype == "fp32" else "tf32",
                  "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}
-    compiled = triton.compile(ASTSource(kernel, _signature(kernel.fn, dtype), constexprs=constants),
+    constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
+    for name in constants:
+        signature[name] = "constexpr"
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -82,22 +98,53 @@ def compile_kernel(kernel, arch: int, head_dim: int, config, dtype: str = "bf16"
     }
 
 
+def _jobs():
+    """Every (kernel, arch, D, config, options, dtype) the table (configs.py) can launch: the
+    worst-case mask options for each kernel, plus the maskless and float-mask forward, in
+    bf16 and in float32."""
+    import torch
+
+    from fasttransformer.kernels import configs
+    jobs = []
+    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        for (arch, head_dim) in (configs.FORWARD_FP32 if dtype == "fp32" else configs.FORWARD):
+            device = _FakeDevice(arch)
+            config = configs.forward_config(device, torch_dtype, head_dim, True)
+            for options in ({}, NO_MASK, {"MASK_KIND": 2}):
+                jobs.append(("forward", arch, head_dim, tuple(config), options, dtype))
+            dkdv, dq = configs.backward_configs(device, torch_dtype, head_dim, True)
+            jobs.append(("dkdv", arch, head_dim, tuple(dkdv), {}, dtype))
+            jobs.append(("dq", arch, head_dim, tuple(dq), {"MASK_KIND": 2, "BIAS_GRAD": True}, dtype))
+    return jobs
+
+
+class _FakeDevice:
+    """What configs.py reads of a CUDA device, for an arch that is not here."""
+    type = "cuda"
+
+    def __init__(self, arch):
+        self.arch = arch
+
+
+def _compile_job(job) -> dict:
+    from fasttransformer.kernels.attention_backward import (attention_backward_dkdv_kernel,
+                                                            attention_backward_dq_kernel)
+    from fasttransformer.kernels.attention_forward import attention_forward_kernel
+    kernels = {"forward": attention_forward_kernel, "dkdv": attention_backward_dkdv_kernel,
+               "dq": attention_backward_dq_kernel}
+    name, arch, head_dim, config, options, dtype = job
+    report = compile_kernel(kernels[name], arch, head_dim, config, dtype=dtype, options=options)
+    report["options"], report["dtype"] = options, dtype
+    return report
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter cannot compile", file=sys.stderr)
         return 2
-    reports = [compile_forward(arch, head_dim, config) for (arch, head_dim), config in FORWARD_CONFIGS.items()]
-    # Every other mask kind must compile too (the worst case above has them all on).
-    for options in ({"CAUSAL": False, "WINDOW": False, "MASK_KIND": 0, "HAS_KEY_PADDING": False},
-                    {"MASK_KIND": 2}, {"CAUSAL": False, "MASK_KIND": 0}):
-        for arch in (80, 90):
-            reports.append(compile_forward(arch, 64, FORWARD_CONFIGS[(arch, 64)], options=options))
-            reports[-1]["options"] = options
-    from fasttransformer.kernels.attention_backward import (attention_backward_dkdv_kernel,
-                                                            attention_backward_dq_kernel)
-    for kernel in (attention_backward_dkdv_kernel, attention_backward_dq_kernel):
-        for arch in (80, 90):
-            reports.append(compile_kernel(kernel, arch, 64, BACKWARD_CONFIG))
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        reports = list(pool.map(_compile_job, _jobs()))
     print(json.dumps(reports, indent=1))
     return 0
 

@@ -25,19 +25,28 @@ LOG2E = 1.4426950408889634
 def tile_scores(scores, rows, cols, seqlen_q, seqlen_k, batch, causal_offset, window_left, window_right,
                 KeyPadding, stride_pb, stride_pn, mask_block,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
-                HAS_KEY_PADDING: tl.constexpr):
+                HAS_KEY_PADDING: tl.constexpr, READ_MASKS: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """Scores (base-2 units) of one (rows x cols) tile with every mask applied: -inf where a
-    query may not see a key. Shared by the forward and the backward kernels."""
-    visible = (rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :]
+    query may not see a key. Shared by the forward and the backward kernels. READ_MASKS=False
+    (a FULL tile, see block_lists.py) skips the boolean attn_mask and the key padding: they are
+    all True / all kept there. A float attn_mask is always added. TRANSPOSED: the tile is
+    (keys x queries), S^T, and ``mask_block`` points at the mask's transposed view."""
+    if TRANSPOSED:
+        query_index = rows[None, :]
+        key_index = cols[:, None]
+    else:
+        query_index = rows[:, None]
+        key_index = cols[None, :]
+    visible = (query_index < seqlen_q) & (key_index < seqlen_k)
     if CAUSAL:
-        visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
+        visible = visible & (key_index <= query_index + causal_offset)
     if WINDOW:
-        visible = visible & (cols[None, :] >= rows[:, None] + causal_offset - window_left)
-        visible = visible & (cols[None, :] <= rows[:, None] + causal_offset + window_right)
-    if HAS_KEY_PADDING:
-        padding = tl.load(KeyPadding + batch * stride_pb + cols * stride_pn, mask=cols < seqlen_k, other=1)
-        visible = visible & (padding == 0)[None, :]
-    if MASK_KIND == 1:
+        visible = visible & (key_index >= query_index + causal_offset - window_left)
+        visible = visible & (key_index <= query_index + causal_offset + window_right)
+    if HAS_KEY_PADDING and READ_MASKS:
+        padding = tl.load(KeyPadding + batch * stride_pb + key_index * stride_pn, mask=key_index < seqlen_k, other=1)
+        visible = visible & (padding == 0)
+    if MASK_KIND == 1 and READ_MASKS:
         visible = visible & (tl.load(mask_block, boundary_check=(0, 1), padding_option="zero") != 0)
     if MASK_KIND == 2:
         bias = tl.load(mask_block, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
@@ -62,20 +71,51 @@ def key_range(start_m, seqlen_k, causal_offset, window_left, window_right,
 
 
 @triton.jit
+def forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
+                 seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left, window_right,
+                 KeyPadding, stride_pb, stride_pn,
+                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
+                 HAS_KEY_PADDING: tl.constexpr, READ_MASKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """One key block [start_n, start_n + BLOCK_N) into the running (acc, max, sum)."""
+    k = tl.load(tl.advance(k_base, (0, start_n)), boundary_check=(0, 1), padding_option="zero")
+    scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+    mask_block = mask_base
+    if MASK_KIND != 0:
+        mask_block = tl.advance(mask_base, (0, start_n))
+    scores = tile_scores(scores, offs_m, start_n + offs_n, seqlen_q, seqlen_k, batch, causal_offset, window_left,
+                         window_right, KeyPadding, stride_pb, stride_pn, mask_block,
+                         CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, READ_MASKS)
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    # Rows that have seen no key yet keep m = -inf: subtract 0 there instead (no NaN).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(tl.advance(v_base, (start_n, 0)), boundary_check=(0, 1), padding_option="zero")
+    # Accumulate inside the dot: `acc * alpha + tl.dot(p, v)` holds a second BLOCK_M x D
+    # float32 tile (at D = 128, BLOCK_M = 128, 8 warps: 468 bytes spilled on sm_90).
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def attention_forward_kernel(
-    Q, K, V, Out, Lse, Mask, KeyPadding,
+    Q, K, V, Out, Lse, Mask, KeyPadding, BlockCounts, BlockIndex,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb, stride_pn,
+    stride_cb, stride_ch, stride_cm,
+    stride_ib, stride_ih, stride_im,
     num_heads, kv_group, seqlen_q, seqlen_k, head_dim,
     scale_log2,             # softmax scale * log2(e)
     causal_offset,          # query i is aligned with key i + causal_offset
     window_left, window_right,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_KEY_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -87,8 +127,6 @@ def attention_forward_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < seqlen_q
-    lo, hi = key_range(pid_m * BLOCK_M, seqlen_k, causal_offset, window_left, window_right,
-                       CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
 
     # Block pointers, not 2-D pointer tensors: the latter held 64-bit addresses per element and
     # pushed D = 64 to 255 registers (ptxas, sm_90).
@@ -96,44 +134,48 @@ def attention_forward_kernel(
                                 strides=(stride_qm, stride_qd), offsets=(pid_m * BLOCK_M, 0),
                                 block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
     q = tl.load(q_block, boundary_check=(0, 1), padding_option="zero")
-    k_block = tl.make_block_ptr(K + batch * stride_kb + kv_head * stride_kh, shape=(head_dim, seqlen_k),
-                                strides=(stride_kd, stride_kn), offsets=(0, lo),
-                                block_shape=(BLOCK_D, BLOCK_N), order=(0, 1))
-    v_block = tl.make_block_ptr(V + batch * stride_vb + kv_head * stride_vh, shape=(seqlen_k, head_dim),
-                                strides=(stride_vn, stride_vd), offsets=(lo, 0),
-                                block_shape=(BLOCK_N, BLOCK_D), order=(1, 0))
-    mask_block = Mask  # unused without a mask
+    k_base = tl.make_block_ptr(K + batch * stride_kb + kv_head * stride_kh, shape=(head_dim, seqlen_k),
+                               strides=(stride_kd, stride_kn), offsets=(0, 0),
+                               block_shape=(BLOCK_D, BLOCK_N), order=(0, 1))
+    v_base = tl.make_block_ptr(V + batch * stride_vb + kv_head * stride_vh, shape=(seqlen_k, head_dim),
+                               strides=(stride_vn, stride_vd), offsets=(0, 0),
+                               block_shape=(BLOCK_N, BLOCK_D), order=(1, 0))
+    mask_base = Mask  # unused without a mask
     if MASK_KIND != 0:
-        mask_block = tl.make_block_ptr(Mask + batch * stride_mb + head * stride_mh, shape=(seqlen_q, seqlen_k),
-                                       strides=(stride_mm, stride_mn), offsets=(pid_m * BLOCK_M, lo),
-                                       block_shape=(BLOCK_M, BLOCK_N), order=(1, 0))
+        mask_base = tl.make_block_ptr(Mask + batch * stride_mb + head * stride_mh, shape=(seqlen_q, seqlen_k),
+                                      strides=(stride_mm, stride_mn), offsets=(pid_m * BLOCK_M, 0),
+                                      block_shape=(BLOCK_M, BLOCK_N), order=(1, 0))
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k = tl.load(k_block, boundary_check=(0, 1), padding_option="zero")
-        scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
-        scores = tile_scores(scores, offs_m, cols, seqlen_q, seqlen_k, batch, causal_offset, window_left,
-                             window_right, KeyPadding, stride_pb, stride_pn, mask_block,
-                             CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING)
-
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        # Rows that have seen no key yet keep m = -inf: subtract 0 there instead (no NaN).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_block, boundary_check=(0, 1), padding_option="zero")
-        # Accumulate inside the dot: `acc * alpha + tl.dot(p, v)` holds a second BLOCK_M x D
-        # float32 tile (at D = 128, BLOCK_M = 128, 8 warps: 468 bytes spilled on sm_90).
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
-        k_block = tl.advance(k_block, (0, BLOCK_N))
-        v_block = tl.advance(v_block, (BLOCK_N, 0))
-        if MASK_KIND != 0:
-            mask_block = tl.advance(mask_block, (0, BLOCK_N))
+    if SPARSE:
+        # The tiles block_lists.py left: PARTIAL ones read the boolean masks, FULL ones do not;
+        # EMPTY ones are not in the lists (never loaded).
+        counts = BlockCounts + batch * stride_cb + head * stride_ch + pid_m * stride_cm
+        index = BlockIndex + batch * stride_ib + head * stride_ih + pid_m * stride_im
+        num_partial = tl.load(counts)
+        num_full = tl.load(counts + 1)
+        for i in range(0, num_partial):
+            start_n = tl.load(index + i) * BLOCK_N
+            acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
+                                         seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
+                                         window_right, KeyPadding, stride_pb, stride_pn, CAUSAL, WINDOW,
+                                         MASK_KIND, HAS_KEY_PADDING, True, DOT_PRECISION, BLOCK_N)
+        for i in range(num_partial, num_partial + num_full):
+            start_n = tl.load(index + i) * BLOCK_N
+            acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
+                                         seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
+                                         window_right, KeyPadding, stride_pb, stride_pn, CAUSAL, WINDOW,
+                                         MASK_KIND, HAS_KEY_PADDING, False, DOT_PRECISION, BLOCK_N)
+    else:
+        lo, hi = key_range(pid_m * BLOCK_M, seqlen_k, causal_offset, window_left, window_right,
+                           CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
+                                         seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
+                                         window_right, KeyPadding, stride_pb, stride_pn, CAUSAL, WINDOW,
+                                         MASK_KIND, HAS_KEY_PADDING, True, DOT_PRECISION, BLOCK_N)
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -162,8 +204,30 @@ def mask_arguments(attn_mask, key_padding_mask, shape, placeholder):
     return mask_kind, mask, mask_strides, key_padding_mask.view(torch.uint8), key_padding_mask.stride()
 
 
+def dot_precision(query) -> str:
+    """float32 inputs: three tf32 products per dot on CUDA ("tf32x3", float32-level accuracy on
+    the tensor cores; "ieee" has none and spills), exact float32 in the interpreter. 2-byte
+    inputs ignore it."""
+    if query.dtype != torch.float32:
+        return "tf32"
+    return "tf32x3" if query.device.type == "cuda" else "ieee"
+
+
+def uses_block_lists(attn_mask, key_padding_mask) -> bool:
+    """The kernels walk tile lists (block_lists.py) when a boolean mask can empty tiles."""
+    return key_padding_mask is not None or (attn_mask is not None and attn_mask.dtype == torch.bool)
+
+
+def list_arguments(lists, placeholder):
+    """(counts, index, their 6 strides) for the kernels; placeholders when there are no lists."""
+    if lists is None:
+        return placeholder, placeholder, (0, 0, 0, 0, 0, 0)
+    return lists.counts, lists.indices, (*lists.counts.stride()[:3], *lists.indices.stride()[:3])
+
+
 def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=None, scale=None,
-                      causal_offset=None, window=None, block_m=64, block_n=64, num_warps=4, num_stages=2):
+                      causal_offset=None, window=None, block_m=None, block_n=None, num_warps=None,
+                      num_stages=None):
     """Launches the kernel on already validated ``(B, H, L, D)`` tensors.
 
     attn_mask: bool (True = may attend) or float, already broadcastable to (B, Hq, Lq, Lk)
@@ -171,26 +235,40 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     (B, Lk), True = padding. causal_offset: None (no causal mask) or the alignment: query i sees
     keys j <= i + causal_offset (0: top-left, Lk - Lq: lower-right). window: None or
     (left, right), relative to the same alignment (0 when not causal).
+    block_m/block_n/num_warps/num_stages: None takes them from the config table (configs.py).
     Returns (out (B, Hq, Lq, D) in the query's dtype, lse (B, Hq, Lq) float32).
     """
+    from fasttransformer.kernels.block_lists import block_lists, tile_classes
+    from fasttransformer.kernels.configs import forward_config
+
     batch, heads, seqlen_q, head_dim = query.shape
     kv_heads, seqlen_k = key.shape[1], key.shape[2]
+    config = forward_config(query.device, query.dtype, head_dim, causal_offset is not None)
+    block_m, block_n = block_m or config.block_m, block_n or config.block_n
+    num_warps, num_stages = num_warps or config.num_warps, num_stages or config.num_stages
     out = torch.empty_like(query)
     lse = torch.empty(batch, heads, seqlen_q, device=query.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    mask_kind, mask, mask_strides, padding, padding_strides = mask_arguments(
-        attn_mask, key_padding_mask, (batch, heads, seqlen_q, seqlen_k), query)
+    shape = (batch, heads, seqlen_q, seqlen_k)
+    mask_kind, mask, mask_strides, padding, padding_strides = mask_arguments(attn_mask, key_padding_mask, shape, query)
+    lists = None
+    if uses_block_lists(attn_mask, key_padding_mask):
+        classes = tile_classes(attn_mask if mask_kind == MASK_BOOL else None, key_padding_mask, shape,
+                               block_m, block_n, causal_offset, window)
+        lists = block_lists(classes, batch, heads)
+    counts, index, list_strides = list_arguments(lists, query)
     window_left, window_right = window if window is not None else (0, 0)
     block_d = max(16, triton.next_power_of_2(head_dim))
     grid = (triton.cdiv(seqlen_q, block_m), batch * heads)
     attention_forward_kernel[grid](
-        query, key, value, out, lse, mask, padding,
+        query, key, value, out, lse, mask, padding, counts, index,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mask_strides, *padding_strides,
+        *list_strides,
         heads, heads // kv_heads, seqlen_q, seqlen_k, head_dim,
         scale * LOG2E, causal_offset or 0, window_left, window_right,
         CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
-        HAS_KEY_PADDING=key_padding_mask is not None,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=lists is not None,
+        DOT_PRECISION=dot_precision(query),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse

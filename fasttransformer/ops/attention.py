@@ -47,8 +47,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``TRITON_INTERPRET=1``, set before triton is imported), ``"torch"`` (torch's SDPA, masks
     merged into one), or ``"auto"``: Triton for CUDA tensors when the kernels support the case,
     torch otherwise; the reason is logged at DEBUG level by the ``fasttransformer`` logger. Not
-    yet in the kernels, so sent to torch by ``"auto"``: ``dropout_p > 0`` and a float
-    ``attn_mask`` that requires grad.
+    yet in the kernels, so sent to torch by ``"auto"``: ``dropout_p > 0``, head dims above 256,
+    and float32 CUDA tensors with head dims above 64 (float32 runs as tf32x3 products on CUDA).
+
+    A float ``attn_mask`` that requires grad gets its gradient (summed over its broadcast
+    dimensions; the Triton backward computes it through a float32 ``(B, Hq, Lq, Lk)`` buffer).
     """
     spec = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                      key_padding_mask, window_size, backend)
@@ -151,11 +154,12 @@ def _triton_unsupported(query, spec) -> Optional[str]:
         return "float64 is not in the Triton kernels (torch computes it)"
     if query.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {query.shape[-1]} > {MAX_HEAD_DIM}"
+    from fasttransformer.kernels.configs import MAX_FP32_HEAD_DIM
+    if query.device.type == "cuda" and query.dtype == torch.float32 and query.shape[-1] > MAX_FP32_HEAD_DIM:
+        return (f"float32 with head dim {query.shape[-1]} > {MAX_FP32_HEAD_DIM} on CUDA: the kernels' backward "
+                "spills registers there (use bfloat16/float16, or torch computes it)")
     if spec["dropout_p"] > 0:
         return "dropout is not in the Triton kernels yet"
-    mask = spec["attn_mask"]
-    if mask is not None and mask.dtype != torch.bool and mask.requires_grad:
-        return "the gradient of a float attn_mask is not in the Triton kernels yet"
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -229,16 +233,23 @@ def _(query, key, value, attn_mask, key_padding_mask, scale, causal_offset, wind
 def _attention_backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor],
                            key_padding_mask: Optional[torch.Tensor], scale: float, causal_offset: Optional[int],
-                           window: Optional[List[int]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           window: Optional[List[int]] = None, bias_grad: bool = False
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dbias); dbias is the float attn_mask's gradient when ``bias_grad``, else an
+    empty tensor (a custom op returns tensors)."""
     from fasttransformer.kernels.attention_backward import attention_backward
-    return attention_backward(grad_out.contiguous(), query, key, value, out, lse, attn_mask=attn_mask,
-                              key_padding_mask=key_padding_mask, scale=scale, causal_offset=causal_offset,
-                              window=tuple(window) if window else None)
+    dq, dk, dv, dbias = attention_backward(grad_out.contiguous(), query, key, value, out, lse, attn_mask=attn_mask,
+                                           key_padding_mask=key_padding_mask, scale=scale,
+                                           causal_offset=causal_offset, window=tuple(window) if window else None,
+                                           bias_grad=bias_grad)
+    return dq, dk, dv, dbias if dbias is not None else query.new_empty(0)
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, scale, causal_offset, window=None):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+def _(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, scale, causal_offset, window=None,
+      bias_grad=False):
+    dbias = torch.empty_like(attn_mask) if bias_grad else query.new_empty(0)
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), dbias
 
 
 def _setup_context(ctx, inputs, output):
@@ -251,9 +262,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     query, key, value, out, lse, attn_mask, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask,
-                                        ctx.scale, ctx.causal_offset, ctx.window)
-    return dq, dk, dv, None, None, None, None, None
+    bias_grad = attn_mask is not None and attn_mask.dtype != torch.bool and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = _attention_backward_op(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask,
+                                               ctx.scale, ctx.causal_offset, ctx.window, bias_grad)
+    return dq, dk, dv, dbias if bias_grad else None, None, None, None, None
 
 
 _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,93 @@
+"""Tile sizes, warps and pipeline stages of the attention kernels, by a small table per
+(GPU arch, dtype, head dim, causal): no autotuning at a first call, so the first call costs one
+compile and timings are reproducible.
+
+The table's entries were chosen by compiling for the target with ptxas (registers, spills,
+shared memory: ``python -m fasttransformer.kernels.aot``), not yet by timing on the GPU; a GPU
+session is to retune them with ``fasttransformer bench attention`` (issue 3). Every entry is
+compiled for sm_80 and sm_90, in bf16 and float32, by the AOT test, which fails on a spill.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Tuple
+
+import torch
+
+
+class Config(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (arch, head-dim bucket) -> forward config, for 2-byte dtypes. Chosen by the
+# ptxas sweep of 2026-11-23 (worst case: every mask on): the largest tiles without a spill.
+FORWARD = {
+    (80, 16): Config(128, 64, 8, 2), (80, 32): Config(128, 64, 8, 2), (80, 64): Config(128, 64, 8, 2),
+    (80, 128): Config(128, 32, 8, 2), (80, 256): Config(64, 32, 8, 2),
+    (90, 16): Config(128, 64, 8, 2), (90, 32): Config(128, 64, 8, 2), (90, 64): Config(128, 64, 8, 2),
+    (90, 128): Config(128, 64, 8, 2), (90, 256): Config(64, 32, 8, 2),
+}
+# The backward's two kernels have their own tiles (one classification of the masks serves both:
+# block_lists.coarsen). The dK/dV kernel's products have BLOCK_N rows (it works on S^T), the
+# dQ kernel's BLOCK_M rows: each wants its own long side, as in FlashAttention-2.
+BACKWARD_DKDV = {
+    (80, 16): Config(32, 128, 8, 2), (80, 32): Config(32, 128, 8, 2), (80, 64): Config(64, 32, 8, 1),
+    (80, 128): Config(32, 64, 8, 2), (80, 256): Config(16, 32, 8, 1),
+    (90, 16): Config(32, 128, 8, 2), (90, 32): Config(32, 128, 8, 2), (90, 64): Config(32, 128, 8, 2),
+    (90, 128): Config(32, 64, 8, 2), (90, 256): Config(16, 32, 8, 1),
+}
+BACKWARD_DQ = {
+    (80, 16): Config(128, 64, 8, 2), (80, 32): Config(128, 32, 8, 2), (80, 64): Config(128, 32, 8, 2),
+    (80, 128): Config(64, 32, 8, 2), (80, 256): Config(64, 32, 8, 2),
+    (90, 16): Config(128, 64, 8, 2), (90, 32): Config(128, 64, 8, 2), (90, 64): Config(128, 64, 8, 2),
+    (90, 128): Config(128, 32, 8, 2), (90, 256): Config(64, 32, 8, 2),
+}
+# float32 inputs (tf32x3 products: three per dot, with split operands in registers) need
+# smaller tiles, and above D = 64 the backward spills even at 16 x 16 tiles (sweep of
+# 2026-11-23): on CUDA the kernels take float32 up to MAX_FP32_HEAD_DIM, and torch computes the
+# rest (ops.scaled_dot_product_attention says so).
+MAX_FP32_HEAD_DIM = 64
+FORWARD_FP32 = {(arch, d): Config(32, 64, 8, 2) for arch in (80, 90) for d in (16, 32, 64)}
+BACKWARD_DKDV_FP32 = {(arch, d): Config(32, 16, 4, 1) if d > 16 else Config(16, 64, 4, 1)
+                      for arch in (80, 90) for d in (16, 32, 64)}
+BACKWARD_DQ_FP32 = {(arch, d): Config(32, 16, 4, 1) for arch in (80, 90) for d in (16, 32, 64)}
+
+# Triton's interpreter (CPU tensors): the tile sizes only change the interpreter's speed. The
+# backward's two differ, so the CPU tests run the coarsening of the tile classes.
+INTERPRETER = Config(64, 64, 4, 1)
+INTERPRETER_DKDV, INTERPRETER_DQ = Config(32, 64, 4, 1), Config(64, 32, 4, 1)
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    return max(16, 1 << (int(head_dim) - 1).bit_length())
+
+
+def _arch(device) -> int:
+    if hasattr(device, "arch"):  # the AOT compile's stand-in for a GPU that is not here
+        return device.arch
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80  # sm_80's entries for Ampere and Ada (sm_86, sm_89) too
+
+
+def _lookup(tables, device, dtype, head_dim, interpreter: Config) -> Config:
+    """tables: (2-byte dtypes' table, float32's table)."""
+    if not hasattr(device, "arch"):
+        device = torch.device(device)
+    if device.type != "cuda":
+        return interpreter
+    table = tables[1] if dtype == torch.float32 else tables[0]
+    return table[(_arch(device), head_dim_bucket(head_dim))]
+
+
+def forward_config(device, dtype, head_dim: int, causal: bool) -> Config:
+    """The forward kernel's config. ``causal`` is part of the key for the table to come; no
+    entry differs by it yet (no GPU timing has shown a reason)."""
+    return _lookup((FORWARD, FORWARD_FP32), device, dtype, head_dim, INTERPRETER)
+
+
+def backward_configs(device, dtype, head_dim: int, causal: bool) -> Tuple[Config, Config]:
+    """(dK/dV kernel config, dQ kernel config)."""
+    return (_lookup((BACKWARD_DKDV, BACKWARD_DKDV_FP32), device, dtype, head_dim, INTERPRETER_DKDV),
+            _lookup((BACKWARD_DQ, BACKWARD_DQ_FP32), device, dtype, head_dim, INTERPRETER_DQ))
