@@ -549,3 +549,123 @@ def test_op_bad_arguments_name_the_argument(change, error, pattern):
     args.update(change)
     with pytest.raises(error, match=pattern):
         scaled_dot_product_attention(args.pop("query"), args.pop("key"), args.pop("value"), **args)
+
+
+# --- on CUDA only (make gpu-check): real sizes, bfloat16, reruns, graphs, compile -------------------
+
+LARGE_CASES = {  # name: (batch, heads, kv_heads, Lq, Lk, D, masks)
+    "8k-D128-none": (1, 2, 2, 8192, 8192, 128, ["none"]),
+    "8k-D128-causal": (1, 2, 2, 8192, 8192, 128, ["causal"]),
+    "4k-D64-padding+causal-gqa": (2, 4, 2, 4096, 4096, 64, ["padding", "causal"]),
+    "4k-D64-document": (1, 2, 1, 4096, 4096, 64, ["document"]),
+    "decode-Lq1-8k-D128-lower_right": (4, 8, 2, 1, 8192, 128, ["lower_right"]),
+    "2k-D256-window+float": (1, 2, 2, 2048, 2048, 256, ["window", "float"]),
+    "3000x5000-D96-bool+padding": (1, 2, 2, 3000, 5000, 96, ["bool", "padding"]),
+}
+
+
+@pytest.mark.parametrize("name", list(LARGE_CASES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.cuda
+def test_cuda_large_cases_forward_and_backward(name, dtype):
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, masks = LARGE_CASES[name]
+    if "document" in masks:
+        q, k, v, kernel_args, allowed, bias = make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim,
+                                                        [], dtype)
+        mask = document_mask(seqlen_q, seqlen_k, [700, 1900, 2000, 3500])
+        kernel_args["attn_mask"] = mask.to(DEVICE)
+        allowed = allowed & mask
+    else:
+        q, k, v, kernel_args, allowed, bias = make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim,
+                                                        masks, dtype)
+    grad_out = torch.randn_like(q)
+    with poisoned_allocations(DEVICE):
+        out, lse = attention_forward(q, k, v, **kernel_args)
+        grads = attention_backward(grad_out, q, k, v, out, lse, **kernel_args)[:3]
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference_attention(*leaves64, allowed, bias)
+    ref.backward(grad_out.double())
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    base = reference_attention(*leaves, allowed, bias)
+    base.backward(grad_out)
+    assert_within_torch_error(out, ref, base, 2.0, "output")
+    scale = max(leaf.grad.abs().max().item() for leaf in leaves64)
+    for label, grad, leaf64, leaf in zip(("dq", "dk", "dv"), grads, leaves64, leaves):
+        assert_within_torch_error(grad, leaf64.grad, leaf.grad, 3.0, label, magnitude=scale)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("masks", ["causal+padding", "bool", "float"])
+def test_cuda_100_reruns_are_bitwise_equal(masks):
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    q, k, v, kernel_args, _, _ = make_case(2, 4, 2, 1000, 1500, 64, masks.split("+"), torch.bfloat16)
+    grad_out = torch.randn_like(q)
+    out, lse = attention_forward(q, k, v, **kernel_args)
+    first = (out, *attention_backward(grad_out, q, k, v, out, lse, **kernel_args)[:3])
+    for _ in range(100):
+        out, lse = attention_forward(q, k, v, **kernel_args)
+        again = (out, *attention_backward(grad_out, q, k, v, out, lse, **kernel_args)[:3])
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_and_compile_match_eager():
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    q, k, v, kwargs, _, _ = op_case("bool+is_causal+padding", torch.bfloat16, seqlen_q=300, seqlen_k=500, head_dim=64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grad_out = torch.randn_like(q)
+
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        out = scaled_dot_product_attention(*leaves, **kwargs, backend="triton")
+        out.backward(grad_out)
+        return out.detach().clone(), [leaf.grad.clone() for leaf in leaves]
+
+    eager_out, eager_grads = step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up outside the capture (compiles the kernels)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    for leaf in leaves:
+        leaf.grad = None
+    with torch.cuda.graph(graph):
+        captured_out = scaled_dot_product_attention(*leaves, **kwargs, backend="triton")
+        captured_out.backward(grad_out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured_out, eager_out)
+    assert all(torch.equal(leaf.grad, grad) for leaf, grad in zip(leaves, eager_grads))
+
+    compiled = torch.compile(lambda a, b, c: scaled_dot_product_attention(a, b, c, **kwargs, backend="triton"),
+                             fullgraph=True)
+    for leaf in leaves:
+        leaf.grad = None
+    out = compiled(*leaves)
+    out.backward(grad_out)
+    assert torch.equal(out, eager_out)
+    assert all(torch.equal(leaf.grad, grad) for leaf, grad in zip(leaves, eager_grads))
+
+
+@pytest.mark.cuda
+def test_cuda_float32_beyond_d64_goes_to_torch(caplog):
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    q, k, v = (torch.randn(1, 2, 100, 128, device="cuda") for _ in range(3))
+    with pytest.raises(RuntimeError, match="float32 with head dim 128 > 64"):
+        scaled_dot_product_attention(q, k, v, backend="triton")
+    with caplog.at_level(logging.DEBUG, logger="fasttransformer"):
+        out = scaled_dot_product_attention(q, k, v)
+    assert "float32 with head dim 128" in caplog.text
+    torch.testing.assert_close(out, scaled_dot_product_attention(q, k, v, backend="torch"))
+    small = [t[..., :64].contiguous() for t in (q, k, v)]  # D = 64 runs the kernels (tf32x3)
+    out = scaled_dot_product_attention(*small, backend="triton")
+    ref = reference.scaled_dot_product_attention(*(t.double() for t in small))
+    base = reference.scaled_dot_product_attention(*small)
+    assert_within_torch_error(out, ref, base, 2.0, "float32 output")
