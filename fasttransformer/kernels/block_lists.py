@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
