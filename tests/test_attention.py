@@ -79,6 +79,27 @@ def reference_attention(q, k, v, allowed, bias):
     return reference.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
 
 
+def assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads, live_keys=None):
+    """``out`` and ``grads = (dq, dk, dv)`` under the accuracy rule: against the float64
+    reference, within 2x (3x for gradients) of plain PyTorch in the inputs' dtype.
+    ``live_keys`` (B, Hk, Lk, 1) bool: dk/dv are compared only there, and must be 0 elsewhere."""
+    runs = []
+    for cast in (torch.float64, q.dtype):
+        leaves = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        result = reference_attention(*leaves, allowed, bias)
+        result.backward(grad_out.to(cast))
+        runs.append((result, [leaf.grad for leaf in leaves]))
+    (ref, ref_grads), (base, base_grads) = runs
+    assert_within_torch_error(out, ref, base, 2.0, "output")
+    scale = max(grad.abs().max().item() for grad in ref_grads)
+    for name, grad, ref_grad, base_grad in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
+        assert grad.shape == ref_grad.shape and grad.dtype == q.dtype, name
+        if live_keys is not None and name != "dq":
+            assert (grad[~live_keys.expand_as(grad)] == 0).all(), f"{name} of a skipped key block"
+            grad, ref_grad, base_grad = grad * live_keys, ref_grad * live_keys, base_grad * live_keys
+        assert_within_torch_error(grad, ref_grad, base_grad, 3.0, name, magnitude=scale)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("masks", MASKS)
 @pytest.mark.parametrize("batch,heads,kv_heads,seqlen_q,seqlen_k,head_dim", SHAPES)
@@ -116,15 +137,7 @@ def test_backward_matches_reference(batch, heads, kv_heads, seqlen_q, seqlen_k, 
     with poisoned_allocations(DEVICE):
         out, lse = attention_forward(q, k, v, **kernel_args)
         grads = attention_backward(grad_out, q, k, v, out, lse, **kernel_args)[:3]
-
-    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    reference_attention(*leaves64, allowed, bias).backward(grad_out.double())
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    reference_attention(*leaves, allowed, bias).backward(grad_out)  # plain PyTorch in the input dtype
-    scale = max(leaf.grad.abs().max().item() for leaf in leaves64)
-    for name, grad, leaf64, leaf in zip(("dq", "dk", "dv"), grads, leaves64, leaves):
-        assert grad.shape == leaf.shape and grad.dtype == dtype
-        assert_within_torch_error(grad, leaf64.grad, leaf.grad, 3.0, name, magnitude=scale)
+    assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads)
 
 
 def test_backward_is_deterministic_and_zero_for_rows_without_keys():
@@ -239,7 +252,7 @@ def test_tile_classes_are_exact_or_conservative(case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("masks", ["document", "document+padding", "document+causal", "padding+window"])
+@pytest.mark.parametrize("masks", ["document", "document+padding", "document+lower_right", "padding+window"])
 def test_tile_skipping_forward_and_backward(masks, dtype):
     """Masks that leave EMPTY, FULL and PARTIAL tiles (16 x 16 tiles), through both kernels.
     The keys of every EMPTY tile hold NaN: a kernel that loaded one would return NaN (0 * NaN
@@ -260,9 +273,9 @@ def test_tile_skipping_forward_and_backward(masks, dtype):
         kernel_args["key_padding_mask"] = padding.to(DEVICE)
         allowed &= ~padding[:, None, None, :]
     masks_only = brute_force_classes(allowed, 16, 16)  # FULL: the boolean masks are not read there
-    if "causal" in masks:
-        kernel_args["causal_offset"] = 0
-        allowed &= causal_bool(seqlen_q, seqlen_k, 0)
+    if "lower_right" in masks:  # the causal range reaches the poisoned keys: only the lists skip them
+        kernel_args["causal_offset"] = seqlen_k - seqlen_q
+        allowed &= causal_bool(seqlen_q, seqlen_k, seqlen_k - seqlen_q)
     if "window" in masks:
         kernel_args["window"] = (10, 10)
         allowed &= window_bool(seqlen_q, seqlen_k, 0, 10, 10)
@@ -283,23 +296,8 @@ def test_tile_skipping_forward_and_backward(masks, dtype):
         out, lse = attention_forward(q, k_poisoned, v_poisoned, **kernel_args, **blocks)
         dq, dk, dv, _ = attention_backward(grad_out, q, k_poisoned, v_poisoned, out, lse, **kernel_args, **blocks)
     assert torch.isfinite(out).all() and torch.isfinite(dq).all()
-    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference_attention(*leaves64, allowed, None)
-    ref.backward(grad_out.double())
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    base = reference_attention(*leaves, allowed, None)
-    base.backward(grad_out)
-    assert_within_torch_error(out, ref, base, 2.0, "output")
-    scale = max(leaf.grad.abs().max().item() for leaf in leaves64)
-    live = ~torch.isnan(k_poisoned).any(-1, keepdim=True)  # dk/dv of poisoned keys: never written
-    for name, grad, leaf64, leaf in (("dq", dq, *leaves64[:1], leaves[0]), ("dk", dk, leaves64[1], leaves[1]),
-                                     ("dv", dv, leaves64[2], leaves[2])):
-        if name != "dq":
-            assert (grad[~live.expand_as(grad)] == 0).all()  # an EMPTY key block gets zero gradient
-            grad, leaf64_grad, leaf_grad = grad * live, leaf64.grad * live, leaf.grad * live
-        else:
-            leaf64_grad, leaf_grad = leaf64.grad, leaf.grad
-        assert_within_torch_error(grad, leaf64_grad, leaf_grad, 3.0, name, magnitude=scale)
+    live_keys = ~torch.isnan(k_poisoned).any(-1, keepdim=True)  # an EMPTY key block's dk/dv: zero
+    assert_matches_reference(q, k, v, allowed, None, grad_out, out, (dq, dk, dv), live_keys=live_keys)
 
 
 # --- ahead-of-time compilation for the GPUs CI does not have ----------------------------------------
@@ -584,16 +582,7 @@ def test_cuda_large_cases_forward_and_backward(name, dtype):
     with poisoned_allocations(DEVICE):
         out, lse = attention_forward(q, k, v, **kernel_args)
         grads = attention_backward(grad_out, q, k, v, out, lse, **kernel_args)[:3]
-    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference_attention(*leaves64, allowed, bias)
-    ref.backward(grad_out.double())
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    base = reference_attention(*leaves, allowed, bias)
-    base.backward(grad_out)
-    assert_within_torch_error(out, ref, base, 2.0, "output")
-    scale = max(leaf.grad.abs().max().item() for leaf in leaves64)
-    for label, grad, leaf64, leaf in zip(("dq", "dk", "dv"), grads, leaves64, leaves):
-        assert_within_torch_error(grad, leaf64.grad, leaf.grad, 3.0, label, magnitude=scale)
+    assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads)
 
 
 @pytest.mark.cuda
