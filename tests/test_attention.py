@@ -47,7 +47,9 @@ def make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, masks, dtype
         allowed &= window_bool(seqlen_q, seqlen_k, offset, *window)
     if "padding" in masks:
         padding = torch.rand(batch, seqlen_k) < 0.4
-        padding[0] = True  # a sequence that is all padding: its rows see nothing
+        padding[:, 0] = False  # every other sequence keeps a key
+        if batch > 1:  # the first is all padding: its rows see nothing (with batch 1, the whole case would)
+            padding[0] = True
         kernel_args["key_padding_mask"] = padding.to(DEVICE)
         allowed &= ~padding[:, None, None, :]
     if "bool" in masks:  # broadcast over heads, never expanded in memory
@@ -71,27 +73,44 @@ MASKS = ["none", "causal", "lower_right", "padding", "bool", "float", "window", 
          "padding+bool+causal", "float+padding+lower_right", "window+padding"]
 
 
-def reference_attention(q, k, v, allowed, bias):
+def reference_attention(q, k, v, allowed, bias, keep=None, dropout_p=0.0):
+    """``keep``: the dropout mask (bool (B, Hq, Lq, Lk), True = kept) and its ``dropout_p``."""
     attn_mask = allowed.to(q.device)
     if bias is not None:
         attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
         attn_mask = attn_mask + bias.to(q.device, q.dtype)
-    return reference.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+    return reference.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True, dropout_p=dropout_p,
+                                                  dropout_mask=None if keep is None else keep.to(q.device))
 
 
-def assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads, live_keys=None):
+def reference_attention_scores(q, k, bias):
+    """S = Q K^T / sqrt(D) (+ bias) in float64, with the key heads repeated for GQA."""
+    k = k.double().repeat_interleave(q.shape[1] // k.shape[1], 1)
+    scores = (q.double() @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    return scores if bias is None else scores + bias.double().to(scores.device)
+
+
+def assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads, live_keys=None, keep=None, dropout_p=0.0):
     """``out`` and ``grads = (dq, dk, dv)`` under the accuracy rule: against the float64
     reference, within 2x (3x for gradients) of plain PyTorch in the inputs' dtype.
-    ``live_keys`` (B, Hk, Lk, 1) bool: dk/dv are compared only there, and must be 0 elsewhere."""
+    ``live_keys`` (B, Hk, Lk, 1) bool: dk/dv are compared only there, and must be 0 elsewhere.
+    ``keep``/``dropout_p``: the dropout mask the kernels drew, applied by the reference too."""
     runs = []
     for cast in (torch.float64, q.dtype):
         leaves = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
-        result = reference_attention(*leaves, allowed, bias)
+        result = reference_attention(*leaves, allowed, bias, keep, dropout_p)
         result.backward(grad_out.to(cast))
         runs.append((result, [leaf.grad for leaf in leaves]))
     (ref, ref_grads), (base, base_grads) = runs
     assert_within_torch_error(out, ref, base, 2.0, "output")
-    scale = max(grad.abs().max().item() for grad in ref_grads)
+    # The floor's scale for gradients: the largest gradient, times the largest score in base 2.
+    # The backward recomputes P = exp2(S - lse) with its products summed in another order than
+    # the forward's (FlashAttention's design), so P is off by a few ulps of S; where torch is
+    # exact by accident (a row with one visible key has P = 1), that is the error left.
+    scores = reference_attention_scores(q, k, bias)
+    finite = scores[torch.isfinite(scores)]
+    amplification = max(1.0, finite.abs().max().item() * math.log2(math.e)) if finite.numel() else 1.0
+    scale = max(grad.abs().max().item() for grad in ref_grads) * amplification
     for name, grad, ref_grad, base_grad in zip(("dq", "dk", "dv"), grads, ref_grads, base_grads):
         assert grad.shape == ref_grad.shape and grad.dtype == q.dtype, name
         if live_keys is not None and name != "dq":
@@ -160,6 +179,84 @@ def test_forward_custom_scale_and_strided_inputs():
     out, _ = attention_forward(q, k, v, scale=0.3)
     ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.3)
     assert (out.double() - ref).abs().max() < 1e-5
+
+
+# --- dropout: Philox draws, regenerated in the backward -------------------------------------------
+
+from fasttransformer.kernels.attention_forward import dropout_keep_mask, effective_dropout_p  # noqa: E402
+from philox import philox4x32  # noqa: E402
+
+
+def test_dropout_mask_is_philox_of_the_element_index():
+    """The kernels' dropout mask, materialised, against the tests' Philox-4x32-7 (philox.py): element
+    (b, h, i, j) keeps iff its 16-bit draw is >= round(p * 2**16), the draw being half
+    (j % 2) of word (0, 2, 1, 3)[j % 8 // 2] of the call with counters (j // 8, i, b*H + h, 0)
+    and key (seed low, seed high) (the order dropout_keep documents)."""
+    import numpy as np
+    seed_value = 0x1234_5678_9ABC_DEF
+    batch, heads, seqlen_q, seqlen_k, p = 2, 3, 37, 45, 0.3
+    keep = dropout_keep_mask(torch.tensor([seed_value], dtype=torch.int64, device=DEVICE),
+                             (batch, heads, seqlen_q, seqlen_k), p).cpu().numpy()
+    head_row, rows, cols = np.meshgrid(np.arange(batch * heads), np.arange(seqlen_q), np.arange(seqlen_k),
+                                       indexing="ij")
+    counters = [index.astype(np.uint64) for index in (cols // 8, rows, head_row, np.zeros_like(cols))]
+    words = philox4x32(counters, (seed_value & 0xFFFFFFFF, seed_value >> 32), rounds=7)
+    word = np.choose(np.array([0, 2, 1, 3])[cols % 8 // 2], words)
+    draw = (word >> (16 * (cols % 2)).astype(np.uint64)) & np.uint64(0xFFFF)
+    expected = draw >= round(p * 2 ** 16)
+    assert np.array_equal(keep.reshape(expected.shape), expected)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_kept_fraction_and_independence(p):
+    """Kept fraction within 5 sigma of 1 - p, overall and per (batch, head); neighbours along
+    rows and columns uncorrelated; another seed, another mask."""
+    shape = (2, 3, 64, 257)
+    seed = torch.tensor([987654321987], dtype=torch.int64, device=DEVICE)
+    keep = dropout_keep_mask(seed, shape, p).cpu().double()
+    count = keep.numel()
+    sigma = math.sqrt(p * (1 - p) / count)
+    assert abs(keep.mean().item() - (1 - p)) < 5 * sigma
+    per_head = keep.mean((-1, -2))
+    assert (per_head - (1 - p)).abs().max() < 5 * math.sqrt(p * (1 - p) / (64 * 257))
+    centred = keep - keep.mean()
+    for neighbours in ((centred[..., 1:] * centred[..., :-1]), (centred[..., 1:, :] * centred[..., :-1, :]),
+                       (centred[:, 1:] * centred[:, :-1]), (centred[1:] * centred[:-1])):
+        correlation = neighbours.mean().item() / (p * (1 - p))
+        assert abs(correlation) < 5 / math.sqrt(neighbours.numel()), correlation
+    other = dropout_keep_mask(seed + 1, shape, p).cpu().double()
+    assert 0.4 < (other != keep).double().mean().item() / (2 * p * (1 - p)) < 1.6
+
+
+DROPOUT_CASES = [  # shape index into SHAPES, masks
+    (0, "none"), (1, "padding+bool+causal"), (2, "float+padding+lower_right"), (3, "window"), (1, "float"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape,masks", DROPOUT_CASES, ids=[f"{SHAPES[i].id}-{m}" for i, m in DROPOUT_CASES])
+def test_dropout_forward_and_backward_match_the_reference_with_the_same_mask(shape, masks, dtype):
+    """The forward and the backward (which regenerates the mask, transposed in the dK/dV
+    kernel) against the float64 reference applying the mask the kernels drew."""
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim = SHAPES[shape].values
+    q, k, v, kernel_args, allowed, bias = make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim,
+                                                    masks.split("+"), dtype)
+    grad_out = torch.randn_like(q)
+    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=DEVICE)
+    with poisoned_allocations(DEVICE):
+        out, lse = attention_forward(q, k, v, **kernel_args, dropout_p=0.3, seed=seed)
+        grads = attention_backward(grad_out, q, k, v, out, lse, **kernel_args, dropout_p=0.3, seed=seed)[:3]
+    keep = dropout_keep_mask(seed, (batch, heads, seqlen_q, seqlen_k), 0.3)
+    assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads, keep=keep,
+                             dropout_p=effective_dropout_p(0.3))
+
+
+def test_dropout_needs_a_seed_tensor():
+    q = torch.randn(1, 1, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="dropout needs seed"):
+        attention_forward(q, q, q, dropout_p=0.1)
+    with pytest.raises(ValueError, match="dropout needs seed"):
+        attention_forward(q, q, q, dropout_p=0.1, seed=torch.tensor([1, 2], device=DEVICE))
 
 
 # --- tile skipping: block_lists.py ------------------------------------------------------------------
@@ -347,7 +444,7 @@ def test_kernels_compile_for_sm80_and_sm90_with_their_matrix_instructions(aot_re
 @pytest.mark.slow
 def test_attention_configs_do_not_spill(aot_reports):
     """No register spills (stack bytes from cuobjdump) in any config of the table, with every
-    mask on, for both archs and dtypes. The compile mirrors the JIT's runtime specialisation
+    mask on, without and with dropout (dropout's own entries), for both archs and dtypes. The compile mirrors the JIT's runtime specialisation
     (aot.py): without it, the report described kernels that never run, and spilled."""
     spilling = [report for report in aot_reports if report["stack_bytes"]]
     assert not spilling, spilling
@@ -440,14 +537,42 @@ def test_op_auto_on_cpu_uses_torch_and_logs_why(caplog):
     torch.testing.assert_close(auto, scaled_dot_product_attention(q, k, v, **kwargs, backend="torch"))
 
 
-def test_op_dropout_goes_to_torch():
-    q, k, v, kwargs, _, _ = op_case("float+padding", torch.float32)
-    with pytest.raises(RuntimeError, match="dropout is not in the Triton kernels yet"):
-        scaled_dot_product_attention(q, k, v, dropout_p=0.1, enable_gqa=True, backend="triton")
+def test_op_dropout_is_reproducible_and_matches_the_reference_with_its_mask():
+    """Through the public op and autograd: the same torch.manual_seed gives bitwise the same
+    output and gradients, another seed another mask, and the result is the float64 reference
+    with the mask the kernels drew (materialised from the seed the op takes from torch)."""
+    from fasttransformer.ops.attention import _dropout_seed
+    q, k, v, kwargs, allowed, bias = op_case("float+padding", torch.float32)
+    grad_out = torch.randn_like(q)
+
+    def run(seed, p=0.3):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(seed)
+        out = scaled_dot_product_attention(*leaves, **kwargs, dropout_p=p, backend="triton")
+        out.backward(grad_out)
+        return out, [leaf.grad for leaf in leaves]
+
+    out, grads = run(3)
+    again, again_grads = run(3)
+    assert torch.equal(out, again) and all(torch.equal(a, b) for a, b in zip(grads, again_grads))
+    assert not torch.equal(out, run(4)[0])
     torch.manual_seed(3)
-    first = scaled_dot_product_attention(q, k, v, dropout_p=0.5, enable_gqa=True)
-    torch.manual_seed(3)
-    assert torch.equal(first, scaled_dot_product_attention(q, k, v, dropout_p=0.5, enable_gqa=True))
+    keep = dropout_keep_mask(_dropout_seed(q.device), allowed.shape, 0.3)
+    assert 0.6 < keep.float().mean() < 0.8
+    assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads, keep=keep,
+                             dropout_p=effective_dropout_p(0.3))
+
+    out, grads = run(5, p=1.0)  # everything dropped: zeros, zero gradients
+    assert (out == 0).all() and all((grad == 0).all() for grad in grads)
+
+
+def test_op_dropout_torch_backend_is_reproducible_under_a_seed():
+    q, k, v, _, _, _ = op_case("none", torch.float32)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(scaled_dot_product_attention(q, k, v, dropout_p=0.5, enable_gqa=True, backend="torch"))
+    assert torch.equal(*runs)
 
 
 BIAS_SHAPES = {"Lq,Lk": lambda b, h, m, n: (m, n), "B,1,Lq,Lk": lambda b, h, m, n: (b, 1, m, n),
@@ -519,6 +644,9 @@ def test_op_opcheck():
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     torch.library.opcheck(torch.ops.fasttransformer.attention_forward.default,
                           (q, k, v, kwargs["attn_mask"], kwargs["key_padding_mask"], 0.2, 0, [3, 1]))
+    seed = torch.tensor([1234567], dtype=torch.int64, device=DEVICE)
+    torch.library.opcheck(torch.ops.fasttransformer.attention_forward.default,
+                          (q, k, v, kwargs["attn_mask"], kwargs["key_padding_mask"], 0.2, 0, [3, 1], 0.25, seed))
 
 
 @pytest.mark.parametrize("change,error,pattern", [
@@ -640,6 +768,51 @@ def test_cuda_graph_capture_and_compile_match_eager():
     out.backward(grad_out)
     assert torch.equal(out, eager_out)
     assert all(torch.equal(leaf.grad, grad) for leaf, grad in zip(leaves, eager_grads))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_cuda_dropout_large_cases(head_dim, dtype):
+    """Dropout with dropout's configs (configs.DROPOUT_OVERRIDES), forward and backward, against
+    the float64 reference applying the mask the kernels drew."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    seqlen = 2048 if head_dim < 256 else 1024
+    q, k, v, kernel_args, allowed, bias = make_case(2, 4, 2, seqlen, seqlen, head_dim, ["padding", "causal"], dtype)
+    grad_out = torch.randn_like(q)
+    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=DEVICE)
+    with poisoned_allocations(DEVICE):
+        out, lse = attention_forward(q, k, v, **kernel_args, dropout_p=0.1, seed=seed)
+        grads = attention_backward(grad_out, q, k, v, out, lse, **kernel_args, dropout_p=0.1, seed=seed)[:3]
+    keep = dropout_keep_mask(seed, allowed.shape, 0.1)
+    assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads, keep=keep,
+                             dropout_p=effective_dropout_p(0.1))
+
+
+@pytest.mark.cuda
+def test_cuda_dropout_graph_replays_draw_fresh_masks_and_compile_runs():
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA device")
+    q, k, v, kwargs, _, _ = op_case("bool+is_causal+padding", torch.bfloat16, seqlen_q=300, seqlen_k=500, head_dim=64)
+    call = lambda: scaled_dot_product_attention(q, k, v, **kwargs, dropout_p=0.2, backend="triton")  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    graph.replay()
+    first = captured.clone()
+    graph.replay()
+    assert not torch.equal(first, captured)  # the seed is drawn inside the graph
+
+    compiled = torch.compile(lambda a, b, c: scaled_dot_product_attention(a, b, c, **kwargs, dropout_p=0.2,
+                                                                          backend="triton"), fullgraph=True)
+    out = compiled(q, k, v)
+    assert torch.isfinite(out).all() and not torch.equal(out, compiled(q, k, v))
 
 
 @pytest.mark.cuda

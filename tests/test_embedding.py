@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import fasttransformer
 from accuracy import assert_within_torch_error, poisoned_allocations
 from conftest import DEVICES, HAS_CUDA
+from philox import philox4x32
 from fasttransformer import _extension, reference
 from fasttransformer.ops import token_positional_embedding
 
@@ -144,14 +145,7 @@ def test_sinusoid_stays_accurate_at_large_positions(device):
 # --- dropout ---------------------------------------------------------------------------------
 
 def philox4x32_10(counter, key):
-    """Reference Philox4x32-10 on a 4-word counter and 2-word key (Python ints)."""
-    c, k = list(counter), list(key)
-    for _ in range(10):
-        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
-        c = [((p1 >> 32) ^ c[1] ^ k[0]) & 0xFFFFFFFF, p1 & 0xFFFFFFFF,
-             ((p0 >> 32) ^ c[3] ^ k[1]) & 0xFFFFFFFF, p0 & 0xFFFFFFFF]
-        k = [(k[0] + 0x9E3779B9) & 0xFFFFFFFF, (k[1] + 0xBB67AE85) & 0xFFFFFFFF]
-    return c
+    return list(philox4x32(counter, key, rounds=10))
 
 
 @pytest.mark.parametrize("counter,key,expected", [

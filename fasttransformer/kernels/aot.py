@@ -18,9 +18,12 @@ import tempfile
 
 MATRIX_INSTRUCTIONS = ("wgmma.mma_async", "mma.sync")
 
-# Worst-case options (every mask on): what a config must survive without spilling.
-WORST_CASE = {"CAUSAL": True, "WINDOW": True, "MASK_KIND": 1, "HAS_KEY_PADDING": True, "SPARSE": True}
-NO_MASK = {"CAUSAL": False, "WINDOW": False, "MASK_KIND": 0, "HAS_KEY_PADDING": False, "SPARSE": False}
+# Worst-case options (every mask on): what a config must survive without spilling. Dropout's
+# configs (configs.DROPOUT_OVERRIDES) are compiled with it on as well.
+WORST_CASE = {"CAUSAL": True, "WINDOW": True, "MASK_KIND": 1, "HAS_KEY_PADDING": True, "SPARSE": True,
+              "DROPOUT": False}
+NO_MASK = {"CAUSAL": False, "WINDOW": False, "MASK_KIND": 0, "HAS_KEY_PADDING": False, "SPARSE": False,
+           "DROPOUT": False}
 
 
 def _signature(fn, dtype: str) -> dict:
@@ -36,7 +39,9 @@ def _signature(fn, dtype: str) -> dict:
             types[name] = "*i32"
         elif name == "DBias":
             types[name] = "*fp32"
-        elif name in ("scale_log2", "scale"):
+        elif name == "Seed":
+            types[name] = "*i64"
+        elif name in ("scale_log2", "scale", "dropout_scale"):
             types[name] = "fp32"
         elif name.isupper() or name.startswith("BLOCK"):
             types[name] = "constexpr"
@@ -101,7 +106,7 @@ def compile_kernel(kernel, arch: int, head_dim: int, config, dtype: str = "bf16"
 def _jobs():
     """Every (kernel, arch, D, config, options, dtype) the table (configs.py) can launch: the
     worst-case mask options for each kernel, plus the maskless and float-mask forward, in
-    bf16 and in float32."""
+    bf16 and in float32; and the same with dropout on, with dropout's configs."""
     import torch
 
     from fasttransformer.kernels import configs
@@ -109,12 +114,14 @@ def _jobs():
     for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         for (arch, head_dim) in (configs.FORWARD_FP32 if dtype == "fp32" else configs.FORWARD):
             device = _FakeDevice(arch)
-            config = configs.forward_config(device, torch_dtype, head_dim, True)
-            for options in ({}, NO_MASK, {"MASK_KIND": 2}):
-                jobs.append(("forward", arch, head_dim, tuple(config), options, dtype))
-            dkdv, dq = configs.backward_configs(device, torch_dtype, head_dim, True)
-            jobs.append(("dkdv", arch, head_dim, tuple(dkdv), {}, dtype))
-            jobs.append(("dq", arch, head_dim, tuple(dq), {"MASK_KIND": 2, "BIAS_GRAD": True}, dtype))
+            for dropout in (False, True):
+                extra = {"DROPOUT": True} if dropout else {}
+                config = configs.forward_config(device, torch_dtype, head_dim, True, dropout)
+                for options in ({}, {"MASK_KIND": 2}) + (() if dropout else (NO_MASK,)):
+                    jobs.append(("forward", arch, head_dim, tuple(config), {**options, **extra}, dtype))
+                dkdv, dq = configs.backward_configs(device, torch_dtype, head_dim, True, dropout)
+                jobs.append(("dkdv", arch, head_dim, tuple(dkdv), extra, dtype))
+                jobs.append(("dq", arch, head_dim, tuple(dq), {"MASK_KIND": 2, "BIAS_GRAD": True, **extra}, dtype))
     return jobs
 
 

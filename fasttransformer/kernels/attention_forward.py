@@ -7,6 +7,14 @@ strides, so broadcast dimensions cost nothing), and keeps running max / sum in b
 that sees no key ends with l = 0: its output is zeros and its logsumexp +inf (the backward then
 gives it zero gradients). The logsumexp (natural log) is stored for the backward.
 
+Dropout (``dropout_p > 0``) drops probabilities after the softmax's normalisation: the sum l
+counts every probability, the product with V only the kept ones, scaled by 1 / (1 - p). Whether
+(batch, query head, query i, key j) is kept is one Philox draw (``dropout_keep``) keyed by a
+64-bit seed that the launcher takes from a tensor (drawn from torch's generator by the public
+op) with counters (j // 8, i, batch * Hq + head, 0), one call for eight keys: a pure function of the element, so
+the backward regenerates the same mask in any tile shape or orientation, and nothing of size
+Lq x Lk is stored.
+
 Internal: the public op (validation, dispatch, autograd) is ``fasttransformer.ops`` (issue 3).
 """
 from __future__ import annotations
@@ -54,6 +62,31 @@ def tile_scores(scores, rows, cols, seqlen_q, seqlen_k, batch, causal_offset, wi
     return tl.where(visible, scores, float("-inf"))
 
 
+DROPOUT_BITS = 16  # one draw per element: p is rounded to a multiple of 2**-16
+
+
+@triton.jit
+def dropout_keep(seed, head_row, start_m, start_n, threshold,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUNDS: tl.constexpr = 7):
+    """(BLOCK_M, BLOCK_N) bool, True where the probability of query start_m + i and key
+    start_n + j survives dropout (start_n a multiple of 8).
+
+    One Philox-4x32 call (``ROUNDS`` rounds; 7 passes BigCrush, Salmon et al. 2011, and is what
+    FlashAttention uses), keyed by ``seed``, with counters (key group g = j // 8, query i,
+    head_row = batch * Hq + head, 0), gives four 32-bit words w0..w3: eight 16-bit draws for
+    keys 8g .. 8g + 7, in the order (w0 low, w0 high, w2 low, w2 high, w1 low, w1 high, w3 low,
+    w3 high). A draw keeps when it is >= threshold = round(p * 2**16). Eight draws per call
+    keep the Philox state at a quarter of a register per element (one draw per call spilled)."""
+    rows = start_m + tl.arange(0, BLOCK_M)[:, None]
+    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)[None, :]
+    zero = (rows * 0 + groups * 0).to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, zero + groups.to(tl.uint32), zero + rows.to(tl.uint32),
+                               zero + head_row.to(tl.uint32), zero, ROUNDS)
+    words = tl.join(tl.join(w0, w1), tl.join(w2, w3))  # [..., a, b] = w(a + 2b)
+    draws = tl.join(words & 0xFFFF, words >> 16)  # [..., a, b, h]: half h of w(a + 2b)
+    return tl.reshape(draws, (BLOCK_M, BLOCK_N)).to(tl.int32) >= threshold
+
+
 @triton.jit
 def key_range(start_m, seqlen_k, causal_offset, window_left, window_right,
               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -73,11 +106,13 @@ def key_range(start_m, seqlen_k, causal_offset, window_left, window_right,
 @triton.jit
 def forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
                  seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left, window_right,
-                 KeyPadding, stride_pb, stride_pn,
+                 KeyPadding, stride_pb, stride_pn, seed, head_row, start_m, dropout_threshold,
                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
-                 HAS_KEY_PADDING: tl.constexpr, READ_MASKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """One key block [start_n, start_n + BLOCK_N) into the running (acc, max, sum)."""
+                 HAS_KEY_PADDING: tl.constexpr, READ_MASKS: tl.constexpr, DROPOUT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block [start_n, start_n + BLOCK_N) into the running (acc, max, sum). With
+    DROPOUT the sum counts every probability and acc only the kept ones (unscaled: the
+    launcher's 1 / (1 - p) is applied once, at the end)."""
     k = tl.load(tl.advance(k_base, (0, start_n)), boundary_check=(0, 1), padding_option="zero")
     scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
     mask_block = mask_base
@@ -92,6 +127,9 @@ def forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, o
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(scores - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = dropout_keep(seed, head_row, start_m, start_n, dropout_threshold, BLOCK_M, BLOCK_N)
+        p = tl.where(keep, p, 0.0)
     v = tl.load(tl.advance(v_base, (start_n, 0)), boundary_check=(0, 1), padding_option="zero")
     # Accumulate inside the dot: `acc * alpha + tl.dot(p, v)` holds a second BLOCK_M x D
     # float32 tile (at D = 128, BLOCK_M = 128, 8 warps: 468 bytes spilled on sm_90).
@@ -101,7 +139,7 @@ def forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, o
 
 @triton.jit
 def attention_forward_kernel(
-    Q, K, V, Out, Lse, Mask, KeyPadding, BlockCounts, BlockIndex,
+    Q, K, V, Out, Lse, Mask, KeyPadding, BlockCounts, BlockIndex, Seed,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -114,8 +152,10 @@ def attention_forward_kernel(
     scale_log2,             # softmax scale * log2(e)
     causal_offset,          # query i is aligned with key i + causal_offset
     window_left, window_right,
+    dropout_threshold,      # round(dropout_p * 2**24): a draw below it drops
+    dropout_scale,          # 1 / (1 - the rounded dropout_p); 0 when everything drops
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -146,6 +186,10 @@ def attention_forward_kernel(
                                       strides=(stride_mm, stride_mn), offsets=(pid_m * BLOCK_M, 0),
                                       block_shape=(BLOCK_M, BLOCK_N), order=(1, 0))
 
+    seed = Seed  # unused without dropout
+    if DROPOUT:
+        seed = tl.load(Seed)
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -160,25 +204,32 @@ def attention_forward_kernel(
             start_n = tl.load(index + i) * BLOCK_N
             acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
                                          seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
-                                         window_right, KeyPadding, stride_pb, stride_pn, CAUSAL, WINDOW,
-                                         MASK_KIND, HAS_KEY_PADDING, True, DOT_PRECISION, BLOCK_N)
+                                         window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
+                                         pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, True,
+                                         DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
         for i in range(num_partial, num_partial + num_full):
             start_n = tl.load(index + i) * BLOCK_N
             acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
                                          seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
-                                         window_right, KeyPadding, stride_pb, stride_pn, CAUSAL, WINDOW,
-                                         MASK_KIND, HAS_KEY_PADDING, False, DOT_PRECISION, BLOCK_N)
+                                         window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
+                                         pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, False,
+                                         DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
     else:
         lo, hi = key_range(pid_m * BLOCK_M, seqlen_k, causal_offset, window_left, window_right,
                            CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
         for start_n in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
                                          seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
-                                         window_right, KeyPadding, stride_pb, stride_pn, CAUSAL, WINDOW,
-                                         MASK_KIND, HAS_KEY_PADDING, True, DOT_PRECISION, BLOCK_N)
+                                         window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
+                                         pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, True,
+                                         DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    normaliser = tl.where(seen, l_i, 1.0)
+    if DROPOUT:
+        out = acc * (dropout_scale / normaliser)[:, None]
+    else:
+        out = acc / normaliser[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("inf"))
     o_block = tl.make_block_ptr(Out + batch * stride_ob + head * stride_oh, shape=(seqlen_q, head_dim),
                                 strides=(stride_om, stride_od), offsets=(pid_m * BLOCK_M, 0),
@@ -218,6 +269,51 @@ def uses_block_lists(attn_mask, key_padding_mask) -> bool:
     return key_padding_mask is not None or (attn_mask is not None and attn_mask.dtype == torch.bool)
 
 
+def effective_dropout_p(dropout_p: float) -> float:
+    """The p the kernels apply: ``dropout_p`` rounded to a multiple of 2**-16 (their draws are
+    16-bit); the kept probabilities are scaled by 1 / (1 - this)."""
+    return min(round(dropout_p * 2 ** DROPOUT_BITS), 2 ** DROPOUT_BITS) / 2 ** DROPOUT_BITS
+
+
+def dropout_arguments(dropout_p, seed, placeholder):
+    """(DROPOUT, seed tensor, threshold, scale) for the kernels: p is rounded to a multiple of
+    2**-16 and the kept probabilities are scaled by exactly 1 / (1 - that), so the expectation
+    is unbiased. ``seed``: an int64 tensor of one element on the inputs' device."""
+    threshold = min(round(dropout_p * 2 ** DROPOUT_BITS), 2 ** DROPOUT_BITS)
+    if threshold == 0:
+        return False, placeholder, 0, 1.0
+    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != placeholder.device:
+        raise ValueError(f"dropout needs seed: an int64 tensor of one element on {placeholder.device}, got "
+                         f"{None if seed is None else (seed.dtype, tuple(seed.shape), str(seed.device))}")
+    kept = 2 ** DROPOUT_BITS - threshold
+    return True, seed, threshold, (2 ** DROPOUT_BITS / kept if kept else 0.0)
+
+
+@triton.jit
+def dropout_mask_kernel(Seed, Keep, seqlen_q, seqlen_k, dropout_threshold,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(2)
+    start_m, start_n = tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N
+    keep = dropout_keep(tl.load(Seed), pid_bh, start_m, start_n, dropout_threshold, BLOCK_M, BLOCK_N)
+    rows = start_m + tl.arange(0, BLOCK_M)[:, None]
+    cols = start_n + tl.arange(0, BLOCK_N)[None, :]
+    offsets = (pid_bh.to(tl.int64) * seqlen_q + rows) * seqlen_k + cols
+    tl.store(Keep + offsets, keep.to(tl.int8), mask=(rows < seqlen_q) & (cols < seqlen_k))
+
+
+def dropout_keep_mask(seed, shape, dropout_p):
+    """The kept elements (bool ``shape = (B, Hq, Lq, Lk)``) of the kernels' dropout with this seed
+    and p: the mask the forward and backward apply, materialised for tests and debugging."""
+    batch, heads, seqlen_q, seqlen_k = shape
+    enabled, seed, threshold, _ = dropout_arguments(dropout_p, seed, seed)
+    if not enabled:
+        return torch.ones(shape, dtype=torch.bool, device=seed.device)
+    keep = torch.empty(shape, dtype=torch.int8, device=seed.device)
+    grid = (triton.cdiv(seqlen_q, 32), triton.cdiv(seqlen_k, 32), batch * heads)
+    dropout_mask_kernel[grid](seed, keep, seqlen_q, seqlen_k, threshold, BLOCK_M=32, BLOCK_N=32)
+    return keep.view(torch.bool)
+
+
 def list_arguments(lists, placeholder):
     """(counts, index, their 6 strides) for the kernels; placeholders when there are no lists."""
     if lists is None:
@@ -226,16 +322,18 @@ def list_arguments(lists, placeholder):
 
 
 def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=None, scale=None,
-                      causal_offset=None, window=None, block_m=None, block_n=None, num_warps=None,
-                      num_stages=None):
+                      causal_offset=None, window=None, dropout_p=0.0, seed=None, block_m=None, block_n=None,
+                      num_warps=None, num_stages=None):
     """Launches the kernel on already validated ``(B, H, L, D)`` tensors.
 
     attn_mask: bool (True = may attend) or float, already broadcastable to (B, Hq, Lq, Lk)
     (expanded views are fine: stride 0 dimensions are read in place). key_padding_mask: bool
     (B, Lk), True = padding. causal_offset: None (no causal mask) or the alignment: query i sees
     keys j <= i + causal_offset (0: top-left, Lk - Lq: lower-right). window: None or
-    (left, right), relative to the same alignment (0 when not causal).
-    block_m/block_n/num_warps/num_stages: None takes them from the config table (configs.py).
+    (left, right), relative to the same alignment (0 when not causal). dropout_p > 0 needs
+    ``seed``, an int64 tensor of one element on the inputs' device (``dropout_keep_mask`` gives
+    the mask it draws). block_m/block_n/num_warps/num_stages: None takes them from the config
+    table (configs.py).
     Returns (out (B, Hq, Lq, D) in the query's dtype, lse (B, Hq, Lq) float32).
     """
     from fasttransformer.kernels.block_lists import block_lists, tile_classes
@@ -243,7 +341,8 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
 
     batch, heads, seqlen_q, head_dim = query.shape
     kv_heads, seqlen_k = key.shape[1], key.shape[2]
-    config = forward_config(query.device, query.dtype, head_dim, causal_offset is not None)
+    config = forward_config(query.device, query.dtype, head_dim, causal_offset is not None,
+                            dropout=effective_dropout_p(dropout_p) > 0)
     block_m, block_n = block_m or config.block_m, block_n or config.block_n
     num_warps, num_stages = num_warps or config.num_warps, num_stages or config.num_stages
     out = torch.empty_like(query)
@@ -257,17 +356,18 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
                                block_m, block_n, causal_offset, window)
         lists = block_lists(classes, batch, heads)
     counts, index, list_strides = list_arguments(lists, query)
+    dropout, seed, dropout_threshold, dropout_scale = dropout_arguments(dropout_p, seed, query)
     window_left, window_right = window if window is not None else (0, 0)
     block_d = max(16, triton.next_power_of_2(head_dim))
     grid = (triton.cdiv(seqlen_q, block_m), batch * heads)
     attention_forward_kernel[grid](
-        query, key, value, out, lse, mask, padding, counts, index,
+        query, key, value, out, lse, mask, padding, counts, index, seed,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mask_strides, *padding_strides,
         *list_strides,
         heads, heads // kv_heads, seqlen_q, seqlen_k, head_dim,
-        scale * LOG2E, causal_offset or 0, window_left, window_right,
+        scale * LOG2E, causal_offset or 0, window_left, window_right, dropout_threshold, dropout_scale,
         CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
-        HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=lists is not None,
+        HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=lists is not None, DROPOUT=dropout,
         DOT_PRECISION=dot_precision(query),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
     )

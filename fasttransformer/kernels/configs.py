@@ -54,6 +54,20 @@ BACKWARD_DKDV_FP32 = {(arch, d): Config(32, 16, 4, 1) if d > 16 else Config(16, 
                       for arch in (80, 90) for d in (16, 32, 64)}
 BACKWARD_DQ_FP32 = {(arch, d): Config(32, 16, 4, 1) for arch in (80, 90) for d in (16, 32, 64)}
 
+# With dropout (its Philox state and mask are more live registers), the entries above that
+# spill are replaced by these: the largest tiles without a spill (worst-case masks + dropout),
+# keeping wgmma on sm_90 where the entry had it; sweep of 2026-11-23 over 400 candidates,
+# untimed like the rest. Keys: (kernel, "2-byte" or "fp32", arch, head-dim bucket).
+DROPOUT_OVERRIDES = {
+    ("dkdv", "2-byte", 80, 128): Config(64, 32, 8, 1),
+    ("dq", "2-byte", 80, 256): Config(32, 64, 8, 2),
+    ("dkdv", "2-byte", 90, 64): Config(32, 64, 8, 2),
+    ("dkdv", "2-byte", 90, 128): Config(16, 64, 8, 2),
+    ("dq", "2-byte", 90, 256): Config(128, 16, 8, 2),
+    ("forward", "fp32", 80, 32): Config(64, 32, 8, 2),
+    ("forward", "fp32", 90, 64): Config(64, 32, 8, 2),
+}
+
 # Triton's interpreter (CPU tensors): the tile sizes only change the interpreter's speed. The
 # backward's two differ, so the CPU tests run the coarsening of the tile classes.
 INTERPRETER = Config(64, 64, 4, 1)
@@ -71,23 +85,28 @@ def _arch(device) -> int:
     return 90 if major >= 9 else 80  # sm_80's entries for Ampere and Ada (sm_86, sm_89) too
 
 
-def _lookup(tables, device, dtype, head_dim, interpreter: Config) -> Config:
+def _lookup(kernel, tables, device, dtype, head_dim, interpreter: Config, dropout: bool) -> Config:
     """tables: (2-byte dtypes' table, float32's table)."""
     if not hasattr(device, "arch"):
         device = torch.device(device)
     if device.type != "cuda":
         return interpreter
+    key = (_arch(device), head_dim_bucket(head_dim))
     table = tables[1] if dtype == torch.float32 else tables[0]
-    return table[(_arch(device), head_dim_bucket(head_dim))]
+    if dropout:
+        override = DROPOUT_OVERRIDES.get((kernel, "fp32" if dtype == torch.float32 else "2-byte", *key))
+        if override is not None:
+            return override
+    return table[key]
 
 
-def forward_config(device, dtype, head_dim: int, causal: bool) -> Config:
+def forward_config(device, dtype, head_dim: int, causal: bool, dropout: bool = False) -> Config:
     """The forward kernel's config. ``causal`` is part of the key for the table to come; no
     entry differs by it yet (no GPU timing has shown a reason)."""
-    return _lookup((FORWARD, FORWARD_FP32), device, dtype, head_dim, INTERPRETER)
+    return _lookup("forward", (FORWARD, FORWARD_FP32), device, dtype, head_dim, INTERPRETER, dropout)
 
 
-def backward_configs(device, dtype, head_dim: int, causal: bool) -> Tuple[Config, Config]:
+def backward_configs(device, dtype, head_dim: int, causal: bool, dropout: bool = False) -> Tuple[Config, Config]:
     """(dK/dV kernel config, dQ kernel config)."""
-    return (_lookup((BACKWARD_DKDV, BACKWARD_DKDV_FP32), device, dtype, head_dim, INTERPRETER_DKDV),
-            _lookup((BACKWARD_DQ, BACKWARD_DQ_FP32), device, dtype, head_dim, INTERPRETER_DQ))
+    return (_lookup("dkdv", (BACKWARD_DKDV, BACKWARD_DKDV_FP32), device, dtype, head_dim, INTERPRETER_DKDV, dropout),
+            _lookup("dq", (BACKWARD_DQ, BACKWARD_DQ_FP32), device, dtype, head_dim, INTERPRETER_DQ, dropout))

@@ -47,8 +47,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``TRITON_INTERPRET=1``, set before triton is imported), ``"torch"`` (torch's SDPA, masks
     merged into one), or ``"auto"``: Triton for CUDA tensors when the kernels support the case,
     torch otherwise; the reason is logged at DEBUG level by the ``fasttransformer`` logger. Not
-    yet in the kernels, so sent to torch by ``"auto"``: ``dropout_p > 0``, head dims above 256,
-    and float32 CUDA tensors with head dims above 64 (float32 runs as tf32x3 products on CUDA).
+    in the kernels, so sent to torch by ``"auto"``: head dims above 256, and float32 CUDA
+    tensors with head dims above 64 (float32 runs as tf32x3 products on CUDA).
+
+    ``dropout_p > 0`` (applied whenever it is given, as torch's SDPA; pass 0 in eval): the
+    kernels drop probabilities with Philox draws keyed by a seed taken from torch's generator
+    on the inputs' device, so ``torch.manual_seed`` makes it reproducible, CUDA-graph replays
+    draw fresh masks, and the backward regenerates the mask (nothing of size Lq x Lk is stored).
+    p is rounded to a multiple of 2**-16. The torch backend draws its own, different masks.
 
     A float ``attn_mask`` that requires grad gets its gradient (summed over its broadcast
     dimensions; the Triton backward computes it through a float32 ``(B, Hq, Lq, Lk)`` buffer).
@@ -64,9 +70,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if backend == "auto" and not torch.compiler.is_compiling():  # dynamo cannot trace logging
             logger.debug("scaled_dot_product_attention: torch backend (%s)", reason)
         return _torch_attention(query, key, value, spec)
+    seed = _dropout_seed(query.device) if spec["dropout_p"] > 0 else None
     return torch.ops.fasttransformer.attention_forward(
         query, key, value, spec["attn_mask"], spec["key_padding_mask"], spec["scale"],
-        spec["causal_offset"], list(spec["window"]) if spec["window"] else None)[0]
+        spec["causal_offset"], list(spec["window"]) if spec["window"] else None, spec["dropout_p"], seed)[0]
+
+
+def _dropout_seed(device) -> torch.Tensor:
+    """The kernels' dropout seed: one int64 drawn from torch's generator for ``device`` (a device
+    tensor, so CUDA graphs capture the draw and each replay gets a new one)."""
+    return torch.randint(0, 2 ** 62, (1,), device=device, dtype=torch.int64)
 
 
 def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, key_padding_mask,
@@ -158,8 +171,6 @@ def _triton_unsupported(query, spec) -> Optional[str]:
     if query.device.type == "cuda" and query.dtype == torch.float32 and query.shape[-1] > MAX_FP32_HEAD_DIM:
         return (f"float32 with head dim {query.shape[-1]} > {MAX_FP32_HEAD_DIM} on CUDA: the kernels' backward "
                 "spills registers there (use bfloat16/float16, or torch computes it)")
-    if spec["dropout_p"] > 0:
-        return "dropout is not in the Triton kernels yet"
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -217,15 +228,18 @@ def _torch_attention(query, key, value, spec):
 def _attention_forward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                           scale: float, causal_offset: Optional[int],
-                          window: Optional[List[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                          window: Optional[List[int]] = None, dropout_p: float = 0.0,
+                          seed: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse). ``seed`` (int64, one element) keys the dropout mask when ``dropout_p > 0``."""
     from fasttransformer.kernels.attention_forward import attention_forward
     out, lse = attention_forward(query, key, value, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                                 scale=scale, causal_offset=causal_offset, window=tuple(window) if window else None)
+                                 scale=scale, causal_offset=causal_offset, window=tuple(window) if window else None,
+                                 dropout_p=dropout_p, seed=seed)
     return out, lse
 
 
 @_attention_forward_op.register_fake
-def _(query, key, value, attn_mask, key_padding_mask, scale, causal_offset, window=None):
+def _(query, key, value, attn_mask, key_padding_mask, scale, causal_offset, window=None, dropout_p=0.0, seed=None):
     return torch.empty_like(query), query.new_empty(query.shape[:3], dtype=torch.float32)
 
 
@@ -233,7 +247,8 @@ def _(query, key, value, attn_mask, key_padding_mask, scale, causal_offset, wind
 def _attention_backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor],
                            key_padding_mask: Optional[torch.Tensor], scale: float, causal_offset: Optional[int],
-                           window: Optional[List[int]] = None, bias_grad: bool = False
+                           window: Optional[List[int]] = None, bias_grad: bool = False, dropout_p: float = 0.0,
+                           seed: Optional[torch.Tensor] = None
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias); dbias is the float attn_mask's gradient when ``bias_grad``, else an
     empty tensor (a custom op returns tensors)."""
@@ -241,31 +256,32 @@ def _attention_backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: tor
     dq, dk, dv, dbias = attention_backward(grad_out.contiguous(), query, key, value, out, lse, attn_mask=attn_mask,
                                            key_padding_mask=key_padding_mask, scale=scale,
                                            causal_offset=causal_offset, window=tuple(window) if window else None,
-                                           bias_grad=bias_grad)
+                                           bias_grad=bias_grad, dropout_p=dropout_p, seed=seed)
     return dq, dk, dv, dbias if dbias is not None else query.new_empty(0)
 
 
 @_attention_backward_op.register_fake
 def _(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, scale, causal_offset, window=None,
-      bias_grad=False):
+      bias_grad=False, dropout_p=0.0, seed=None):
     dbias = torch.empty_like(attn_mask) if bias_grad else query.new_empty(0)
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, key_padding_mask, scale, causal_offset = inputs[:7]
-    window = inputs[7] if len(inputs) > 7 else None
+    # torch.library fills in the defaults: every input is here.
+    query, key, value, attn_mask, key_padding_mask, scale, causal_offset, window, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(query, key, value, out, lse, attn_mask, key_padding_mask)
-    ctx.scale, ctx.causal_offset, ctx.window = scale, causal_offset, window
+    ctx.save_for_backward(query, key, value, out, lse, attn_mask, key_padding_mask, seed)
+    ctx.scale, ctx.causal_offset, ctx.window, ctx.dropout_p = scale, causal_offset, window, dropout_p
 
 
 def _backward(ctx, grad_out, grad_lse):
-    query, key, value, out, lse, attn_mask, key_padding_mask = ctx.saved_tensors
+    query, key, value, out, lse, attn_mask, key_padding_mask, seed = ctx.saved_tensors
     bias_grad = attn_mask is not None and attn_mask.dtype != torch.bool and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = _attention_backward_op(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask,
-                                               ctx.scale, ctx.causal_offset, ctx.window, bias_grad)
-    return dq, dk, dv, dbias if bias_grad else None, None, None, None, None
+                                               ctx.scale, ctx.causal_offset, ctx.window, bias_grad, ctx.dropout_p,
+                                               seed)
+    return dq, dk, dv, dbias if bias_grad else None, None, None, None, None, None, None
 
 
 _attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
