@@ -171,6 +171,22 @@ def test_backward_is_deterministic_and_zero_for_rows_without_keys():
     assert no_key[0].all() and (first[0][no_key.to(q.device)] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("seqlen,head_dim", [(1, 16), (37, 40), (300, 128), (70, 256)])
+def test_delta_prepass_is_the_row_sum_of_grad_out_times_out(seqlen, head_dim, dtype):
+    """The backward's delta = rowsum(dO * O) in float32, read through (B, L, H, D) strides,
+    against float64: within float32 summation error of the exact value."""
+    from fasttransformer.kernels.attention_backward import attention_delta
+    out = torch.randn(2, seqlen, 3, head_dim, device=DEVICE, dtype=dtype).transpose(1, 2)
+    grad_out = torch.randn(2, 3, seqlen, head_dim, device=DEVICE, dtype=dtype)
+    with poisoned_allocations(DEVICE):
+        delta = attention_delta(grad_out, out)
+    exact = (grad_out.double() * out.double()).sum(-1)
+    assert delta.dtype == torch.float32 and delta.shape == exact.shape
+    bound = 4 * head_dim * torch.finfo(torch.float32).eps * (grad_out.double() * out.double()).abs().sum(-1)
+    assert ((delta.double() - exact).abs() <= bound).all()
+
+
 def test_forward_custom_scale_and_strided_inputs():
     # Non-contiguous q/k/v (a (B, L, H, D) layout transposed) are read through their strides.
     q = torch.randn(2, 45, 3, 32, device=DEVICE).transpose(1, 2)
@@ -424,6 +440,11 @@ def test_kernels_compile_for_sm80_and_sm90_with_their_matrix_instructions(aot_re
     from fasttransformer.kernels import configs
     kinds = {"attention_forward_kernel": "forward", "attention_backward_dkdv_kernel": "dkdv",
              "attention_backward_dq_kernel": "dq"}
+    delta = [report for report in aot_reports if report["kernel"] == "attention_delta_kernel"]
+    assert {(report["arch"], report["head_dim"], report["dtype"]) for report in delta} == {
+        (arch, head_dim, dtype) for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32))
+        for (arch, head_dim) in table}
+    aot_reports = [report for report in aot_reports if report["kernel"] in kinds]  # delta has no products
     assert {(kinds[report["kernel"]], report["arch"], report["head_dim"], report["dtype"]) for report in aot_reports} == {
         (kind, arch, head_dim, dtype) for kind in kinds.values()
         for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32)) for (arch, head_dim) in table}

@@ -106,7 +106,8 @@ def compile_kernel(kernel, arch: int, head_dim: int, config, dtype: str = "bf16"
 def _jobs():
     """Every (kernel, arch, D, config, options, dtype) the table (configs.py) can launch: the
     worst-case mask options for each kernel, plus the maskless and float-mask forward, in
-    bf16 and in float32; and the same with dropout on, with dropout's configs."""
+    bf16 and in float32; the same with dropout on, with dropout's configs; and the backward's
+    delta pre-pass."""
     import torch
 
     from fasttransformer.kernels import configs
@@ -122,6 +123,8 @@ def _jobs():
                 dkdv, dq = configs.backward_configs(device, torch_dtype, head_dim, True, dropout)
                 jobs.append(("dkdv", arch, head_dim, tuple(dkdv), extra, dtype))
                 jobs.append(("dq", arch, head_dim, tuple(dq), {"MASK_KIND": 2, "BIAS_GRAD": True, **extra}, dtype))
+            block_m, _, num_warps = configs.delta_config(head_dim)
+            jobs.append(("delta", arch, head_dim, (block_m, 0, num_warps, 1), {}, dtype))
     return jobs
 
 
@@ -135,10 +138,10 @@ class _FakeDevice:
 
 def _compile_job(job) -> dict:
     from fasttransformer.kernels.attention_backward import (attention_backward_dkdv_kernel,
-                                                            attention_backward_dq_kernel)
+                                                            attention_backward_dq_kernel, attention_delta_kernel)
     from fasttransformer.kernels.attention_forward import attention_forward_kernel
     kernels = {"forward": attention_forward_kernel, "dkdv": attention_backward_dkdv_kernel,
-               "dq": attention_backward_dq_kernel}
+               "dq": attention_backward_dq_kernel, "delta": attention_delta_kernel}
     name, arch, head_dim, config, options, dtype = job
     report = compile_kernel(kernels[name], arch, head_dim, config, dtype=dtype, options=options)
     report["options"], report["dtype"] = options, dtype

@@ -6,7 +6,8 @@ delta = rowsum(dO * O):
 
     dV = P^T dO        dS = P * (dO V^T - delta)        dK = scale * dS^T Q        dQ = scale * dS K
 
-Two kernels, each owning what it writes, so the gradients are deterministic: one program per
+A pre-pass kernel computes delta; then two kernels, each owning what it writes, so the
+gradients are deterministic: one program per
 (key block, batch, key head) sums dK and dV over the query blocks that can see it and over the
 query heads of its GQA group; one program per (query block, batch, query head) sums dQ over
 its visible key blocks. Rows that saw no key have lse = +inf, hence P = 0 and zero gradients.
@@ -310,6 +311,42 @@ def attention_backward_dq_kernel(
     tl.store(dq_block, (dq * scale).to(DQ.dtype.element_ty), boundary_check=(0, 1))
 
 
+@triton.jit
+def attention_delta_kernel(Out, DO, Delta,
+                           stride_ob, stride_oh, stride_om, stride_od,
+                           stride_dob, stride_doh, stride_dom, stride_dod,
+                           num_heads, seqlen_q, head_dim,
+                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta = rowsum(dO * O) in float32 into a contiguous (B, Hq, Lq): one read of each input
+    (torch's ``(dO.float() * O.float()).sum(-1)`` writes and reads float32 copies)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    o_block = tl.make_block_ptr(Out + batch * stride_ob + head * stride_oh, shape=(seqlen_q, head_dim),
+                                strides=(stride_om, stride_od), offsets=(pid_m * BLOCK_M, 0),
+                                block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
+    do_block = tl.make_block_ptr(DO + batch * stride_dob + head * stride_doh, shape=(seqlen_q, head_dim),
+                                 strides=(stride_dom, stride_dod), offsets=(pid_m * BLOCK_M, 0),
+                                 block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
+    o = tl.load(o_block, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    do = tl.load(do_block, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tl.store(Delta + pid_bh * seqlen_q + rows, tl.sum(o * do, 1), mask=rows < seqlen_q)
+
+
+def attention_delta(grad_out, out):
+    """rowsum(grad_out * out) as float32 (B, Hq, Lq), by ``attention_delta_kernel``."""
+    from fasttransformer.kernels.configs import delta_config
+    batch, heads, seqlen_q, head_dim = out.shape
+    delta = torch.empty(batch, heads, seqlen_q, device=out.device, dtype=torch.float32)
+    block_m, block_d, num_warps = delta_config(head_dim)
+    attention_delta_kernel[(triton.cdiv(seqlen_q, block_m), batch * heads)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seqlen_q, head_dim,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps)
+    return delta
+
+
 def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None, key_padding_mask=None,
                        scale=None, causal_offset=None, window=None, dropout_p=0.0, seed=None, bias_grad=False,
                        block_m=None, block_n=None, num_warps=None, num_stages=None):
@@ -335,7 +372,7 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
                               backward_configs(query.device, query.dtype, head_dim, causal_offset is not None,
                                                dropout=effective_dropout_p(dropout_p) > 0))
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    delta = (grad_out.float() * out.float()).sum(-1)  # (B, Hq, Lq)
+    delta = attention_delta(grad_out, out)  # (B, Hq, Lq) float32
     lse = lse.contiguous()
     bias_grad = bias_grad and attn_mask is not None and attn_mask.dtype != torch.bool
 

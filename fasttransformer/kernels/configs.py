@@ -110,3 +110,10 @@ def backward_configs(device, dtype, head_dim: int, causal: bool, dropout: bool =
     """(dK/dV kernel config, dQ kernel config)."""
     return (_lookup("dkdv", (BACKWARD_DKDV, BACKWARD_DKDV_FP32), device, dtype, head_dim, INTERPRETER_DKDV, dropout),
             _lookup("dq", (BACKWARD_DQ, BACKWARD_DQ_FP32), device, dtype, head_dim, INTERPRETER_DQ, dropout))
+
+
+def delta_config(head_dim: int) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_D, num_warps) of the backward's delta pre-pass: 8192 elements of each
+    input per program (64 per thread), for every arch and dtype; a bandwidth-bound row sum."""
+    block_d = max(16, 1 << (int(head_dim) - 1).bit_length())
+    return 8192 // block_d, block_d, 4
