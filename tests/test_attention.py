@@ -465,8 +465,9 @@ def test_kernels_compile_for_sm80_and_sm90_with_their_matrix_instructions(aot_re
 @pytest.mark.slow
 def test_attention_configs_do_not_spill(aot_reports):
     """No register spills (stack bytes from cuobjdump) in any config of the table, with every
-    mask on, without and with dropout (dropout's own entries), for both archs and dtypes. The compile mirrors the JIT's runtime specialisation
-    (aot.py): without it, the report described kernels that never run, and spilled."""
+    mask on, without and with dropout (dropout's own entries), for both archs and dtypes, nor
+    in the delta pre-pass. The compile mirrors the JIT's runtime specialisation (aot.py):
+    without it, the report described kernels that never run, and spilled."""
     spilling = [report for report in aot_reports if report["stack_bytes"]]
     assert not spilling, spilling
 

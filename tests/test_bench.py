@@ -1,6 +1,7 @@
 """`fasttransformer bench`: FLOP/byte accounting, the attention cases' implementations agreeing
 with each other, rendering from records, the README section, and the CLI end to end on CPU."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -204,3 +205,31 @@ def test_profile_rejects_bad_arguments():
         main(["profile", "--steps", "0", *TINY])
     with pytest.raises(SystemExit, match="must be a multiple of --nhead"):
         main(["profile", *TINY, "--nhead", "3"])
+
+
+# --- benchmarks/tune_attention.py: the config tuner (its times mean something only on a GPU) -------
+
+def test_tune_attention_plumbing_on_cpu(tmp_path):
+    """The tuner end to end at toy sizes under the interpreter: every candidate AOT-compiled
+    for sm_90 (spawned workers) and timed against the table's entry, which comes first; the
+    fastest is the minimum; a spilling candidate would be skipped, not timed."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "tune_attention.py"), "--device", "cpu", "--out",
+               str(tmp_path), "--kernels", "forward,dq", "--head-dims", "32", "--masks", "causal", "--seqlen", "64",
+               "--tokens", "64", "--hidden", "32", "--candidates", "32x32x4x1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "tune.json").read_text())
+    assert record["arch"] == 90
+    for kernel in ("forward", "dq"):
+        rows = [row for row in record["results"] if row["kernel"] == kernel]
+        assert rows[0]["table_entry"] and [row["config"] for row in rows[1:]] == [[32, 32, 4, 1]]
+        assert all(row["stack_bytes"] == 0 and row["registers"] > 0 and row["ms"] > 0 for row in rows), rows
+        assert record["fastest"][f"{kernel}/32/causal"] == min(rows, key=lambda row: row["ms"])["config"]
+    assert "| forward | 32 | causal |" in (tmp_path / "tune.md").read_text()
+
+
+def test_tune_attention_rejects_bad_arguments():
+    command = [sys.executable, str(ROOT / "benchmarks" / "tune_attention.py"), "--out", "/tmp/x", "--kernels", "fwd"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--kernels must be among" in result.stderr

@@ -349,7 +349,8 @@ def attention_delta(grad_out, out):
 
 def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None, key_padding_mask=None,
                        scale=None, causal_offset=None, window=None, dropout_p=0.0, seed=None, bias_grad=False,
-                       block_m=None, block_n=None, num_warps=None, num_stages=None):
+                       block_m=None, block_n=None, num_warps=None, num_stages=None, dkdv_config=None,
+                       dq_config=None):
     """Gradients (dq, dk, dv, dbias) for ``attention_forward`` with the same mask arguments.
 
     ``out`` and ``lse`` are the forward's outputs, and ``dropout_p``/``seed`` its (the same seed
@@ -358,7 +359,8 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     its shape and dtype (summed over its broadcast dimensions; computed through a float32
     (B, Hq, Lq, Lk) buffer); otherwise None. dq/dk/dv have the inputs' dtypes and strides
     (contiguous copies are made where the strides overlap). The two kernels take their configs
-    from the table (configs.py); block_m/block_n/num_warps/num_stages override both.
+    from the table (configs.py); block_m/block_n/num_warps/num_stages override both, and
+    ``dkdv_config``/``dq_config`` (a ``configs.Config``) replace one (for tuning).
     """
     from fasttransformer.kernels.attention_forward import list_arguments, uses_block_lists
     from fasttransformer.kernels.block_lists import block_lists, coarsen, tile_classes
@@ -368,9 +370,10 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     kv_heads, seqlen_k = key.shape[1], key.shape[2]
     overrides = {name: value for name, value in (("block_m", block_m), ("block_n", block_n),
                                                   ("num_warps", num_warps), ("num_stages", num_stages)) if value}
-    dkdv_config, dq_config = (config._replace(**overrides) for config in
-                              backward_configs(query.device, query.dtype, head_dim, causal_offset is not None,
-                                               dropout=effective_dropout_p(dropout_p) > 0))
+    table = backward_configs(query.device, query.dtype, head_dim, causal_offset is not None,
+                             dropout=effective_dropout_p(dropout_p) > 0)
+    dkdv_config, dq_config = (given or config._replace(**overrides)
+                              for given, config in zip((dkdv_config, dq_config), table))
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     delta = attention_delta(grad_out, out)  # (B, Hq, Lq) float32
     lse = lse.contiguous()

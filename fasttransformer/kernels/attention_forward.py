@@ -9,10 +9,10 @@ gives it zero gradients). The logsumexp (natural log) is stored for the backward
 
 Dropout (``dropout_p > 0``) drops probabilities after the softmax's normalisation: the sum l
 counts every probability, the product with V only the kept ones, scaled by 1 / (1 - p). Whether
-(batch, query head, query i, key j) is kept is one Philox draw (``dropout_keep``) keyed by a
+(batch, query head, query i, key j) is kept is a Philox draw (``dropout_keep``) keyed by a
 64-bit seed that the launcher takes from a tensor (drawn from torch's generator by the public
-op) with counters (j // 8, i, batch * Hq + head, 0), one call for eight keys: a pure function of the element, so
-the backward regenerates the same mask in any tile shape or orientation, and nothing of size
+op), with counters (j // 8, i, batch * Hq + head, 0): a pure function of the element, so the
+backward regenerates the same mask in any tile shape or orientation, and nothing of size
 Lq x Lk is stored.
 
 Internal: the public op (validation, dispatch, autograd) is ``fasttransformer.ops`` (issue 3).
@@ -152,7 +152,7 @@ def attention_forward_kernel(
     scale_log2,             # softmax scale * log2(e)
     causal_offset,          # query i is aligned with key i + causal_offset
     window_left, window_right,
-    dropout_threshold,      # round(dropout_p * 2**24): a draw below it drops
+    dropout_threshold,      # round(dropout_p * 2**16): a draw below it drops
     dropout_scale,          # 1 / (1 - the rounded dropout_p); 0 when everything drops
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -205,15 +205,15 @@ def attention_forward_kernel(
             acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
                                          seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
                                          window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
-                                         pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, True,
-                                         DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                                         pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
+                                         HAS_KEY_PADDING, True, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
         for i in range(num_partial, num_partial + num_full):
             start_n = tl.load(index + i) * BLOCK_N
             acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
                                          seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
                                          window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
-                                         pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, False,
-                                         DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                                         pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
+                                         HAS_KEY_PADDING, False, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
     else:
         lo, hi = key_range(pid_m * BLOCK_M, seqlen_k, causal_offset, window_left, window_right,
                            CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
@@ -221,8 +221,8 @@ def attention_forward_kernel(
             acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
                                          seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
                                          window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
-                                         pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, True,
-                                         DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                                         pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
+                                         HAS_KEY_PADDING, True, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     seen = l_i > 0
     normaliser = tl.where(seen, l_i, 1.0)

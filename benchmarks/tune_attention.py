@@ -1,0 +1,196 @@
+"""Times candidate tile configs of the attention kernels on this GPU, against the table's entry
+(fasttransformer/kernels/configs.py) in the same process, and writes the fastest per (kernel,
+head dim, mask): what the table should hold.
+
+    python benchmarks/tune_attention.py --out DIR [--kernels forward,dkdv,dq] [--head-dims 64,128]
+        [--masks none,causal] [--seqlen 4096] [--budget-s 480]
+
+1. Every candidate (a grid of BLOCK_M x BLOCK_N x warps x stages, plus the table's entry) is
+   compiled ahead of time for this GPU's arch with every mask on (fasttransformer.kernels.aot, in
+   a process pool). The table must hold for every mask, so a candidate that spills there is
+   not timed.
+2. Each survivor is timed with do_bench on bf16 inputs of B * L = 16k tokens and 2048 hidden.
+   The forward is timed alone. Each backward kernel is timed inside the whole backward, with the
+   other kernel at its table entry, so the differences between candidates are the kernel's own.
+   Candidates left when ``--budget-s`` runs out are listed as not timed: one call of the device
+   tool (10 minutes) always brings back what it measured.
+
+Writes tune.json (every candidate: registers, stack, time, TFLOP/s) and tune.md (per case: the
+table's entry, the fastest candidate, the speedup). On a machine without a GPU, ``--device cpu``
+runs the same steps under Triton's interpreter at toy sizes (the tests use it; the times mean
+nothing there).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+KERNELS = ("forward", "dkdv", "dq")
+GRID = {"block_m": (32, 64, 128), "block_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder for tune.json and tune.md")
+    parser.add_argument("--kernels", default=",".join(KERNELS))
+    parser.add_argument("--head-dims", default="64,128")
+    parser.add_argument("--masks", default="none,causal", help="none and/or causal")
+    parser.add_argument("--seqlen", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--budget-s", type=float, default=480.0, help="stop timing after this many seconds")
+    parser.add_argument("--candidates", default=None,
+                        help="comma-separated MxNxWARPSxSTAGES (default: the grid of the module's GRID)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--arch", type=int, default=None, help="the AOT check's arch (default: this GPU's; 90 on cpu)")
+    parser.add_argument("--skip-aot", action="store_true", help="time every candidate, spilling or not")
+    args = parser.parse_args(argv)
+    args.kernels = args.kernels.split(",")
+    args.head_dims = [int(d) for d in args.head_dims.split(",")]
+    args.masks = args.masks.split(",")
+    for name, values, allowed in (("--kernels", args.kernels, KERNELS), ("--masks", args.masks, ("none", "causal"))):
+        if not set(values) <= set(allowed):
+            parser.error(f"{name} must be among {allowed}, got {values}")
+    return args
+
+
+def candidates(args, table_entry):
+    from fasttransformer.kernels.configs import Config
+    if args.candidates:
+        grid = [Config(*(int(x) for x in item.split("x"))) for item in args.candidates.split(",")]
+    else:
+        grid = [Config(*values) for values in itertools.product(*GRID.values())]
+    return [table_entry] + [config for config in grid if config != table_entry]
+
+
+def aot_filter(jobs, processes):
+    """(kernel, arch, D, config) -> the AOT report, every mask on. Spawned workers, without
+    TRITON_INTERPRET: the compile needs the real triton.jit, which a forked worker of an
+    interpreted process would not have."""
+    import multiprocessing
+
+    from fasttransformer.kernels.aot import _compile_job
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            reports = list(pool.map(_compile_job, [(kernel, arch, d, tuple(config), {}, "bf16")
+                                                   for kernel, arch, d, config in jobs]))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    return dict(zip(jobs, reports))
+
+
+def attention_flops(batch, heads, seqlen, head_dim, causal, kernel):
+    forward = 4.0 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+    return forward if kernel == "forward" else 2.5 * forward
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from fasttransformer.bench import common
+    from fasttransformer.kernels import configs
+    from fasttransformer.kernels.attention_backward import attention_backward
+    from fasttransformer.kernels.attention_forward import attention_forward
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU: pass --device cpu (toy sizes under TRITON_INTERPRET=1)", file=sys.stderr)
+        return 2
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("--device cpu needs TRITON_INTERPRET=1 set before triton is imported", file=sys.stderr)
+        return 2
+    from fasttransformer.kernels.aot import _FakeDevice
+    arch = args.arch or (90 if args.device == "cpu" else configs._arch(torch.device("cuda")))
+    table_device = _FakeDevice(arch)  # the table's entries for this arch, also on the CPU
+
+    def table_entry(kernel, head_dim, causal):
+        if kernel == "forward":
+            return configs.forward_config(table_device, torch.bfloat16, head_dim, causal)
+        dkdv, dq = configs.backward_configs(table_device, torch.bfloat16, head_dim, causal)
+        return dkdv if kernel == "dkdv" else dq
+
+    cases = [(kernel, d, mask) for kernel in args.kernels for d in args.head_dims for mask in args.masks]
+    lists = {case: candidates(args, table_entry(case[0], case[1], case[2] == "causal")) for case in cases}
+    reports = {}
+    if not args.skip_aot:
+        jobs = sorted({(kernel, arch, d, config) for (kernel, d, _), grid in lists.items() for config in grid})
+        started = time.time()
+        reports = aot_filter(jobs, max(1, min(16, os.cpu_count() or 1)))
+        print(f"compiled {len(jobs)} candidates for sm_{arch} in {time.time() - started:.0f} s", flush=True)
+
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float16  # the interpreter's dots: no bf16
+    started, rows = time.time(), []
+    for kernel, head_dim, mask in cases:
+        causal = mask == "causal"
+        batch, heads = max(1, args.tokens // args.seqlen), max(1, args.hidden // head_dim)
+        shape = (batch, heads, args.seqlen, head_dim)
+        q, k, v, grad = (torch.randn(shape, device=args.device, dtype=dtype) for _ in range(4))
+        kwargs = {"causal_offset": 0 if causal else None}
+        out, lse = attention_forward(q, k, v, **kwargs)
+        flops = attention_flops(batch, heads, args.seqlen, head_dim, causal, kernel)
+        for index, config in enumerate(lists[(kernel, head_dim, mask)]):
+            row = {"kernel": kernel, "head_dim": head_dim, "mask": mask, "config": list(config),
+                   "table_entry": index == 0, "shape": list(shape)}
+            report = reports.get((kernel, arch, head_dim, config))
+            if report is not None:
+                row.update(registers=report["registers"], stack_bytes=report["stack_bytes"])
+                if report["stack_bytes"]:
+                    rows.append({**row, "skipped": f"spills {report['stack_bytes']} bytes on sm_{arch} with every mask on"})
+                    continue
+            if time.time() - started > args.budget_s:
+                rows.append({**row, "skipped": "not timed: --budget-s ran out"})
+                continue
+            if kernel == "forward":
+                fn = lambda: attention_forward(q, k, v, **kwargs, block_m=config.block_m,  # noqa: E731
+                                               block_n=config.block_n, num_warps=config.num_warps,
+                                               num_stages=config.num_stages)
+            else:
+                fn = lambda: attention_backward(grad, q, k, v, out, lse, **kwargs,  # noqa: E731
+                                                **{f"{kernel}_config": config})
+            try:
+                ms = common.time_ms(fn, args.device)
+            except Exception as error:  # a config the GPU refuses (shared memory, ...): recorded, not fatal
+                rows.append({**row, "skipped": f"{type(error).__name__}: {str(error)[:200]}"})
+                continue
+            rows.append({**row, "ms": ms, "tflops": flops / ms / 1e9})
+            print(f"{kernel:8} D={head_dim:<4} {mask:7} {'x'.join(map(str, config)):12} {ms:8.3f} ms"
+                  f" {flops / ms / 1e9:7.1f} TFLOP/s{'  (table)' if index == 0 else ''}", flush=True)
+
+    record = {"environment": common.environment(args.device), "arch": arch, "dtype": str(dtype),
+              "args": {key: value for key, value in vars(args).items() if key != "out"}, "results": rows}
+    lines = ["| kernel | D | mask | table entry | ms | fastest | ms | speedup |", "|---|---|---|---|---|---|---|---|"]
+    best = {}
+    for kernel, head_dim, mask in cases:
+        timed = [row for row in rows if (row["kernel"], row["head_dim"], row["mask"]) == (kernel, head_dim, mask)
+                 and "ms" in row]
+        entry = next((row for row in timed if row["table_entry"]), None)
+        if not timed:
+            lines.append(f"| {kernel} | {head_dim} | {mask} | n/a | | | | |")
+            continue
+        fastest = min(timed, key=lambda row: row["ms"])
+        best[f"{kernel}/{head_dim}/{mask}"] = fastest["config"]
+        entry_text = ("x".join(map(str, entry["config"])), f"{entry['ms']:.3f}") if entry else ("n/a (spills)", "")
+        speedup = f"{entry['ms'] / fastest['ms']:.2f}x" if entry else ""
+        lines.append(f"| {kernel} | {head_dim} | {mask} | {entry_text[0]} | {entry_text[1]} | "
+                     f"{'x'.join(map(str, fastest['config']))} | {fastest['ms']:.3f} | {speedup} |")
+    record["fastest"] = best
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, "tune.json").write_text(json.dumps(record, indent=1) + "\n")
+    Path(args.out, "tune.md").write_text(
+        f"Config tuning on {record['environment']['device']} (sm_{arch}), {record['dtype']}, "
+        f"L = {args.seqlen}, {args.tokens} tokens, {args.hidden} hidden. Configs: BLOCK_M x BLOCK_N x warps x "
+        "stages; candidates that spill with every mask on are not timed.\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
