@@ -112,6 +112,28 @@ def test_attention_sweep_rows_small():
     assert "| causal | 16 | 64 | bwd |" in attention.markdown(record)
 
 
+def test_attention_sweep_with_dropout():
+    """--dropout reaches the implementations that have dropout (their outputs then differ from
+    the dropout-free naive one) and FlexAttention, which has none, is n/a with the reason."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = attention.sweep(device, masks=("padding",), head_dims=(16,), seqlens=(64,), modes=("fwd",),
+                             dtype=torch.float32, tokens=128, hidden=32, dropout_p=0.3,
+                             implementations=("fasttransformer", "torch-math", "flex"))
+    (row,) = record["results"]
+    assert record["dropout_p"] == 0.3 and {"fasttransformer", "torch-math"} <= set(row["times_ms"])
+    assert row["not_run"]["flex"] == "NotImplementedError: FlexAttention has no dropout"
+    assert ", dropout 0.3." in attention.markdown(record)
+    case = attention.Case("padding", 64, 16, device, torch.float32, tokens=128, hidden=32, dropout_p=0.3)
+    plain = attention.Case("padding", 64, 16, device, torch.float32, tokens=128, hidden=32)
+    plain.q, plain.k, plain.v, plain.ours_kwargs = case.q, case.k, case.v, case.ours_kwargs
+    plain.allowed = case.allowed
+    with torch.no_grad():
+        expected = plain.naive()
+        for name in ("fasttransformer", "torch-math", "naive"):
+            result = case.implementations()[name]()
+            assert not torch.allclose(result, expected), name  # dropped: not the plain attention
+
+
 @pytest.mark.parametrize("subject,module", [("embedding", embedding), ("model", model)])
 def test_committed_markdown_is_rendered_from_its_json(subject, module):
     record = json.loads((CPU_RESULTS / f"{subject}.json").read_text())
@@ -145,6 +167,7 @@ def test_render_readme_from_a_recorded_gpu_json(tmp_path):
     (["bench", "attention", "--mask", "diagonal"], "--mask 'diagonal' is not one of"),
     (["bench", "attention", "--head-dim", "512"], "--head-dim must be <= 256"),
     (["bench", "attention", "--seq-len", "0"], "--seq-len must be >= 1"),
+    (["bench", "attention", "--dropout", "1.5"], r"--dropout must be in \[0, 1\)"),
     (["bench", "--device", "cuda"] if not torch.cuda.is_available() else ["bench", "--seq-len", "-1"],
      "no CUDA device here" if not torch.cuda.is_available() else "--seq-len must be >= 1"),
 ])

@@ -46,8 +46,9 @@ class Case:
     """Inputs and every implementation's callable for one (mask, L, D)."""
 
     def __init__(self, mask: str, seqlen: int, head_dim: int, device: str, dtype=torch.bfloat16, tokens=TOKENS,
-                 hidden=HIDDEN):
+                 hidden=HIDDEN, dropout_p: float = 0.0):
         self.mask, self.seqlen, self.head_dim, self.device, self.dtype = mask, seqlen, head_dim, device, dtype
+        self.dropout_p = dropout_p  # every implementation that has dropout applies it (each its own masks)
         self.batch, self.heads = max(1, tokens // seqlen), hidden // head_dim
         shape = (self.batch, self.heads, seqlen, head_dim)
         self.q, self.k, self.v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -93,18 +94,25 @@ class Case:
                 "torch-math": self.sdpa("MATH"), "flex": self.flex(), "naive": self.naive}
 
     def ours(self):
-        return scaled_dot_product_attention(self.q, self.k, self.v, backend="triton", **self.ours_kwargs)
+        return scaled_dot_product_attention(self.q, self.k, self.v, backend="triton", dropout_p=self.dropout_p,
+                                            **self.ours_kwargs)
 
     def sdpa(self, backend: str):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         def run():
             with sdpa_kernel(getattr(SDPBackend, backend)):
-                return F.scaled_dot_product_attention(self.q, self.k, self.v, **self.torch_kwargs)
+                return F.scaled_dot_product_attention(self.q, self.k, self.v, dropout_p=self.dropout_p,
+                                                      **self.torch_kwargs)
         return run
 
     def flex(self):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        if self.dropout_p:
+            def refuse():
+                raise NotImplementedError("FlexAttention has no dropout")
+            return refuse
 
         seqlen, window = self.seqlen, WINDOW
         padding = self.ours_kwargs.get("key_padding_mask")
@@ -129,7 +137,8 @@ class Case:
         scores = (self.q @ self.k.transpose(-2, -1)) * self.head_dim ** -0.5
         if self.allowed is not None:
             scores = scores.masked_fill(~self.allowed, float("-inf"))
-        return torch.softmax(scores.float(), dim=-1).to(self.dtype) @ self.v
+        probabilities = torch.softmax(scores.float(), dim=-1).to(self.dtype)
+        return F.dropout(probabilities, self.dropout_p) @ self.v
 
     def run(self, fn, mode: str):
         """One call of ``fn`` in ``mode``: forward (no autograd graph) or forward + backward."""
@@ -154,21 +163,24 @@ SKIPPED_WITHOUT_GPU = ("no CUDA GPU: the Triton kernels run on the CPU only unde
 
 
 def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=None, modes=None,
-          dtype=torch.bfloat16, progress=None, tokens=TOKENS, hidden=HIDDEN, implementations=IMPLEMENTATIONS) -> dict:
+          dtype=torch.bfloat16, progress=None, tokens=TOKENS, hidden=HIDDEN, implementations=IMPLEMENTATIONS,
+          dropout_p: float = 0.0) -> dict:
     """Every (mask, D, L, implementation, mode); the record holds a row per case and mode, and a
     "bwd" row (fwd+bwd time minus fwd time) when both were timed. Meant for CUDA (the CLI skips
-    it elsewhere); on the CPU it runs too, for the tests, with small ``tokens``/``hidden``."""
+    it elsewhere); on the CPU it runs too, for the tests, with small ``tokens``/``hidden``.
+    ``dropout_p``: every implementation applies it (FlexAttention, which has none, is n/a)."""
     cuda = device == "cuda"
     masks = masks or (("none", "causal", "padding", "document") if quick else MASKS)
     head_dims = head_dims or ((128,) if quick else (64, 128))
     seqlens = seqlens or ((1024, 8192) if quick else (512, 1024, 2048, 4096, 8192, 16384))
     modes = modes or ("fwd", "fwd+bwd")
     record = {"benchmark": "attention", "environment": common.environment(device), "ceilings": common.ceilings(device),
-              "tokens": tokens, "hidden": hidden, "dtype": str(dtype).replace("torch.", ""), "results": []}
+              "tokens": tokens, "hidden": hidden, "dtype": str(dtype).replace("torch.", ""), "dropout_p": dropout_p,
+              "results": []}
     peak = record["ceilings"]["matmul_tflops"]
     cases = [(mask, head_dim, seqlen) for mask in masks for head_dim in head_dims for seqlen in seqlens]
     for index, (mask, head_dim, seqlen) in enumerate(cases):
-        case = Case(mask, seqlen, head_dim, device, dtype, tokens, hidden)
+        case = Case(mask, seqlen, head_dim, device, dtype, tokens, hidden, dropout_p)
         by_mode = {}
         for mode in modes:
             row = _row(case, mode)
@@ -225,7 +237,8 @@ def markdown(record: dict) -> str:
     lines = [f"# Attention benchmark: {env['device']}",
              f"{env['date']}, torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}, driver "
              f"{env.get('driver')}, commit {env['commit']}. Command: `{env['command']}`",
-             f"B*L = {record['tokens']} tokens, hidden {record['hidden']}, {record['dtype']}. Measured bf16 matmul: "
+             f"B*L = {record['tokens']} tokens, hidden {record['hidden']}, {record['dtype']}"
+             + (f", dropout {record['dropout_p']}" if record.get("dropout_p") else "") + ". Measured bf16 matmul: "
              f"{ceil['matmul_tflops']:.0f} TFLOP/s. TFLOP/s count visible (query, key) pairs only; speedup = "
              "baseline time / fasttransformer time.", ""]
     baselines = [name for name in IMPLEMENTATIONS if name != "fasttransformer"]

@@ -34,6 +34,8 @@ def build_parser(parser=None) -> argparse.ArgumentParser:
     attention.add_argument("--seq-len", type=int, action="append", help="sequence length (repeatable; default 512..16k)")
     attention.add_argument("--mask", action="append", help="mask kind (repeatable): none, causal, padding, document, "
                            "window, causal+padding")
+    attention.add_argument("--dropout", type=float, default=0.0,
+                           help="dropout_p for every implementation that has dropout (default 0)")
     modes = attention.add_mutually_exclusive_group()
     modes.add_argument("--fwd", action="store_true", help="forward only")
     modes.add_argument("--bwd", action="store_true", help="forward + backward only")
@@ -54,6 +56,8 @@ def run(args) -> dict:
         raise SystemExit(f"--head-dim must be <= 256 (the kernels' limit), got {args.head_dim}")
     if args.mask and (unknown := sorted(set(args.mask) - set(attention.MASKS))):
         raise SystemExit(f"--mask {unknown[0]!r} is not one of {', '.join(attention.MASKS)}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise SystemExit(f"--dropout must be in [0, 1), got {args.dropout}")
     label = torch.cuda.get_device_name().split()[-1].lower() if device == "cuda" else "cpu"
     out = Path(args.out or f"bench-results/{datetime.date.today()}-{label}")
     subjects = SUBJECTS if args.subject == "all" else (args.subject,)
@@ -66,7 +70,8 @@ def run(args) -> dict:
         elif subject == "attention":
             record = attention.sweep(device, args.quick, masks=args.mask, head_dims=args.head_dim,
                                      seqlens=args.seq_len, modes=("fwd",) if args.fwd else ("fwd+bwd",) if args.bwd
-                                     else None, dtype=DTYPES[args.dtype], progress=_progress())
+                                     else None, dtype=DTYPES[args.dtype], progress=_progress(),
+                                     dropout_p=args.dropout)
         else:
             record = modules[subject].sweep(device, args.quick)
         text = modules[subject].markdown(record)
