@@ -138,7 +138,9 @@ class Case:
         if self.allowed is not None:
             scores = scores.masked_fill(~self.allowed, float("-inf"))
         probabilities = torch.softmax(scores.float(), dim=-1).to(self.dtype)
-        return F.dropout(probabilities, self.dropout_p) @ self.v
+        if self.dropout_p:  # no dropout launch in the dropout-free sweep
+            probabilities = F.dropout(probabilities, self.dropout_p)
+        return probabilities @ self.v
 
     def run(self, fn, mode: str):
         """One call of ``fn`` in ``mode``: forward (no autograd graph) or forward + backward."""

@@ -76,7 +76,8 @@ def dropout_keep(seed, head_row, start_m, start_n, threshold,
     head_row = batch * Hq + head, 0), gives four 32-bit words w0..w3: eight 16-bit draws for
     keys 8g .. 8g + 7, in the order (w0 low, w0 high, w2 low, w2 high, w1 low, w1 high, w3 low,
     w3 high). A draw keeps when it is >= threshold = round(p * 2**16). Eight draws per call
-    keep the Philox state at a quarter of a register per element (one draw per call spilled)."""
+    keep the Philox state at half a register per element (one draw per call needed four, and
+    spilled)."""
     rows = start_m + tl.arange(0, BLOCK_M)[:, None]
     groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)[None, :]
     zero = (rows * 0 + groups * 0).to(tl.uint32)
