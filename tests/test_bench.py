@@ -256,3 +256,30 @@ def test_tune_attention_rejects_bad_arguments():
     command = [sys.executable, str(ROOT / "benchmarks" / "tune_attention.py"), "--out", "/tmp/x", "--kernels", "fwd"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--kernels must be among" in result.stderr
+
+
+# --- benchmarks/bench_*.py: the pytest-benchmark suites ---------------------------------------------
+
+def test_pytest_benchmark_suites_collect_and_record(tmp_path):
+    """`pytest benchmarks/` finds every suite (bench_*.py), and the attention suite runs on the CPU:
+    a benchmark per (mask, mode) for fasttransformer with its case in extra_info, and a baseline
+    that cannot run skipped with its reason."""
+    pytest_command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
+    collected = subprocess.run([*pytest_command, "benchmarks", "--collect-only", "-q"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=300)
+    assert collected.returncode == 0, collected.stdout[-3000:]
+    for suite in ("bench_attention.py::test_attention", "bench_embedding.py::test_embedding",
+                  "bench_model.py::test_model"):
+        assert suite in collected.stdout
+    record_path = tmp_path / "attention.json"
+    ran = subprocess.run([*pytest_command, "benchmarks/bench_attention.py", "-k", "cpu", "-rs", "--benchmark-min-rounds=1",
+                          "--benchmark-max-time=0.001", f"--benchmark-json={record_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stdout[-3000:]
+    assert "n/a: RuntimeError: No viable backend" in ran.stdout  # torch's CUDA-only backends on the CPU
+    benchmarks = json.loads(record_path.read_text())["benchmarks"]
+    ours = {(b["extra_info"]["mask"], b["extra_info"]["mode"]): b for b in benchmarks
+            if b["extra_info"]["impl"] == "fasttransformer"}
+    assert sorted(ours) == sorted((mask, mode) for mask in ("none", "causal", "padding", "document")
+                                  for mode in ("fwd", "fwd+bwd"))
+    assert all(b["stats"]["median"] > 0 and b["extra_info"]["visible_pairs"] > 0 for b in ours.values())

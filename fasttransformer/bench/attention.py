@@ -46,8 +46,9 @@ class Case:
     """Inputs and every implementation's callable for one (mask, L, D)."""
 
     def __init__(self, mask: str, seqlen: int, head_dim: int, device: str, dtype=torch.bfloat16, tokens=TOKENS,
-                 hidden=HIDDEN, dropout_p: float = 0.0):
+                 hidden=HIDDEN, dropout_p: float = 0.0, backend: str = "triton"):
         self.mask, self.seqlen, self.head_dim, self.device, self.dtype = mask, seqlen, head_dim, device, dtype
+        self.backend = backend  # fasttransformer's: "auto" on the CPU times its dispatch to torch
         self.dropout_p = dropout_p  # every implementation that has dropout applies it (each its own masks)
         self.batch, self.heads = max(1, tokens // seqlen), hidden // head_dim
         shape = (self.batch, self.heads, seqlen, head_dim)
@@ -94,7 +95,7 @@ class Case:
                 "torch-math": self.sdpa("MATH"), "flex": self.flex(), "naive": self.naive}
 
     def ours(self):
-        return scaled_dot_product_attention(self.q, self.k, self.v, backend="triton", dropout_p=self.dropout_p,
+        return scaled_dot_product_attention(self.q, self.k, self.v, backend=self.backend, dropout_p=self.dropout_p,
                                             **self.ours_kwargs)
 
     def sdpa(self, backend: str):
