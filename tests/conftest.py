@@ -29,3 +29,21 @@ def _seed(request):
 def pytest_report_header(config):
     gpu = torch.cuda.get_device_name() if HAS_CUDA else "none"
     return f"torch {torch.__version__}, GPU: {gpu}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """FASTTRANSFORMER_TEST_SHARD=i/n keeps every n-th test from the i-th (0-based): `make
+    gpu-check` runs n shards at once, so n processes JIT-compile the kernels in parallel."""
+    shard = os.environ.get("FASTTRANSFORMER_TEST_SHARD")
+    if not shard:
+        return
+    try:
+        index, count = (int(part) for part in shard.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"FASTTRANSFORMER_TEST_SHARD must be i/n with 0 <= i < n, got {shard!r}") from None
+    kept = items[index::count]
+    kept_ids = {id(item) for item in kept}
+    config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept_ids])
+    items[:] = kept

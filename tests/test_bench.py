@@ -283,3 +283,24 @@ def test_pytest_benchmark_suites_collect_and_record(tmp_path):
     assert sorted(ours) == sorted((mask, mode) for mask in ("none", "causal", "padding", "document")
                                   for mode in ("fwd", "fwd+bwd"))
     assert all(b["stats"]["median"] > 0 and b["extra_info"]["visible_pairs"] > 0 for b in ours.values())
+
+
+# --- make gpu-check: the test suite in shards ----------------------------------------------------
+
+def test_test_shards_partition_the_suite():
+    """FASTTRANSFORMER_TEST_SHARD=i/n (tests/conftest.py): the shards together hold every test once."""
+    def collect(shard=None):
+        env = {key: value for key, value in os.environ.items() if key != "FASTTRANSFORMER_TEST_SHARD"}
+        if shard:
+            env["FASTTRANSFORMER_TEST_SHARD"] = shard
+        result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
+                                 "tests/test_reference.py", "tests/test_cli.py"], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=300)
+        return result, [line for line in result.stdout.splitlines() if "::" in line]
+
+    _, everything = collect()
+    shards = [collect(f"{index}/3")[1] for index in range(3)]
+    assert len(everything) > 6 and all(shards)
+    assert sorted(sum(shards, [])) == sorted(everything)
+    bad, _ = collect("3/3")
+    assert bad.returncode != 0 and "FASTTRANSFORMER_TEST_SHARD must be i/n" in bad.stdout + bad.stderr
