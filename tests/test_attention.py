@@ -664,6 +664,25 @@ def test_op_rows_without_keys_are_zero_with_zero_gradients(backend):
     assert (q.grad[no_key.to(q.device)] == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("shapes", [((0, 2, 5, 16), (0, 2, 7, 16)), ((2, 0, 5, 16), (2, 0, 7, 16)),
+                                    ((2, 2, 0, 16), (2, 2, 7, 16)), ((2, 2, 5, 16), (2, 2, 0, 16))],
+                         ids=["B0", "H0", "Lq0", "Lk0"])
+def test_op_empty_dimensions(shapes, backend):
+    """A zero-size batch, head count or length gives the empty (or, for Lk = 0: all-zero) output and
+    zero gradients, with every mask kind, as torch's SDPA would (rows without keys are zeros)."""
+    (batch, heads, seqlen_q, head_dim), (_, kv_heads, seqlen_k, _) = shapes
+    leaves = [torch.randn(shape, device=DEVICE, requires_grad=True) for shape in (shapes[0], shapes[1], shapes[1])]
+    masks = {"is_causal": True, "window_size": 3, "key_padding_mask": torch.zeros(batch, seqlen_k, dtype=torch.bool,
+                                                                                   device=DEVICE),
+             "attn_mask": torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=DEVICE)}
+    for kwargs in ({}, masks):
+        out = scaled_dot_product_attention(*leaves, **kwargs, backend=backend)
+        assert out.shape == (batch, heads, seqlen_q, head_dim) and (out == 0).all()
+        out.sum().backward()
+        assert all(leaf.grad.shape == leaf.shape and (leaf.grad == 0).all() for leaf in leaves)
+
+
 def test_op_opcheck():
     q, k, v, kwargs, _, _ = op_case("bool+is_causal+padding", torch.float32)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -682,6 +701,8 @@ def test_op_opcheck():
       "value": torch.randn(2, 2, 41, 24).double(), "backend": "triton"}, RuntimeError,
      "float64 is not in the Triton kernels"),
     ({"value": torch.randn(2, 2, 41, 16)}, ValueError, "head dims differ"),
+    ({"query": torch.randn(2, 4, 29, 0), "key": torch.randn(2, 2, 41, 0), "value": torch.randn(2, 2, 41, 0)},
+     ValueError, "query's head dim .* must be at least 1"),
     ({"enable_gqa": False}, ValueError, "pass enable_gqa=True"),
     ({"key": torch.randn(2, 3, 41, 24), "value": torch.randn(2, 3, 41, 24)}, ValueError, "multiple of key heads"),
     ({"attn_mask": torch.ones(5, 41, dtype=torch.bool)}, ValueError, "does not broadcast"),

@@ -368,6 +368,7 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
 
     batch, heads, seqlen_q, head_dim = query.shape
     kv_heads, seqlen_k = key.shape[1], key.shape[2]
+    group = heads // kv_heads if kv_heads else 1  # query heads per key head (no heads: nothing to launch)
     overrides = {name: value for name, value in (("block_m", block_m), ("block_n", block_n),
                                                   ("num_warps", num_warps), ("num_stages", num_stages)) if value}
     table = backward_configs(query.device, query.dtype, head_dim, causal_offset is not None,
@@ -410,13 +411,13 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     counts, index, list_strides = list_arguments(by_key, query)
     attention_backward_dkdv_kernel[(triton.cdiv(seqlen_k, dkdv_config.block_n), batch * kv_heads)](
         query, key, value, grad_out, lse, delta, dk, dv, mask, padding, counts, index, seed, *strides, *list_strides,
-        heads, kv_heads, heads // kv_heads, seqlen_q, seqlen_k, head_dim, *scalars, **constants,
+        heads, kv_heads, group, seqlen_q, seqlen_k, head_dim, *scalars, **constants,
         BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n, num_warps=dkdv_config.num_warps,
         num_stages=dkdv_config.num_stages)
     counts, index, list_strides = list_arguments(by_query, query)
     attention_backward_dq_kernel[(triton.cdiv(seqlen_q, dq_config.block_m), batch * heads)](
         query, key, value, grad_out, lse, delta, dq, mask, padding, counts, index, dbias, seed, *strides, *list_strides,
-        heads, heads // kv_heads, seqlen_q, seqlen_k, head_dim, *scalars, BIAS_GRAD=bias_grad, **constants,
+        heads, group, seqlen_q, seqlen_k, head_dim, *scalars, BIAS_GRAD=bias_grad, **constants,
         BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n, num_warps=dq_config.num_warps,
         num_stages=dq_config.num_stages)
     if not bias_grad:

@@ -365,7 +365,7 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
         query, key, value, out, lse, mask, padding, counts, index, seed,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mask_strides, *padding_strides,
         *list_strides,
-        heads, heads // kv_heads, seqlen_q, seqlen_k, head_dim,
+        heads, heads // kv_heads if kv_heads else 1, seqlen_q, seqlen_k, head_dim,
         scale * LOG2E, causal_offset or 0, window_left, window_right, dropout_threshold, dropout_scale,
         CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
         HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=lists is not None, DROPOUT=dropout,

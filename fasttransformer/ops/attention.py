@@ -95,6 +95,8 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             raise ValueError(f"{name} is {tensor.dtype} on {tensor.device} but query is {query.dtype} on {query.device}")
     batch, heads, seqlen_q, head_dim = query.shape
     _, kv_heads, seqlen_k, _ = key.shape
+    if head_dim == 0:
+        raise ValueError(f"query's head dim (last dimension) must be at least 1, got shape {tuple(query.shape)}")
     if key.shape[0] != batch or value.shape[0] != batch:
         raise ValueError(f"batch sizes differ: query {batch}, key {key.shape[0]}, value {value.shape[0]}")
     if key.shape[3] != head_dim or value.shape[3] != head_dim:
