@@ -39,8 +39,10 @@ fi
 if [[ $steps == *" tests "* ]]; then
   section tests
   # TEST_SHARDS processes at once (FASTTRANSFORMER_TEST_SHARD, tests/conftest.py): on a fresh
-  # machine the Triton JIT compiles hundreds of kernel variants for the tests, one at a time per
-  # process, and the shards share the GPU and Triton's on-disk cache. Each shard is a process of its
+  # machine the Triton JIT compiles every kernel variant the tests launch, one at a time per
+  # process: the CPU suite alone launches 513 distinct specializations (counted under the
+  # interpreter), ~1.2 s each to compile (the AOT check's rate), over 10 minutes in one process.
+  # The shards share the GPU and Triton's on-disk cache. Each shard is a process of its
   # own, so a kernel fault on the GPU ends one shard, not the others. Their logs are appended to
   # gpu-check.log in order (only 8 files come back from the device machine).
   shards=${TEST_SHARDS:-8}
