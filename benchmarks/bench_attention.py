@@ -55,3 +55,59 @@ def test_attention(benchmark, case, impl, mode):
                                 batch=case.batch, heads=case.heads, dtype=str(case.dtype), impl=impl, mode=mode,
                                 visible_pairs=case.visible_pairs)
     benchmark(step)
+
+
+# --- host time per call: what the CPU spends before any kernel runs (decoding is bound by it) -----
+
+HOST_CASES = {  # name: (query (B, H, Lq, D), key/value length, masks, with a backward)
+    "decode": ((8, 8, 1, 64), 300, {}, False),
+    "decode-key-padding": ((8, 8, 1, 64), 300, {"key_padding_mask": True}, False),
+    "decode-causal-lower-right": ((8, 8, 1, 64), 300, {"lower_right": True}, False),
+    "train-step": ((2, 2, 16, 16), 16, {"is_causal": True}, True),
+}
+
+
+class _NoKernel:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("name", HOST_CASES)
+def test_attention_host_time(benchmark, monkeypatch, name):
+    """The op with its Triton kernels replaced by no-ops (on CPU tensors: the interpreter is never
+    entered): validation, dispatch, the launchers' Python, the tile classification's torch ops and
+    autograd. On the CPU the torch ops of the classification also compute; on CUDA they only launch."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    import fasttransformer.kernels.attention_backward as backward_kernels
+    import fasttransformer.kernels.attention_forward as forward_kernels
+    from fasttransformer.ops import scaled_dot_product_attention
+
+    for module, kernel in ((forward_kernels, "attention_forward_kernel"), (backward_kernels, "attention_delta_kernel"),
+                           (backward_kernels, "attention_backward_dkdv_kernel"),
+                           (backward_kernels, "attention_backward_dq_kernel")):
+        monkeypatch.setattr(module, kernel, _NoKernel())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # backend="triton" accepts CPU tensors (no kernel runs)
+    shape, seqlen_k, masks, backward = HOST_CASES[name]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    query = torch.randn(shape, device=device, requires_grad=backward)
+    key, value = (torch.randn(*shape[:2], seqlen_k, shape[3], device=device, requires_grad=backward) for _ in range(2))
+    kwargs = {"is_causal": masks.get("is_causal", False)}
+    if masks.get("key_padding_mask"):
+        kwargs["key_padding_mask"] = torch.rand(shape[0], seqlen_k, device=device) < 0.2
+    if masks.get("lower_right"):
+        kwargs["attn_mask"] = causal_lower_right(shape[2], seqlen_k)
+    grad = torch.randn(shape, device=device)
+
+    def call():
+        out = scaled_dot_product_attention(query, key, value, backend="triton", **kwargs)
+        if backward:
+            query.grad = key.grad = value.grad = None
+            out.backward(grad)
+
+    call()
+    benchmark.extra_info.update(device=device, case=name, shape=list(shape), seqlen_k=seqlen_k, backward=backward)
+    benchmark(call)

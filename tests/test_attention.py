@@ -683,6 +683,39 @@ def test_op_empty_dimensions(shapes, backend):
         assert all(leaf.grad.shape == leaf.shape and (leaf.grad == 0).all() for leaf in leaves)
 
 
+def test_op_eager_calls_without_autograd_skip_the_custom_op(monkeypatch):
+    """Without an autograd graph to record, the op calls the launcher directly (the custom op's
+    dispatch is host time a decoding step cannot spare); with one, under tracing or a dispatch
+    mode, it takes the custom op. Both give the same bits, dropout included."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fasttransformer.ops import attention as attention_op
+
+    q, k, v, kwargs, _, _ = op_case("bool+is_causal+padding", torch.float32)
+    tensors = (q, k, v, kwargs["attn_mask"])
+    assert attention_op._eager_without_autograd(*tensors)
+    assert not attention_op._eager_without_autograd(q.clone().requires_grad_(), k, v, None)
+    with torch.no_grad():
+        assert attention_op._eager_without_autograd(q.clone().requires_grad_(), k, v, None)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert not attention_op._eager_without_autograd(*tensors)
+
+    def run(dropout_p):
+        torch.manual_seed(7)
+        return scaled_dot_product_attention(q, k, v, **kwargs, dropout_p=dropout_p, backend="triton")
+
+    for dropout_p in (0.0, 0.3):
+        direct = run(dropout_p)
+        monkeypatch.setattr(attention_op, "_eager_without_autograd", lambda *tensors: False)
+        through_op = run(dropout_p)
+        monkeypatch.undo()
+        assert torch.equal(direct, through_op)
+    with FakeTensorMode() as mode:  # the fake implementation: shapes only, no launch
+        fake = scaled_dot_product_attention(*(mode.from_tensor(t) for t in (q, k, v)), enable_gqa=True,
+                                            backend="triton")
+    assert fake.shape == q.shape
+
+
 def test_op_opcheck():
     q, k, v, kwargs, _, _ = op_case("bool+is_causal+padding", torch.float32)
     q, k, v = (t.requires_grad_() for t in (q, k, v))

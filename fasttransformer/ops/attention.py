@@ -71,9 +71,29 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             logger.debug("scaled_dot_product_attention: torch backend (%s)", reason)
         return _torch_attention(query, key, value, spec)
     seed = _dropout_seed(query.device) if spec["dropout_p"] > 0 else None
+    if _eager_without_autograd(query, key, value, spec["attn_mask"]):
+        # The launcher directly: the custom op's dispatch costs ~50 us of host time a call
+        # (benchmarks/bench_attention.py::test_attention_host_time), more than a decoding step's
+        # kernel. Autograd, torch.compile and other tracing take the custom op.
+        from fasttransformer.kernels.attention_forward import attention_forward
+        return attention_forward(query, key, value, attn_mask=spec["attn_mask"],
+                                 key_padding_mask=spec["key_padding_mask"], scale=spec["scale"],
+                                 causal_offset=spec["causal_offset"], window=spec["window"],
+                                 dropout_p=spec["dropout_p"], seed=seed)[0]
     return torch.ops.fasttransformer.attention_forward(
         query, key, value, spec["attn_mask"], spec["key_padding_mask"], spec["scale"],
         spec["causal_offset"], list(spec["window"]) if spec["window"] else None, spec["dropout_p"], seed)[0]
+
+
+def _eager_without_autograd(*tensors) -> bool:
+    """Plain tensors in eager mode, with no autograd graph to record and no tracing (torch.compile,
+    a dispatch mode such as FakeTensorMode): the call needs nothing from the custom op."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    tensors = [tensor for tensor in tensors if tensor is not None]
+    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and all(type(tensor) is torch.Tensor for tensor in tensors)
+            and not (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)))
 
 
 def _dropout_seed(device) -> torch.Tensor:
