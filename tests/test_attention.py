@@ -683,33 +683,36 @@ def test_op_empty_dimensions(shapes, backend):
         assert all(leaf.grad.shape == leaf.shape and (leaf.grad == 0).all() for leaf in leaves)
 
 
-def test_op_eager_calls_without_autograd_skip_the_custom_op(monkeypatch):
-    """Without an autograd graph to record, the op calls the launcher directly (the custom op's
-    dispatch is host time a decoding step cannot spare); with one, under tracing or a dispatch
-    mode, it takes the custom op. Both give the same bits, dropout included."""
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_op_eager_calls_skip_the_custom_op(monkeypatch, grad):
+    """Eager calls take an autograd.Function around the same launchers (the custom op's dispatch is
+    host time a decoding step cannot spare); torch.compile and dispatch modes take the custom op.
+    Both give the same bits, forward and gradients (a float mask's too), with dropout."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fasttransformer.ops import attention as attention_op
 
-    q, k, v, kwargs, _, _ = op_case("bool+is_causal+padding", torch.float32)
-    tensors = (q, k, v, kwargs["attn_mask"])
-    assert attention_op._eager_without_autograd(*tensors)
-    assert not attention_op._eager_without_autograd(q.clone().requires_grad_(), k, v, None)
-    with torch.no_grad():
-        assert attention_op._eager_without_autograd(q.clone().requires_grad_(), k, v, None)
+    q, k, v, kwargs, _, _ = op_case("float+padding", torch.float32)
+    assert attention_op._eager(q, k, v, kwargs["attn_mask"]) and attention_op._eager(q, k, v, None)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        assert not attention_op._eager_without_autograd(*tensors)
+        assert not attention_op._eager(q, k, v, None)
 
     def run(dropout_p):
+        leaves = [tensor.detach().clone().requires_grad_(grad) for tensor in (q, k, v, kwargs["attn_mask"])]
         torch.manual_seed(7)
-        return scaled_dot_product_attention(q, k, v, **kwargs, dropout_p=dropout_p, backend="triton")
+        out = scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3], key_padding_mask=kwargs["key_padding_mask"],
+                                           enable_gqa=True, dropout_p=dropout_p, backend="triton")
+        if grad:
+            out.backward(torch.ones_like(out))
+        return [out.detach()] + [leaf.grad for leaf in leaves if grad]
 
     for dropout_p in (0.0, 0.3):
-        direct = run(dropout_p)
-        monkeypatch.setattr(attention_op, "_eager_without_autograd", lambda *tensors: False)
+        eager = run(dropout_p)
+        monkeypatch.setattr(attention_op, "_eager", lambda *tensors: False)
         through_op = run(dropout_p)
         monkeypatch.undo()
-        assert torch.equal(direct, through_op)
+        assert len(eager) == (5 if grad else 1)
+        assert all(torch.equal(a, b) for a, b in zip(eager, through_op))
     with FakeTensorMode() as mode:  # the fake implementation: shapes only, no launch
         fake = scaled_dot_product_attention(*(mode.from_tensor(t) for t in (q, k, v)), enable_gqa=True,
                                             backend="triton")

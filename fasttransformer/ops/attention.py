@@ -1,9 +1,11 @@
 """Masked scaled-dot-product attention: ``fasttransformer.ops.scaled_dot_product_attention``.
 
-Layers, top to bottom: the Triton kernels (fasttransformer/kernels/attention_*.py), the custom
-ops ``fasttransformer::attention_forward`` / ``attention_backward`` (torch.library, with fake
-implementations and an autograd formula, so torch.compile traces them), the torch fallback, and
-the public function, which validates everything once and dispatches.
+Layers, top to bottom: the Triton kernels (fasttransformer/kernels/attention_*.py), their
+launches registered as the custom ops ``fasttransformer::attention_forward`` /
+``attention_backward`` (torch.library, with fake implementations and an autograd formula, so
+torch.compile traces them) and wrapped, with the same formula, in an autograd.Function for eager
+calls (less host time), the torch fallback, and the public function, which validates everything
+once and dispatches.
 """
 from __future__ import annotations
 
@@ -71,29 +73,26 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             logger.debug("scaled_dot_product_attention: torch backend (%s)", reason)
         return _torch_attention(query, key, value, spec)
     seed = _dropout_seed(query.device) if spec["dropout_p"] > 0 else None
-    if _eager_without_autograd(query, key, value, spec["attn_mask"]):
-        # The launcher directly: the custom op's dispatch costs ~50 us of host time a call
-        # (benchmarks/bench_attention.py::test_attention_host_time), more than a decoding step's
-        # kernel. Autograd, torch.compile and other tracing take the custom op.
-        from fasttransformer.kernels.attention_forward import attention_forward
-        return attention_forward(query, key, value, attn_mask=spec["attn_mask"],
-                                 key_padding_mask=spec["key_padding_mask"], scale=spec["scale"],
-                                 causal_offset=spec["causal_offset"], window=spec["window"],
-                                 dropout_p=spec["dropout_p"], seed=seed)[0]
-    return torch.ops.fasttransformer.attention_forward(
-        query, key, value, spec["attn_mask"], spec["key_padding_mask"], spec["scale"],
-        spec["causal_offset"], list(spec["window"]) if spec["window"] else None, spec["dropout_p"], seed)[0]
+    args = (query, key, value, spec["attn_mask"], spec["key_padding_mask"], spec["scale"], spec["causal_offset"],
+            list(spec["window"]) if spec["window"] else None, spec["dropout_p"], seed)
+    tensors = (query, key, value, spec["attn_mask"])
+    if _eager(*tensors):
+        # Eager calls skip the custom op's dispatch, which costs ~40 us of host time a call without
+        # autograd and ~180 us with it (benchmarks/bench_attention.py::test_attention_host_time),
+        # as much as a decoding step's kernel: the same launches and autograd formula.
+        if torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in tensors):
+            return _EagerAttention.apply(*args)[0]
+        return _launch_forward(*args)[0]
+    return torch.ops.fasttransformer.attention_forward(*args)[0]
 
 
-def _eager_without_autograd(*tensors) -> bool:
-    """Plain tensors in eager mode, with no autograd graph to record and no tracing (torch.compile,
-    a dispatch mode such as FakeTensorMode): the call needs nothing from the custom op."""
+def _eager(*tensors) -> bool:
+    """Plain tensors in eager mode: no torch.compile and no dispatch mode (FakeTensorMode, ...),
+    which need the custom op and its fake implementation."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    tensors = [tensor for tensor in tensors if tensor is not None]
     return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
-            and all(type(tensor) is torch.Tensor for tensor in tensors)
-            and not (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)))
+            and all(type(tensor) is torch.Tensor for tensor in tensors if tensor is not None))
 
 
 def _dropout_seed(device) -> torch.Tensor:
@@ -246,12 +245,11 @@ def _torch_attention(query, key, value, spec):
 
 # --- custom ops: torch.compile sees them as single nodes --------------------------------------------
 
-@torch.library.custom_op("fasttransformer::attention_forward", mutates_args=())
-def _attention_forward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
-                          scale: float, causal_offset: Optional[int],
-                          window: Optional[List[int]] = None, dropout_p: float = 0.0,
-                          seed: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def _launch_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                    scale: float, causal_offset: Optional[int],
+                    window: Optional[List[int]] = None, dropout_p: float = 0.0,
+                    seed: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, lse). ``seed`` (int64, one element) keys the dropout mask when ``dropout_p > 0``."""
     from fasttransformer.kernels.attention_forward import attention_forward
     out, lse = attention_forward(query, key, value, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
@@ -260,18 +258,12 @@ def _attention_forward_op(query: torch.Tensor, key: torch.Tensor, value: torch.T
     return out, lse
 
 
-@_attention_forward_op.register_fake
-def _(query, key, value, attn_mask, key_padding_mask, scale, causal_offset, window=None, dropout_p=0.0, seed=None):
-    return torch.empty_like(query), query.new_empty(query.shape[:3], dtype=torch.float32)
-
-
-@torch.library.custom_op("fasttransformer::attention_backward", mutates_args=())
-def _attention_backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                           key_padding_mask: Optional[torch.Tensor], scale: float, causal_offset: Optional[int],
-                           window: Optional[List[int]] = None, bias_grad: bool = False, dropout_p: float = 0.0,
-                           seed: Optional[torch.Tensor] = None
-                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _launch_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                     key_padding_mask: Optional[torch.Tensor], scale: float, causal_offset: Optional[int],
+                     window: Optional[List[int]] = None, bias_grad: bool = False, dropout_p: float = 0.0,
+                     seed: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias); dbias is the float attn_mask's gradient when ``bias_grad``, else an
     empty tensor (a custom op returns tensors)."""
     from fasttransformer.kernels.attention_backward import attention_backward
@@ -282,13 +274,6 @@ def _attention_backward_op(grad_out: torch.Tensor, query: torch.Tensor, key: tor
     return dq, dk, dv, dbias if dbias is not None else query.new_empty(0)
 
 
-@_attention_backward_op.register_fake
-def _(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, scale, causal_offset, window=None,
-      bias_grad=False, dropout_p=0.0, seed=None):
-    dbias = torch.empty_like(attn_mask) if bias_grad else query.new_empty(0)
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), dbias
-
-
 def _setup_context(ctx, inputs, output):
     # torch.library fills in the defaults: every input is here.
     query, key, value, attn_mask, key_padding_mask, scale, causal_offset, window, dropout_p, seed = inputs
@@ -297,13 +282,49 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.causal_offset, ctx.window, ctx.dropout_p = scale, causal_offset, window, dropout_p
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _gradients(ctx, grad_out, launch_backward):
     query, key, value, out, lse, attn_mask, key_padding_mask, seed = ctx.saved_tensors
     bias_grad = attn_mask is not None and attn_mask.dtype != torch.bool and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = _attention_backward_op(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask,
-                                               ctx.scale, ctx.causal_offset, ctx.window, bias_grad, ctx.dropout_p,
-                                               seed)
+    dq, dk, dv, dbias = launch_backward(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask,
+                                        ctx.scale, ctx.causal_offset, ctx.window, bias_grad, ctx.dropout_p, seed)
     return dq, dk, dv, dbias if bias_grad else None, None, None, None, None, None, None
 
 
-_attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
+class _EagerAttention(torch.autograd.Function):
+    """The custom op's forward and autograd formula, as a plain autograd.Function (eager calls).
+    forward takes ctx: a separate setup_context makes every apply() bind the arguments to the
+    signature with inspect (~50 us)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _launch_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _gradients(ctx, grad_out, _launch_backward)
+
+
+# --- custom ops: torch.compile sees them as single nodes --------------------------------------------
+
+_attention_forward_op = torch.library.custom_op("fasttransformer::attention_forward", mutates_args=())(_launch_forward)
+_attention_backward_op = torch.library.custom_op("fasttransformer::attention_backward",
+                                                 mutates_args=())(_launch_backward)
+
+
+@_attention_forward_op.register_fake
+def _(query, key, value, attn_mask, key_padding_mask, scale, causal_offset, window=None, dropout_p=0.0, seed=None):
+    return torch.empty_like(query), query.new_empty(query.shape[:3], dtype=torch.float32)
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, scale, causal_offset, window=None,
+      bias_grad=False, dropout_p=0.0, seed=None):
+    dbias = torch.empty_like(attn_mask) if bias_grad else query.new_empty(0)
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), dbias
+
+
+_attention_forward_op.register_autograd(lambda ctx, grad_out, grad_lse: _gradients(ctx, grad_out, _attention_backward_op),
+                                        setup_context=_setup_context)
