@@ -57,7 +57,8 @@ def _tile_min_max(values: torch.Tensor, block_rows: int, block_cols: int) -> Tup
     tiles = values.reshape(*values.shape[:-2], values.shape[-2] // block_rows, block_rows,
                            values.shape[-1] // block_cols, block_cols)
     # Reduce the columns first: the second reduction then reads block_cols times less.
-    return tiles.amin(-1).amin(-2), tiles.amax(-1).amax(-2)
+    low, high = tiles.aminmax(dim=-1)
+    return low.amin(-2), high.amax(-2)
 
 
 def tile_classes(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], shape,
@@ -68,24 +69,26 @@ def tile_classes(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[t
     masks broadcast).
 
     attn_mask: bool (True = may attend) broadcastable to ``shape = (B, H, Lq, Lk)``, or None;
-    key_padding_mask: bool ``(B, Lk)``, True = padding, or None; causal_offset / window as the
-    kernels take them."""
+    key_padding_mask: bool ``(B, Lk)``, True = padding, or None (not both None); causal_offset /
+    window as the kernels take them.
+
+    Every step is a whole-tensor torch op, as few as can be: each is a launch, and a decoding
+    step's host time is counted in launches."""
     batch, heads, seqlen_q, seqlen_k = shape
     num_m, num_n = -(-seqlen_q // block_m), -(-seqlen_k // block_n)
-    device = (attn_mask if attn_mask is not None else key_padding_mask).device
-    all_true = torch.ones(1, 1, 1, num_n, dtype=torch.bool, device=device)
-    some_true, every_true = all_true, all_true
-    if attn_mask is not None:
-        mask = _compact(attn_mask.expand(shape)).view(torch.uint8)
-        low, high = _tile_min_max(mask, block_m if mask.shape[2] > 1 else 1, block_n)
-        some_true, every_true = high != 0, low != 0
-    if key_padding_mask is not None:
-        keep = (~key_padding_mask).view(torch.uint8)[:, None, None, :]
-        low, high = _tile_min_max(keep, 1, block_n)
-        some_true, every_true = some_true & (high != 0), every_true & (low != 0)
-    classes = torch.where(every_true, FULL, torch.where(some_true, PARTIAL, EMPTY)).to(torch.uint8)
+    classes = None
+    for values, block_rows in (
+            (None if attn_mask is None else _compact(attn_mask.expand(shape)).view(torch.uint8), block_m),
+            (None if key_padding_mask is None else (~key_padding_mask).view(torch.uint8)[:, None, None, :], 1)):
+        if values is None:
+            continue
+        low, high = _tile_min_max(values, block_rows if values.shape[2] > 1 else 1, block_n)
+        mask_classes = low + high  # of a 0/1 mask: 0 EMPTY, 1 PARTIAL, 2 FULL
+        # Two masks: EMPTY if either is, FULL if both are, else PARTIAL (judged tile by tile).
+        classes = mask_classes if classes is None else torch.minimum(classes, mask_classes)
 
     if causal_offset is not None or window is not None:
+        device = classes.device
         offset = causal_offset or 0
         first_row = torch.arange(num_m, device=device)[:, None] * block_m
         last_row = torch.clamp(first_row + block_m, max=seqlen_q) - 1
@@ -96,7 +99,7 @@ def tile_classes(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[t
             visible &= first_col <= last_row + offset
         if window is not None:  # some key in [i + offset - left, i + offset + right]
             visible &= (last_col >= first_row + offset - window[0]) & (first_col <= last_row + offset + window[1])
-        classes = torch.where(visible, classes, EMPTY).to(torch.uint8)
+        classes = classes * visible  # EMPTY (0) where the bounds remove the whole tile
     return classes.expand(*classes.shape[:2], num_m, num_n)
 
 
@@ -107,7 +110,7 @@ def coarsen(classes: torch.Tensor, factor_m: int, factor_n: int) -> torch.Tensor
     if factor_m == factor_n == 1:
         return classes
     low, high = _tile_min_max(classes, factor_m, factor_n)
-    return torch.where(low == FULL, FULL, torch.where(high == EMPTY, EMPTY, PARTIAL)).to(torch.uint8)
+    return high.clamp(max=PARTIAL) + (low == FULL)  # 0 all EMPTY; 2 all FULL; else 1
 
 
 def block_lists(classes: torch.Tensor, batch: int, heads: int, by_key: bool = False) -> BlockLists:
@@ -115,9 +118,10 @@ def block_lists(classes: torch.Tensor, batch: int, heads: int, by_key: bool = Fa
     per key block (``by_key=True``, for the dK/dV kernel), broadcast to ``batch`` x ``heads``."""
     if by_key:
         classes = classes.transpose(-2, -1)
-    # Sort key: PARTIAL (0) before FULL (1) before EMPTY (2); stable, so columns stay in order.
-    order = torch.where(classes == PARTIAL, 0, torch.where(classes == FULL, 1, 2)).to(torch.uint8)
+    # Sort key (class + 2) % 3: PARTIAL (1) -> 0, FULL (2) -> 1, EMPTY (0) -> 2; a stable sort
+    # keeps the columns in order within each class.
+    order = torch.remainder(classes + 2, 3)
     indices = torch.sort(order, dim=-1, stable=True).indices.to(torch.int32).contiguous()  # kernels: stride 1
-    counts = torch.stack([(classes == PARTIAL).sum(-1), (classes == FULL).sum(-1)], -1).to(torch.int32).contiguous()
+    counts = torch.stack([order == 0, order == 1], -1).sum(-2, dtype=torch.int32)
     rows = classes.shape[2]
     return BlockLists(counts.expand(batch, heads, rows, 2), indices.expand(batch, heads, rows, indices.shape[-1]))
