@@ -9,11 +9,17 @@ head dim, mask): what the table should hold.
    compiled ahead of time for this GPU's arch with every mask on (fasttransformer.kernels.aot, in
    a process pool). The table must hold for every mask, so a candidate that spills there is
    not timed.
-2. Each survivor is timed with do_bench on bf16 inputs of B * L = 16k tokens and 2048 hidden.
+2. The survivors are JIT-compiled by ``--warm-workers`` spawned processes (default 16 on CUDA),
+   each running its share once on the GPU: Triton's on-disk cache then holds every kernel, and
+   the timing loop spends no time compiling (a compile, ~1.2 s per kernel at the AOT check's rate,
+   outlasts a timing: do_bench runs ~0.25 s).
+3. Each survivor is timed with do_bench on bf16 inputs of B * L = 16k tokens and 2048 hidden.
    The forward is timed alone. Each backward kernel is timed inside the whole backward, with the
    other kernel at its table entry, so the differences between candidates are the kernel's own.
-   Candidates left when ``--budget-s`` runs out are listed as not timed: one call of the device
-   tool (10 minutes) always brings back what it measured.
+   ``--budget-s`` is shared out between the (kernel, D, mask) cases (what one leaves, the next
+   may use); a case's table entry is always timed, and candidates left when its share runs out
+   are listed as not timed: one call of the device tool (10 minutes) always brings back what it
+   measured, for every case.
 
 Writes tune.json (every candidate: registers, stack, time, TFLOP/s) and tune.md (per case: the
 table's entry, the fastest candidate, the speedup). On a machine without a GPU, ``--device cpu``
@@ -30,6 +36,9 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+# The repository root: the GPU machine runs this from a checkout, with nothing installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 KERNELS = ("forward", "dkdv", "dq")
 GRID = {"block_m": (32, 64, 128), "block_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)}
@@ -50,6 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--arch", type=int, default=None, help="the AOT check's arch (default: this GPU's; 90 on cpu)")
     parser.add_argument("--skip-aot", action="store_true", help="time every candidate, spilling or not")
+    parser.add_argument("--warm-workers", type=int, default=None,
+                        help="processes that JIT-compile the candidates before the timing (default: 16 on cuda, 0 on cpu)")
     args = parser.parse_args(argv)
     args.kernels = args.kernels.split(",")
     args.head_dims = [int(d) for d in args.head_dims.split(",")]
@@ -87,6 +98,58 @@ def aot_filter(jobs, processes):
     return dict(zip(jobs, reports))
 
 
+def case_inputs(head_dim, causal, seqlen, tokens, hidden, device, dtype):
+    """(q, k, v, grad, out, lse, kwargs) of one case: out/lse from the table's forward."""
+    import torch
+
+    from fasttransformer.kernels.attention_forward import attention_forward
+    batch, heads = max(1, tokens // seqlen), max(1, hidden // head_dim)
+    shape = (batch, heads, seqlen, head_dim)
+    q, k, v, grad = (torch.randn(shape, device=device, dtype=dtype) for _ in range(4))
+    kwargs = {"causal_offset": 0 if causal else None}
+    out, lse = attention_forward(q, k, v, **kwargs)
+    return q, k, v, grad, out, lse, kwargs
+
+
+def candidate_call(kernel, config, inputs):
+    """The call that times ``config`` of ``kernel``: the forward alone, or the whole backward with
+    the other kernel at its table entry."""
+    from fasttransformer.kernels.attention_backward import attention_backward
+    from fasttransformer.kernels.attention_forward import attention_forward
+    q, k, v, grad, out, lse, kwargs = inputs
+    if kernel == "forward":
+        return lambda: attention_forward(q, k, v, **kwargs, block_m=config.block_m, block_n=config.block_n,
+                                         num_warps=config.num_warps, num_stages=config.num_stages)
+    return lambda: attention_backward(grad, q, k, v, out, lse, **kwargs, **{f"{kernel}_config": config})
+
+
+def warm_job(job):
+    """In a spawned worker: run each candidate of one case once (the JIT compiles it into Triton's
+    on-disk cache, where the timing process finds it). Errors are left to the timing loop."""
+    import torch
+
+    from fasttransformer.kernels.configs import Config
+    (kernel, head_dim, mask, configs), (seqlen, tokens, hidden, device, dtype_name) = job
+    inputs = case_inputs(head_dim, mask == "causal", seqlen, tokens, hidden, device, getattr(torch, dtype_name))
+    for config in configs:
+        try:
+            candidate_call(kernel, Config(*config), inputs)()
+        except Exception:  # noqa: BLE001  (the timing loop records it)
+            pass
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return len(configs)
+
+
+def warm(lists, setting, processes, chunk=4):
+    """Runs ``warm_job`` over every (case, chunk of candidates) in ``processes`` spawned workers."""
+    import multiprocessing
+    jobs = [((kernel, head_dim, mask, [tuple(config) for config in configs[start:start + chunk]]), setting)
+            for (kernel, head_dim, mask), configs in lists.items() for start in range(0, len(configs), chunk)]
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return sum(pool.map(warm_job, jobs))
+
+
 def attention_flops(batch, heads, seqlen, head_dim, causal, kernel):
     forward = 4.0 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
     return forward if kernel == "forward" else 2.5 * forward
@@ -98,8 +161,6 @@ def main(argv=None) -> int:
 
     from fasttransformer.bench import common
     from fasttransformer.kernels import configs
-    from fasttransformer.kernels.attention_backward import attention_backward
-    from fasttransformer.kernels.attention_forward import attention_forward
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU: pass --device cpu (toy sizes under TRITON_INTERPRET=1)", file=sys.stderr)
@@ -127,34 +188,35 @@ def main(argv=None) -> int:
         print(f"compiled {len(jobs)} candidates for sm_{arch} in {time.time() - started:.0f} s", flush=True)
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float16  # the interpreter's dots: no bf16
+    timed_lists = {case: [config for config in grid
+                          if not reports.get((case[0], arch, case[1], config), {}).get("stack_bytes")]
+                   for case, grid in lists.items()}
+    workers = args.warm_workers if args.warm_workers is not None else (16 if args.device == "cuda" else 0)
+    if workers:
+        started = time.time()
+        setting = (args.seqlen, args.tokens, args.hidden, args.device, str(dtype).replace("torch.", ""))
+        count = warm(timed_lists, setting, workers)
+        print(f"JIT-compiled {count} candidates in {workers} workers in {time.time() - started:.0f} s", flush=True)
     started, rows = time.time(), []
-    for kernel, head_dim, mask in cases:
+    for case_index, (kernel, head_dim, mask) in enumerate(cases):
         causal = mask == "causal"
-        batch, heads = max(1, args.tokens // args.seqlen), max(1, args.hidden // head_dim)
-        shape = (batch, heads, args.seqlen, head_dim)
-        q, k, v, grad = (torch.randn(shape, device=args.device, dtype=dtype) for _ in range(4))
-        kwargs = {"causal_offset": 0 if causal else None}
-        out, lse = attention_forward(q, k, v, **kwargs)
-        flops = attention_flops(batch, heads, args.seqlen, head_dim, causal, kernel)
+        deadline = started + (case_index + 1) * args.budget_s / len(cases)  # a share, plus what earlier cases left
+        inputs = case_inputs(head_dim, causal, args.seqlen, args.tokens, args.hidden, args.device, dtype)
+        shape = list(inputs[0].shape)
+        flops = attention_flops(shape[0], shape[1], args.seqlen, head_dim, causal, kernel)
         for index, config in enumerate(lists[(kernel, head_dim, mask)]):
             row = {"kernel": kernel, "head_dim": head_dim, "mask": mask, "config": list(config),
-                   "table_entry": index == 0, "shape": list(shape)}
+                   "table_entry": index == 0, "shape": shape}
             report = reports.get((kernel, arch, head_dim, config))
             if report is not None:
                 row.update(registers=report["registers"], stack_bytes=report["stack_bytes"])
                 if report["stack_bytes"]:
                     rows.append({**row, "skipped": f"spills {report['stack_bytes']} bytes on sm_{arch} with every mask on"})
                     continue
-            if time.time() - started > args.budget_s:
-                rows.append({**row, "skipped": "not timed: --budget-s ran out"})
+            if index > 0 and time.time() > deadline:
+                rows.append({**row, "skipped": "not timed: its share of --budget-s ran out"})
                 continue
-            if kernel == "forward":
-                fn = lambda: attention_forward(q, k, v, **kwargs, block_m=config.block_m,  # noqa: E731
-                                               block_n=config.block_n, num_warps=config.num_warps,
-                                               num_stages=config.num_stages)
-            else:
-                fn = lambda: attention_backward(grad, q, k, v, out, lse, **kwargs,  # noqa: E731
-                                                **{f"{kernel}_config": config})
+            fn = candidate_call(kernel, config, inputs)
             try:
                 ms = common.time_ms(fn, args.device)
             except Exception as error:  # a config the GPU refuses (shared memory, ...): recorded, not fatal

@@ -235,13 +235,16 @@ def test_profile_rejects_bad_arguments():
 def test_tune_attention_plumbing_on_cpu(tmp_path):
     """The tuner end to end at toy sizes under the interpreter: every candidate AOT-compiled
     for sm_90 (spawned workers) and timed against the table's entry, which comes first; the
-    fastest is the minimum; a spilling candidate would be skipped, not timed."""
-    command = [sys.executable, str(ROOT / "benchmarks" / "tune_attention.py"), "--device", "cpu", "--out",
+    fastest is the minimum; a spilling candidate would be skipped, not timed. Run as on the GPU
+    machine, from a checkout with nothing installed: without site (-S), torch's site-packages on
+    PYTHONPATH, so fasttransformer is found only through the script's own path."""
+    command = [sys.executable, "-S", str(ROOT / "benchmarks" / "tune_attention.py"), "--device", "cpu", "--out",
                str(tmp_path), "--kernels", "forward,dq", "--head-dims", "32", "--masks", "causal", "--seqlen", "64",
-               "--tokens", "64", "--hidden", "32", "--candidates", "32x32x4x1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "TRITON_INTERPRET": "1"})
+               "--tokens", "64", "--hidden", "32", "--candidates", "32x32x4x1", "--warm-workers", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(torch.__file__).parents[1])})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "JIT-compiled 4 candidates in 1 workers" in result.stdout  # table entry + 1, for 2 kernels
     record = json.loads((tmp_path / "tune.json").read_text())
     assert record["arch"] == 90
     for kernel in ("forward", "dq"):
