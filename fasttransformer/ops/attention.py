@@ -243,7 +243,7 @@ def _torch_attention(query, key, value, spec):
     return out.masked_fill(sees_nothing, 0.0)
 
 
-# --- custom ops: torch.compile sees them as single nodes --------------------------------------------
+# --- the launches and their autograd formula: the custom ops' and the eager path's ------------------
 
 def _launch_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
@@ -326,5 +326,5 @@ def _(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, scale,
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), dbias
 
 
-_attention_forward_op.register_autograd(lambda ctx, grad_out, grad_lse: _gradients(ctx, grad_out, _attention_backward_op),
-                                        setup_context=_setup_context)
+_attention_forward_op.register_autograd(
+    lambda ctx, grad_out, grad_lse: _gradients(ctx, grad_out, _attention_backward_op), setup_context=_setup_context)
