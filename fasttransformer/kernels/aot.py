@@ -73,6 +73,8 @@ def _runtime_specialisation(fn, signature: dict):
 
 def compile_kernel(kernel, arch: int, head_dim: int, config, dtype: str = "bf16", options=None) -> dict:
     import triton
+
+    from fasttransformer.kernels.configs import head_dim_bucket
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -80,7 +82,7 @@ def compile_kernel(kernel, arch: int, head_dim: int, config, dtype: str = "bf16"
     signature = _signature(kernel.fn, dtype)
     ones, attrs = _runtime_specialisation(kernel, signature)
     constants = {**WORST_CASE, **(options or {}), **ones, "DOT_PRECISION": "tf32x3" if dtype == "fp32" else "tf32",
-                 "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}
+                 "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": head_dim_bucket(head_dim)}
     constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
     for name in constants:
         signature[name] = "constexpr"

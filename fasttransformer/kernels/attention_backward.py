@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fasttransformer.kernels.attention_forward import (LOG2E, MASK_BOOL, dot_precision, dropout_arguments,
+from fasttransformer.kernels.attention_forward import (LOG2E, MASK_BOOL, cdiv, dot_precision, dropout_arguments,
                                                        dropout_keep, effective_dropout_p, key_range, mask_arguments,
                                                        tile_scores)
 
@@ -341,7 +341,7 @@ def attention_delta(grad_out, out):
     batch, heads, seqlen_q, head_dim = out.shape
     delta = torch.empty(batch, heads, seqlen_q, device=out.device, dtype=torch.float32)
     block_m, block_d, num_warps = delta_config(head_dim)
-    attention_delta_kernel[(triton.cdiv(seqlen_q, block_m), batch * heads)](
+    attention_delta_kernel[(cdiv(seqlen_q, block_m), batch * heads)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seqlen_q, head_dim,
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps)
     return delta
@@ -364,7 +364,7 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     """
     from fasttransformer.kernels.attention_forward import list_arguments, uses_block_lists
     from fasttransformer.kernels.block_lists import block_lists, coarsen, tile_classes
-    from fasttransformer.kernels.configs import backward_configs
+    from fasttransformer.kernels.configs import backward_configs, head_dim_bucket
 
     batch, heads, seqlen_q, head_dim = query.shape
     kv_heads, seqlen_k = key.shape[1], key.shape[2]
@@ -405,17 +405,17 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     constants = dict(CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
                      HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=by_query is not None, DROPOUT=dropout,
                      DOT_PRECISION=dot_precision(query),
-                     BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
+                     BLOCK_D=head_dim_bucket(head_dim))
     strides = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mask_strides, *padding_strides)
     scalars = (scale, scale * LOG2E, causal_offset or 0, window_left, window_right, dropout_threshold, dropout_scale)
     counts, index, list_strides = list_arguments(by_key, query)
-    attention_backward_dkdv_kernel[(triton.cdiv(seqlen_k, dkdv_config.block_n), batch * kv_heads)](
+    attention_backward_dkdv_kernel[(cdiv(seqlen_k, dkdv_config.block_n), batch * kv_heads)](
         query, key, value, grad_out, lse, delta, dk, dv, mask, padding, counts, index, seed, *strides, *list_strides,
         heads, kv_heads, group, seqlen_q, seqlen_k, head_dim, *scalars, **constants,
         BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n, num_warps=dkdv_config.num_warps,
         num_stages=dkdv_config.num_stages)
     counts, index, list_strides = list_arguments(by_query, query)
-    attention_backward_dq_kernel[(triton.cdiv(seqlen_q, dq_config.block_m), batch * heads)](
+    attention_backward_dq_kernel[(cdiv(seqlen_q, dq_config.block_m), batch * heads)](
         query, key, value, grad_out, lse, delta, dq, mask, padding, counts, index, dbias, seed, *strides, *list_strides,
         heads, group, seqlen_q, seqlen_k, head_dim, *scalars, BIAS_GRAD=bias_grad, **constants,
         BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n, num_warps=dq_config.num_warps,

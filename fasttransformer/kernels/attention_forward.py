@@ -310,9 +310,14 @@ def dropout_keep_mask(seed, shape, dropout_p):
     if not enabled:
         return torch.ones(shape, dtype=torch.bool, device=seed.device)
     keep = torch.empty(shape, dtype=torch.int8, device=seed.device)
-    grid = (triton.cdiv(seqlen_q, 32), triton.cdiv(seqlen_k, 32), batch * heads)
+    grid = (cdiv(seqlen_q, 32), cdiv(seqlen_k, 32), batch * heads)
     dropout_mask_kernel[grid](seed, keep, seqlen_q, seqlen_k, threshold, BLOCK_M=32, BLOCK_N=32)
     return keep.view(torch.bool)
+
+
+def cdiv(numerator: int, denominator: int) -> int:
+    """Host-side ceil division for the grids (triton.cdiv is a constexpr_function: ~3 us a call)."""
+    return -(-numerator // denominator)
 
 
 def list_arguments(lists, placeholder):
@@ -338,7 +343,7 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     Returns (out (B, Hq, Lq, D) in the query's dtype, lse (B, Hq, Lq) float32).
     """
     from fasttransformer.kernels.block_lists import block_lists, tile_classes
-    from fasttransformer.kernels.configs import forward_config
+    from fasttransformer.kernels.configs import forward_config, head_dim_bucket
 
     batch, heads, seqlen_q, head_dim = query.shape
     kv_heads, seqlen_k = key.shape[1], key.shape[2]
@@ -359,8 +364,7 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     counts, index, list_strides = list_arguments(lists, query)
     dropout, seed, dropout_threshold, dropout_scale = dropout_arguments(dropout_p, seed, query)
     window_left, window_right = window if window is not None else (0, 0)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    grid = (triton.cdiv(seqlen_q, block_m), batch * heads)
+    grid = (cdiv(seqlen_q, block_m), batch * heads)
     attention_forward_kernel[grid](
         query, key, value, out, lse, mask, padding, counts, index, seed,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mask_strides, *padding_strides,
@@ -370,6 +374,6 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
         CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
         HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=lists is not None, DROPOUT=dropout,
         DOT_PRECISION=dot_precision(query),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim_bucket(head_dim), num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse

@@ -75,6 +75,7 @@ INTERPRETER_DKDV, INTERPRETER_DQ = Config(32, 64, 4, 1), Config(64, 32, 4, 1)
 
 
 def head_dim_bucket(head_dim: int) -> int:
+    """The kernels' BLOCK_D for ``head_dim`` (the next power of two, at least 16), and the tables' key."""
     return max(16, 1 << (int(head_dim) - 1).bit_length())
 
 
@@ -115,5 +116,5 @@ def backward_configs(device, dtype, head_dim: int, causal: bool, dropout: bool =
 def delta_config(head_dim: int) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps) of the backward's delta pre-pass: 8192 elements of each
     input per program (64 per thread), for every arch and dtype; a bandwidth-bound row sum."""
-    block_d = max(16, 1 << (int(head_dim) - 1).bit_length())
+    block_d = head_dim_bucket(head_dim)
     return 8192 // block_d, block_d, 4
