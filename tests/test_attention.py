@@ -719,6 +719,22 @@ def test_op_eager_calls_skip_the_custom_op(monkeypatch, grad):
     assert fake.shape == q.shape
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the validation's shape checks, traced as constants
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+def test_op_jit_trace_records_the_custom_op():
+    """torch.jit.trace records the custom op (the eager path's kernel launches would leave the
+    graph without attention), and the trace computes the attention of new inputs."""
+    q, k, v, kwargs, _, _ = op_case("bool+is_causal+padding", torch.float32)
+
+    def attend(q, k, v):
+        return scaled_dot_product_attention(q, k, v, **kwargs, backend="triton") * 2
+
+    traced = torch.jit.trace(attend, (q, k, v), check_trace=False)
+    assert "fasttransformer::attention_forward" in str(traced.graph)
+    fresh = [torch.randn_like(tensor) for tensor in (q, k, v)]
+    assert torch.equal(traced(*fresh), attend(*fresh))
+
+
 def test_op_opcheck():
     q, k, v, kwargs, _, _ = op_case("bool+is_causal+padding", torch.float32)
     q, k, v = (t.requires_grad_() for t in (q, k, v))

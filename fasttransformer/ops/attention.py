@@ -87,11 +87,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 
 def _eager(*tensors) -> bool:
-    """Plain tensors in eager mode: no torch.compile and no dispatch mode (FakeTensorMode, ...),
-    which need the custom op and its fake implementation."""
+    """Plain tensors in eager mode: no torch.compile, torch.jit.trace or dispatch mode
+    (FakeTensorMode, ...), which need the custom op (as a graph node, or its fake implementation)."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None
             and all(type(tensor) is torch.Tensor for tensor in tensors if tensor is not None))
 
 
