@@ -719,6 +719,16 @@ def test_op_eager_calls_skip_the_custom_op(monkeypatch, grad):
     assert fake.shape == q.shape
 
 
+def test_op_vmap_takes_the_custom_op():
+    """Under torch.func.vmap the op runs through the custom op (torch's per-example fallback);
+    the eager path's launchers cannot read batched tensors."""
+    q, k, v = (torch.randn(3, 2, 4, 29, 24, device=DEVICE) for _ in range(3))
+    batched = torch.func.vmap(lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton"))
+    expected = torch.stack([scaled_dot_product_attention(q[i], k[i], v[i], is_causal=True, backend="triton")
+                            for i in range(3)])
+    assert torch.equal(batched(q, k, v), expected)
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the validation's shape checks, traced as constants
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
 def test_op_jit_trace_records_the_custom_op():

@@ -87,11 +87,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 
 def _eager(*tensors) -> bool:
-    """Plain tensors in eager mode: no torch.compile, torch.jit.trace or dispatch mode
-    (FakeTensorMode, ...), which need the custom op (as a graph node, or its fake implementation)."""
+    """Plain tensors in eager mode: no torch.compile, torch.jit.trace, torch.func transform (vmap)
+    or dispatch mode (FakeTensorMode, ...), which need the custom op (as a graph node, its fake
+    implementation, or torch's per-example fallback)."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch._C._are_functorch_transforms_active() and _get_current_dispatch_mode() is None
             and all(type(tensor) is torch.Tensor for tensor in tensors if tensor is not None))
 
 
