@@ -719,6 +719,24 @@ def test_op_eager_calls_skip_the_custom_op(monkeypatch, grad):
     assert fake.shape == q.shape
 
 
+@pytest.mark.parametrize("through_op", [False, True], ids=["eager", "custom-op"])
+def test_op_second_derivative_raises(monkeypatch, through_op):
+    """The kernels' backward is not differentiable: a second derivative through it raises on
+    both paths, never a silent zero."""
+    from fasttransformer.ops import attention as attention_op
+
+    if through_op:
+        monkeypatch.setattr(attention_op, "_eager", lambda *tensors: False)
+    q, k, v = (torch.randn(1, 2, 5, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    out = scaled_dot_product_attention(q, k, v, backend="triton")
+    (grad_q,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    second = grad_q.pow(2).sum() + q.sum()  # q is reached another way too: a dropped term would pass silently
+    with pytest.raises(RuntimeError, match="no second derivative|no autograd formula"):
+        torch.autograd.grad(second, q, retain_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative|no autograd formula"):
+        second.backward()
+
+
 def test_op_vmap_takes_the_custom_op():
     """Under torch.func.vmap the op runs through the custom op (torch's per-example fallback);
     the eager path's launchers cannot read batched tensors."""

@@ -306,7 +306,32 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        return _gradients(ctx, grad_out, _launch_backward)
+        grads = _gradients(ctx, grad_out, _launch_backward)
+        if not torch.is_grad_enabled():
+            return grads
+        # create_graph=True: tie the gradients to what they came from, so that differentiating
+        # them raises (as through the custom op) instead of taking them for constants.
+        # (once_differentiable would not: its error node does not lead back to the inputs.)
+        present = [index for index, grad in enumerate(grads) if grad is not None]
+        sources = [tensor for tensor in (grad_out, *ctx.saved_tensors) if tensor is not None]
+        tied = _NoSecondDerivative.apply(len(present), *(grads[index] for index in present), *sources)
+        grads = list(grads)
+        for index, grad in zip(present, tied):
+            grads[index] = grad
+        return tuple(grads)
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """The first ``count`` tensors, copied and tied to the others: their derivative raises."""
+
+    @staticmethod
+    def forward(ctx, count, *tensors):
+        return tuple(tensor.clone() for tensor in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("fasttransformer's attention kernels have no second derivative: differentiating their "
+                           "gradients (create_graph=True) is not supported; backend='torch' has one")
 
 
 # --- custom ops: torch.compile sees them as single nodes --------------------------------------------
