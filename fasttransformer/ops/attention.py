@@ -60,6 +60,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     A float ``attn_mask`` that requires grad gets its gradient (summed over its broadcast
     dimensions; the Triton backward computes it through a float32 ``(B, Hq, Lq, Lk)`` buffer).
+    The Triton path has no second derivative: differentiating its gradients raises.
     """
     spec = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                      key_padding_mask, window_size, backend)
