@@ -332,7 +332,7 @@ class _NoSecondDerivative(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError("fasttransformer's attention kernels have no second derivative: differentiating their "
-                           "gradients (create_graph=True) is not supported; backend='torch' has one")
+                           "gradients (create_graph=True) is not supported; backend='torch' leaves it to torch's SDPA")
 
 
 # --- custom ops: torch.compile sees them as single nodes --------------------------------------------
