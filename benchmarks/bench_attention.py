@@ -12,7 +12,7 @@ A baseline that cannot run a case is skipped with its reason ("n/a: ...").
 import pytest
 import torch
 
-from fasttransformer.bench.attention import IMPLEMENTATIONS, Case
+from fasttransformer.bench.attention import IMPLEMENTATIONS, Case, _reason
 
 BENCH_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MASKS = ("none", "causal", "padding", "document")
@@ -50,7 +50,7 @@ def test_attention(benchmark, case, impl, mode):
     try:
         step()  # warm-up (compiles Triton kernels and FlexAttention) and the "can it run" check
     except Exception as error:  # noqa: BLE001  (a baseline that cannot run the case is n/a)
-        pytest.skip(f"n/a: {type(error).__name__}: {str(error).strip().splitlines()[0][:160]}")
+        pytest.skip(f"n/a: {_reason(error)}")  # the sweep's own "n/a" wording
     benchmark.extra_info.update(device=case.device, mask=case.mask, seqlen=case.seqlen, head_dim=case.head_dim,
                                 batch=case.batch, heads=case.heads, dtype=str(case.dtype), impl=impl, mode=mode,
                                 visible_pairs=case.visible_pairs)

@@ -17,6 +17,7 @@ from fasttransformer.kernels.attention_backward import attention_backward  # noq
 from fasttransformer.kernels.attention_forward import attention_forward  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (make gpu-check runs it)")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
 
@@ -819,9 +820,8 @@ LARGE_CASES = {  # name: (batch, heads, kv_heads, Lq, Lk, D, masks)
 @pytest.mark.parametrize("name", list(LARGE_CASES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.cuda
+@needs_cuda
 def test_cuda_large_cases_forward_and_backward(name, dtype):
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA device")
     batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, masks = LARGE_CASES[name]
     if "document" in masks:
         q, k, v, kernel_args, allowed, bias = make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim,
@@ -840,10 +840,9 @@ def test_cuda_large_cases_forward_and_backward(name, dtype):
 
 
 @pytest.mark.cuda
+@needs_cuda
 @pytest.mark.parametrize("masks", ["causal+padding", "bool", "float"])
 def test_cuda_100_reruns_are_bitwise_equal(masks):
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA device")
     q, k, v, kernel_args, _, _ = make_case(2, 4, 2, 1000, 1500, 64, masks.split("+"), torch.bfloat16)
     grad_out = torch.randn_like(q)
     out, lse = attention_forward(q, k, v, **kernel_args)
@@ -855,9 +854,8 @@ def test_cuda_100_reruns_are_bitwise_equal(masks):
 
 
 @pytest.mark.cuda
+@needs_cuda
 def test_cuda_graph_capture_and_compile_match_eager():
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA device")
     q, k, v, kwargs, _, _ = op_case("bool+is_causal+padding", torch.bfloat16, seqlen_q=300, seqlen_k=500, head_dim=64)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     grad_out = torch.randn_like(q)
@@ -897,13 +895,12 @@ def test_cuda_graph_capture_and_compile_match_eager():
 
 
 @pytest.mark.cuda
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_cuda_dropout_large_cases(head_dim, dtype):
     """Dropout with dropout's configs (configs.DROPOUT_OVERRIDES), forward and backward, against
     the float64 reference applying the mask the kernels drew."""
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA device")
     seqlen = 2048 if head_dim < 256 else 1024
     q, k, v, kernel_args, allowed, bias = make_case(2, 4, 2, seqlen, seqlen, head_dim, ["padding", "causal"], dtype)
     grad_out = torch.randn_like(q)
@@ -917,9 +914,8 @@ def test_cuda_dropout_large_cases(head_dim, dtype):
 
 
 @pytest.mark.cuda
+@needs_cuda
 def test_cuda_dropout_graph_replays_draw_fresh_masks_and_compile_runs():
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA device")
     q, k, v, kwargs, _, _ = op_case("bool+is_causal+padding", torch.bfloat16, seqlen_q=300, seqlen_k=500, head_dim=64)
     call = lambda: scaled_dot_product_attention(q, k, v, **kwargs, dropout_p=0.2, backend="triton")  # noqa: E731
     stream = torch.cuda.Stream()
@@ -942,9 +938,8 @@ def test_cuda_dropout_graph_replays_draw_fresh_masks_and_compile_runs():
 
 
 @pytest.mark.cuda
+@needs_cuda
 def test_cuda_float32_beyond_d64_goes_to_torch(caplog):
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA device")
     q, k, v = (torch.randn(1, 2, 100, 128, device="cuda") for _ in range(3))
     with pytest.raises(RuntimeError, match="float32 with head dim 128 > 64"):
         scaled_dot_product_attention(q, k, v, backend="triton")
