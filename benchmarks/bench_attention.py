@@ -64,6 +64,7 @@ HOST_CASES = {  # name: (query (B, H, Lq, D), key/value length, masks, with a ba
     "decode-key-padding": ((8, 8, 1, 64), 300, {"key_padding_mask": True}, False),
     "decode-causal-lower-right": ((8, 8, 1, 64), 300, {"lower_right": True}, False),
     "train-step": ((2, 2, 16, 16), 16, {"is_causal": True}, True),
+    "train-step-key-padding": ((2, 2, 16, 16), 16, {"key_padding_mask": True}, True),
 }
 
 
@@ -77,17 +78,19 @@ class _NoKernel:
 @pytest.mark.parametrize("name", HOST_CASES)
 def test_attention_host_time(benchmark, monkeypatch, name):
     """The op with its Triton kernels replaced by no-ops (on CPU tensors: the interpreter is never
-    entered): validation, dispatch, the launchers' Python, the tile classification's torch ops and
-    autograd. On the CPU the torch ops of the classification also compute; on CUDA they only launch."""
+    entered): validation, dispatch, the launchers' Python, the allocations and autograd. Triton's
+    own launcher (argument binding, cache lookup) is not in it: those kernels are replaced."""
     from torch.nn.attention.bias import causal_lower_right
 
     import fasttransformer.kernels.attention_backward as backward_kernels
     import fasttransformer.kernels.attention_forward as forward_kernels
+    import fasttransformer.kernels.block_lists as block_list_kernels
     from fasttransformer.ops import scaled_dot_product_attention
 
     for module, kernel in ((forward_kernels, "attention_forward_kernel"), (backward_kernels, "attention_delta_kernel"),
                            (backward_kernels, "attention_backward_dkdv_kernel"),
-                           (backward_kernels, "attention_backward_dq_kernel")):
+                           (backward_kernels, "attention_backward_dq_kernel"),
+                           (block_list_kernels, "tile_classes_kernel"), (block_list_kernels, "block_lists_kernel")):
         monkeypatch.setattr(module, kernel, _NoKernel())
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # backend="triton" accepts CPU tensors (no kernel runs)
     shape, seqlen_k, masks, backward = HOST_CASES[name]

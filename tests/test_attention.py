@@ -281,7 +281,8 @@ def test_dropout_needs_a_seed_tensor():
 
 # --- tile skipping: block_lists.py ------------------------------------------------------------------
 
-from fasttransformer.kernels.block_lists import EMPTY, FULL, PARTIAL, block_lists, tile_classes  # noqa: E402
+from fasttransformer.kernels.block_lists import (EMPTY, FULL, PARTIAL, block_lists, build_block_lists,  # noqa: E402
+                                                coarsen, tile_classes)
 
 
 def brute_force_classes(allowed, block_m, block_n):
@@ -366,6 +367,69 @@ def test_tile_classes_are_exact_or_conservative(case):
             expected = torch.cat([torch.nonzero(row == PARTIAL).flatten(), torch.nonzero(row == FULL).flatten()])
             assert (partial, full) == ((row == PARTIAL).sum().item(), (row == FULL).sum().item())
             assert torch.equal(lists.indices[b, h, r, : partial + full].long(), expected)
+    # The launchers' Triton builder gives the same lists.
+    built = build_block_lists(attn_mask, padding, allowed.shape, [(block_m, block_n, True), (block_m, block_n, False)],
+                              causal_offset, window)
+    for by_key, lists in zip((True, False), built):
+        assert_same_lists(lists, block_lists(classes, batch, heads, by_key=by_key))
+
+
+def assert_same_lists(lists, expected):
+    """Equal counts, and equal indices up to each row's counts (the builder leaves the slots
+    past them unwritten)."""
+    assert lists.counts.shape == expected.counts.shape and lists.indices.shape == expected.indices.shape
+    assert lists.counts.dtype == lists.indices.dtype == torch.int32
+    assert torch.equal(lists.counts, expected.counts)
+    used = torch.arange(lists.indices.shape[-1]) < expected.counts.sum(-1, keepdim=True)
+    assert torch.equal(torch.where(used, lists.indices, -1), torch.where(used, expected.indices, -1))
+
+
+BUILDER_CASES = {  # name: (B, H, Lq, Lk, attn_mask shape or None, padding, causal offset, window, tiles)
+    "padding-only-decode": (3, 2, 1, 300, None, True, None, None, [(64, 64, False)]),
+    "mask-2d+padding": (2, 3, 70, 130, "Lq,Lk", True, None, None, [(16, 16, False)]),
+    "mask-transposed+causal": (1, 2, 97, 97, "Lk,Lq^T", False, 0, None, [(32, 64, True), (64, 32, False)]),
+    "mask-heads+lower_right": (2, 3, 45, 200, "1,H,Lq,Lk", False, 155, None, [(16, 32, True), (64, 16, False)]),
+    "mask-key-row+window": (2, 2, 150, 90, "B,1,1,Lk", True, None, (20, 7), [(32, 16, True), (16, 64, False)]),
+    "mask-full+causal+window": (2, 2, 64, 64, "B,H,Lq,Lk", True, 3, (9, 0), [(16, 16, True), (32, 32, False)]),
+    "expanded-query-column": (2, 1, 33, 66, "Lq,1", True, None, None, [(16, 16, False)]),
+    "padding+coarsened-edges": (2, 2, 70, 130, None, True, None, None, [(32, 32, True), (16, 64, False)]),
+    "no-keys": (2, 2, 17, 0, None, True, None, None, [(16, 16, True), (16, 16, False)]),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILDER_CASES))
+def test_block_list_builder_matches_the_torch_definition(name):
+    """build_block_lists (two Triton kernels) against block_lists(coarsen(tile_classes(...))),
+    the readable torch definition the brute-force test above checks: broadcast, transposed and
+    expanded masks, padding alone, lists by key and by query at coarsened tiles, dense masks
+    with EMPTY, PARTIAL and FULL tiles."""
+    batch, heads, seqlen_q, seqlen_k, mask_shape, with_padding, causal_offset, window, tiles = BUILDER_CASES[name]
+    sizes = {"B": batch, "H": heads, "Lq": seqlen_q, "Lk": seqlen_k, "1": 1}
+    attn_mask = None
+    if mask_shape:
+        dims = [sizes[dim] for dim in mask_shape.rstrip("^T").split(",")]
+        attn_mask = document_mask(max(dims[-2], 1), dims[-1], [5, 30, 31]).expand(*dims).clone()
+        attn_mask &= torch.rand(dims) < 0.95  # documents with holes: some tiles PARTIAL, some FULL
+        if mask_shape.endswith("^T"):
+            attn_mask = attn_mask.t()
+        if mask_shape == "Lq,1":
+            attn_mask = attn_mask.expand(seqlen_q, seqlen_k)  # stride 0 along the keys
+    padding = None
+    if with_padding:
+        padding = torch.rand(batch, seqlen_k) < 0.2
+        padding[0, seqlen_k // 3:] = True  # whole key blocks of padding
+        padding[-1] = False  # none: FULL tiles, ragged and coarsened edges included
+    shape = (batch, heads, seqlen_q, seqlen_k)
+    built = build_block_lists(attn_mask, padding, shape, tiles, causal_offset, window)
+    fine_m, fine_n = min(tile[0] for tile in tiles), min(tile[1] for tile in tiles)
+    classes = tile_classes(attn_mask, padding, shape, fine_m, fine_n, causal_offset, window)
+    seen = set()
+    for (block_m, block_n, by_key), lists in zip(tiles, built):
+        coarse = coarsen(classes, block_m // fine_m, block_n // fine_n)
+        seen.update(coarse.unique().tolist())
+        assert_same_lists(lists, block_lists(coarse, batch, heads, by_key=by_key))
+    if seqlen_k:
+        assert PARTIAL in seen and (FULL in seen or EMPTY in seen), seen  # the case tests something
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -474,6 +538,10 @@ def test_attention_configs_do_not_spill(aot_reports):
     without it, the report described kernels that never run, and spilled."""
     spilling = [report for report in aot_reports if report["stack_bytes"]]
     assert not spilling, spilling
+    # The block-list builder's kernels (block_lists.py) are compiled too, for both archs.
+    assert {(report["kernel"], report["arch"]) for report in aot_reports
+            if report["kernel"] in ("tile_classes_kernel", "block_lists_kernel")} == {
+        (kernel, arch) for kernel in ("tile_classes_kernel", "block_lists_kernel") for arch in (80, 90)}
 
 
 # --- the public op: fasttransformer.ops.scaled_dot_product_attention --------------------------------

@@ -33,9 +33,9 @@ def _signature(fn, dtype: str) -> dict:
             types[name] = f"*{dtype}"
         elif name in ("Lse", "Delta"):
             types[name] = "*fp32"
-        elif name in ("Mask", "KeyPadding"):
+        elif name in ("Mask", "KeyPadding", "Classes"):
             types[name] = "*u8"
-        elif name in ("BlockCounts", "BlockIndex"):
+        elif name in ("BlockCounts", "BlockIndex", "Counts", "Indices"):
             types[name] = "*i32"
         elif name == "DBias":
             types[name] = "*fp32"
@@ -66,7 +66,7 @@ def _runtime_specialisation(fn, signature: dict):
         if name in RUNTIME_ONES:
             constants[name] = 1
         elif signature[name].startswith("*") or name in DIVISIBLE_INTS or (
-                name.startswith("stride_") and name[7] not in "ci"):  # not the block lists' strides
+                name.startswith("stride_") and name[7] not in "cif"):  # not the block lists' strides
             attrs[(index,)] = [["tt.divisibility", 16]]
     return constants, attrs
 
@@ -127,6 +127,33 @@ def _jobs():
                 jobs.append(("dq", arch, head_dim, tuple(dq), {"MASK_KIND": 2, "BIAS_GRAD": True, **extra}, dtype))
             block_m, _, num_warps = configs.delta_config(head_dim)
             jobs.append(("delta", arch, head_dim, (block_m, 0, num_warps, 1), {}, dtype))
+    return jobs + _list_jobs(jobs)
+
+
+def _list_jobs(attention_jobs):
+    """The block-list builder's two kernels (block_lists.py) for every tile size the attention
+    jobs' configs classify at, with every mask on, and every coarsening factor the backward's
+    pairs of configs need: one classification at the smaller tiles serves both."""
+    from fasttransformer.kernels.block_lists import CLASS_COLUMNS, CLASS_ROWS, LIST_TILES
+    by_key = {(arch, head_dim, dtype, str(options)): config for name, arch, head_dim, config, options, dtype
+              in attention_jobs if name == "dkdv"}
+    tiles, factors = set(), set()
+    for name, arch, head_dim, config, options, dtype in attention_jobs:
+        if name == "forward":
+            tiles.add((arch, config[0], config[1]))
+            factors.add((arch, 1, 1))
+        elif name == "dq":
+            dkdv = by_key[(arch, head_dim, dtype, str({key: value for key, value in options.items()
+                                                          if key == "DROPOUT"}))]
+            fine_m, fine_n = min(dkdv[0], config[0]), min(dkdv[1], config[1])
+            tiles.add((arch, fine_m, fine_n))
+            factors.add((arch, dkdv[1] // fine_n, dkdv[0] // fine_m))  # lists by key: transposed
+            factors.add((arch, config[0] // fine_m, config[1] // fine_n))
+    jobs = [("classes", arch, 0, (block_m, block_n, 4, 1),
+             {"HAS_MASK": True, "MASK_ROWS": True, "TILES": max(1, CLASS_COLUMNS // block_n), "ROWS": CLASS_ROWS},
+             "u8") for arch, block_m, block_n in sorted(tiles)]
+    jobs += [("lists", arch, 0, (0, 0, 4, 1), {"FACTOR_R": factor_r, "FACTOR_C": factor_c, "TILES": LIST_TILES},
+              "u8") for arch, factor_r, factor_c in sorted(factors)]
     return jobs
 
 
@@ -142,8 +169,10 @@ def _compile_job(job) -> dict:
     from fasttransformer.kernels.attention_backward import (attention_backward_dkdv_kernel,
                                                             attention_backward_dq_kernel, attention_delta_kernel)
     from fasttransformer.kernels.attention_forward import attention_forward_kernel
+    from fasttransformer.kernels.block_lists import block_lists_kernel, tile_classes_kernel
     kernels = {"forward": attention_forward_kernel, "dkdv": attention_backward_dkdv_kernel,
-               "dq": attention_backward_dq_kernel, "delta": attention_delta_kernel}
+               "dq": attention_backward_dq_kernel, "delta": attention_delta_kernel,
+               "classes": tile_classes_kernel, "lists": block_lists_kernel}
     name, arch, head_dim, config, options, dtype = job
     report = compile_kernel(kernels[name], arch, head_dim, config, dtype=dtype, options=options)
     report["options"], report["dtype"] = options, dtype

@@ -363,7 +363,7 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     ``dkdv_config``/``dq_config`` (a ``configs.Config``) replace one (for tuning).
     """
     from fasttransformer.kernels.attention_forward import list_arguments, uses_block_lists
-    from fasttransformer.kernels.block_lists import block_lists, coarsen, tile_classes
+    from fasttransformer.kernels.block_lists import build_block_lists
     from fasttransformer.kernels.configs import backward_configs, head_dim_bucket
 
     batch, heads, seqlen_q, head_dim = query.shape
@@ -392,13 +392,10 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     by_query = by_key = None
     if uses_block_lists(attn_mask, key_padding_mask):
         # One classification at the smaller tiles, coarsened exactly for each kernel's tiles.
-        fine_m, fine_n = min(dkdv_config.block_m, dq_config.block_m), min(dkdv_config.block_n, dq_config.block_n)
-        classes = tile_classes(attn_mask if mask_kind == MASK_BOOL else None, key_padding_mask, shape,
-                               fine_m, fine_n, causal_offset, window)
-        by_key = block_lists(coarsen(classes, dkdv_config.block_m // fine_m, dkdv_config.block_n // fine_n),
-                             batch, heads, by_key=True)
-        by_query = block_lists(coarsen(classes, dq_config.block_m // fine_m, dq_config.block_n // fine_n),
-                               batch, heads)
+        by_key, by_query = build_block_lists(
+            attn_mask if mask_kind == MASK_BOOL else None, key_padding_mask, shape,
+            [(dkdv_config.block_m, dkdv_config.block_n, True), (dq_config.block_m, dq_config.block_n, False)],
+            causal_offset, window)
     dbias = torch.zeros(shape, device=query.device, dtype=torch.float32) if bias_grad else query
     window_left, window_right = window if window is not None else (0, 0)
     dropout, seed, dropout_threshold, dropout_scale = dropout_arguments(dropout_p, seed, query)

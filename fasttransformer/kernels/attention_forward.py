@@ -342,7 +342,7 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     table (configs.py).
     Returns (out (B, Hq, Lq, D) in the query's dtype, lse (B, Hq, Lq) float32).
     """
-    from fasttransformer.kernels.block_lists import block_lists, tile_classes
+    from fasttransformer.kernels.block_lists import build_block_lists
     from fasttransformer.kernels.configs import forward_config, head_dim_bucket
 
     batch, heads, seqlen_q, head_dim = query.shape
@@ -358,9 +358,8 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     mask_kind, mask, mask_strides, padding, padding_strides = mask_arguments(attn_mask, key_padding_mask, shape, query)
     lists = None
     if uses_block_lists(attn_mask, key_padding_mask):
-        classes = tile_classes(attn_mask if mask_kind == MASK_BOOL else None, key_padding_mask, shape,
-                               block_m, block_n, causal_offset, window)
-        lists = block_lists(classes, batch, heads)
+        lists, = build_block_lists(attn_mask if mask_kind == MASK_BOOL else None, key_padding_mask, shape,
+                                   [(block_m, block_n, False)], causal_offset, window)
     counts, index, list_strides = list_arguments(lists, query)
     dropout, seed, dropout_threshold, dropout_scale = dropout_arguments(dropout_p, seed, query)
     window_left, window_right = window if window is not None else (0, 0)

@@ -20,13 +20,20 @@ For the kernels the classes become lists, as FlexAttention's BlockMask: for each
 FULL ones, and the two counts. Broadcast dimensions of the masks stay broadcast (stride 0): a
 ``(B, 1, 1, Lk)`` padding-style mask gives one list per sequence.
 
-Pure torch, no synchronisation with the host (CUDA graphs capture it).
+The launchers build the lists with two Triton kernels (``build_block_lists``): one computes
+every tile's class from the masks, one compacts each row of classes into its list. A torch
+version of each step (``tile_classes``, ``coarsen``, ``block_lists``) is the readable
+definition the kernels are tested against. The kernels replace its ~15 torch ops (a sort
+among them) per list with two launches, which is what a decoding step with key padding paid
+for in host time. Neither synchronises with the host (CUDA graphs capture them).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import triton
+import triton.language as tl
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -125,3 +132,158 @@ def block_lists(classes: torch.Tensor, batch: int, heads: int, by_key: bool = Fa
     counts = torch.stack([order == 0, order == 1], -1).sum(-2, dtype=torch.int32)
     rows = classes.shape[2]
     return BlockLists(counts.expand(batch, heads, rows, 2), indices.expand(batch, heads, rows, indices.shape[-1]))
+
+
+# --- the Triton builder the launchers use --------------------------------------------------------
+
+@triton.jit
+def tile_classes_kernel(Mask, KeyPadding, Classes,
+                        stride_mb, stride_mh, stride_mm, stride_mn, stride_pb, stride_pn,
+                        heads, seqlen_q, seqlen_k, num_m, num_n, causal_offset, window_left, window_right,
+                        HAS_MASK: tl.constexpr, MASK_ROWS: tl.constexpr, HAS_KEY_PADDING: tl.constexpr,
+                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, TILES: tl.constexpr, ROWS: tl.constexpr):
+    """The classes of TILES tiles of one row of tiles (one query block) of one (batch, head) of
+    the lists: ``tile_classes`` with the masks read once, ROWS mask rows at a time."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    batch = pid_bh // heads
+    head = pid_bh % heads
+    tiles = tl.program_id(2) * TILES + tl.arange(0, TILES)
+    cols = tl.program_id(2) * (TILES * BLOCK_N) + tl.arange(0, TILES * BLOCK_N)
+    col_ok = cols < seqlen_k
+    classes = tl.full([TILES], 2, tl.int32)  # FULL until a mask says otherwise
+    if HAS_MASK:  # 0/1 per element: per tile, min + max is 0 EMPTY, 1 PARTIAL, 2 FULL
+        base = Mask + batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh + cols * stride_mn
+        if MASK_ROWS:
+            low = tl.full([TILES * BLOCK_N], 1, tl.int32)
+            high = tl.zeros([TILES * BLOCK_N], tl.int32)
+            for start in range(0, BLOCK_M, ROWS):
+                rows = pid_m * BLOCK_M + start + tl.arange(0, ROWS)
+                ok = (rows < seqlen_q)[:, None] & col_ok[None, :]
+                values = tl.load(base[None, :] + rows.to(tl.int64)[:, None] * stride_mm, mask=ok, other=0)
+                low = tl.minimum(low, tl.min(tl.where(ok, values.to(tl.int32), 1), 0))
+                high = tl.maximum(high, tl.max(values.to(tl.int32), 0))
+        else:  # the mask is the same for every query (stride 0): one row
+            values = tl.load(base, mask=col_ok, other=0).to(tl.int32)
+            low = tl.where(col_ok, values, 1)
+            high = values
+        classes = tl.min(tl.reshape(low, [TILES, BLOCK_N]), 1) + tl.max(tl.reshape(high, [TILES, BLOCK_N]), 1)
+    if HAS_KEY_PADDING:  # True = padding: kept = 1 - padding
+        kept = 1 - tl.load(KeyPadding + batch.to(tl.int64) * stride_pb + cols * stride_pn, mask=col_ok,
+                           other=0).to(tl.int32)
+        padding_classes = (tl.min(tl.reshape(tl.where(col_ok, kept, 1), [TILES, BLOCK_N]), 1)
+                           + tl.max(tl.reshape(tl.where(col_ok, kept, 0), [TILES, BLOCK_N]), 1))
+        classes = tl.minimum(classes, padding_classes)  # EMPTY if either is, FULL if both are
+    if CAUSAL or WINDOW:  # EMPTY where the bounds remove the whole tile
+        first_row = pid_m * BLOCK_M
+        last_row = tl.minimum(first_row + BLOCK_M, seqlen_q) - 1
+        first_col = tiles * BLOCK_N
+        last_col = tl.minimum(first_col + BLOCK_N, seqlen_k) - 1
+        if CAUSAL:
+            classes = tl.where(first_col <= last_row + causal_offset, classes, 0)
+        if WINDOW:
+            visible = ((last_col >= first_row + causal_offset - window_left)
+                       & (first_col <= last_row + causal_offset + window_right))
+            classes = tl.where(visible, classes, 0)
+    tl.store(Classes + (pid_bh * num_m + pid_m).to(tl.int64) * num_n + tiles, classes.to(tl.uint8),
+             mask=tiles < num_n)
+
+
+@triton.jit
+def _append_class(base, out, found, pid_r, fine_rows, fine_cols, stride_fr, stride_fc, num_cols,
+                  WANTED: tl.constexpr, FACTOR_R: tl.constexpr, FACTOR_C: tl.constexpr, TILES: tl.constexpr):
+    """Appends to the list at ``out + found`` the columns of class WANTED, in order; the new count."""
+    for start in range(0, num_cols, TILES):
+        cols = start + tl.arange(0, TILES)
+        low = tl.full([TILES], 2, tl.int32)
+        high = tl.zeros([TILES], tl.int32)
+        for i in tl.static_range(FACTOR_R):
+            for j in tl.static_range(FACTOR_C):
+                row, col = pid_r * FACTOR_R + i, cols * FACTOR_C + j
+                ok = (row < fine_rows) & (col < fine_cols)
+                fine = tl.load(base + row * stride_fr + col * stride_fc, mask=ok, other=0).to(tl.int32)
+                low = tl.minimum(low, tl.where(ok, fine, 2))
+                high = tl.maximum(high, fine)
+        classes = tl.minimum(high, 1) + (low == 2).to(tl.int32)  # 0 all EMPTY, 2 all FULL, else 1
+        hit = ((classes == WANTED) & (cols < num_cols)).to(tl.int32)
+        tl.store(out + found + tl.cumsum(hit, 0) - 1, cols, mask=hit != 0)
+        found += tl.sum(hit, 0)
+    return found
+
+
+@triton.jit
+def block_lists_kernel(Classes, Counts, Indices, fine_rows, fine_cols, stride_fr, stride_fc,
+                       num_rows, num_cols,
+                       FACTOR_R: tl.constexpr, FACTOR_C: tl.constexpr, TILES: tl.constexpr):
+    """One row of the lists (``block_lists`` of ``coarsen``): the row's classes, coarsened by
+    FACTOR_R x FACTOR_C, compacted PARTIAL first then FULL, each in column order, in two passes
+    over the (small) classes. ``stride_fr``/``stride_fc`` walk the fine classes in the lists'
+    orientation (transposed for lists by key). Slots past the two counts are not written."""
+    pid_bh = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    base = Classes + pid_bh.to(tl.int64) * fine_rows * fine_cols
+    out = Indices + (pid_bh * num_rows + pid_r).to(tl.int64) * num_cols
+    num_partial = _append_class(base, out, tl.zeros([], tl.int32), pid_r, fine_rows, fine_cols, stride_fr,
+                                stride_fc, num_cols, 1, FACTOR_R, FACTOR_C, TILES)  # PARTIAL
+    found = _append_class(base, out, num_partial, pid_r, fine_rows, fine_cols, stride_fr, stride_fc, num_cols,
+                          2, FACTOR_R, FACTOR_C, TILES)  # FULL
+    counts = Counts + (pid_bh * num_rows + pid_r).to(tl.int64) * 2
+    tl.store(counts, num_partial)
+    tl.store(counts + 1, found - num_partial)
+
+
+CLASS_COLUMNS, CLASS_ROWS, LIST_TILES = 512, 8, 128  # mask elements per program row / per load; list chunk
+
+
+def build_block_lists(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], shape,
+                      tiles: Sequence[Tuple[int, int, bool]], causal_offset: Optional[int] = None,
+                      window: Optional[Tuple[int, int]] = None) -> List[BlockLists]:
+    """The kernels' lists for each ``(block_m, block_n, by_key)`` in ``tiles``: what
+    ``block_lists(coarsen(tile_classes(...)), by_key)`` gives (slots past the counts aside),
+    from one classification at the smallest tiles (each size a power of two), by launches.
+
+    attn_mask: bool (True = may attend) broadcastable to ``shape = (B, H, Lq, Lk)``, or None;
+    key_padding_mask: bool ``(B, Lk)``, True = padding, or None (not both None)."""
+    batch, heads, seqlen_q, seqlen_k = shape
+    device = (attn_mask if attn_mask is not None else key_padding_mask).device
+    block_m, block_n = min(tile[0] for tile in tiles), min(tile[1] for tile in tiles)
+    num_m, num_n = -(-seqlen_q // block_m), -(-seqlen_k // block_n)
+    # bool read as uint8 (same bytes); an absent mask's place is taken by the other (never read)
+    mask = padding = None
+    mask_strides, padding_strides = (0, 0, 0, 0), (0, 0)
+    if attn_mask is not None:
+        mask = attn_mask.expand(shape).view(torch.uint8)
+        mask_strides = mask.stride()
+    if key_padding_mask is not None:
+        padding, padding_strides = key_padding_mask.view(torch.uint8), key_padding_mask.stride()
+    mask, padding = (mask if mask is not None else padding), (padding if padding is not None else mask)
+    list_batch = batch if key_padding_mask is not None or mask_strides[0] else min(batch, 1)
+    list_heads = heads if mask_strides[1] else min(heads, 1)
+    classes = torch.empty(list_batch, list_heads, num_m, num_n, dtype=torch.uint8, device=device)
+    if classes.numel():
+        class_tiles = max(1, CLASS_COLUMNS // block_n)
+        tile_classes_kernel[(list_batch * list_heads, num_m, -(-num_n // class_tiles))](
+            mask, padding, classes, *mask_strides, *padding_strides, list_heads, seqlen_q, seqlen_k, num_m, num_n,
+            causal_offset or 0, *(window or (0, 0)),
+            HAS_MASK=attn_mask is not None, MASK_ROWS=mask_strides[2] != 0 and seqlen_q > 1,
+            HAS_KEY_PADDING=key_padding_mask is not None, CAUSAL=causal_offset is not None,
+            WINDOW=window is not None, BLOCK_M=block_m, BLOCK_N=block_n, TILES=class_tiles, ROWS=CLASS_ROWS,
+            num_warps=4)
+    lists = []
+    for tile_m, tile_n, by_key in tiles:
+        factor_m, factor_n = tile_m // block_m, tile_n // block_n
+        if factor_m * block_m != tile_m or factor_n * block_n != tile_n:
+            raise ValueError(f"tile sizes {tiles} are not multiples of the smallest ({block_m}, {block_n})")
+        rows, cols = -(-seqlen_q // tile_m), -(-seqlen_k // tile_n)
+        fine = (num_m, num_n, num_n, 1, factor_m, factor_n)  # rows, cols, their strides, factors
+        if by_key:
+            rows, cols, fine = cols, rows, (num_n, num_m, 1, num_n, factor_n, factor_m)
+        counts = torch.empty(list_batch, list_heads, rows, 2, dtype=torch.int32, device=device)
+        indices = torch.empty(list_batch, list_heads, rows, cols, dtype=torch.int32, device=device)
+        if counts.numel():
+            block_lists_kernel[(list_batch * list_heads, rows)](
+                classes, counts, indices, *fine[:4], rows, cols, FACTOR_R=fine[4], FACTOR_C=fine[5],
+                TILES=LIST_TILES, num_warps=4)
+        lists.append(BlockLists(counts.expand(batch, heads, rows, 2), indices.expand(batch, heads, rows, cols)))
+    return lists
