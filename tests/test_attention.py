@@ -752,6 +752,52 @@ def test_op_empty_dimensions(shapes, backend):
         assert all(leaf.grad.shape == leaf.shape and (leaf.grad == 0).all() for leaf in leaves)
 
 
+@pytest.mark.parametrize("batch,heads", [(6553, 10), (7000, 10)], ids=["65530", "70000"])
+def test_op_grids_stay_within_cuda_limits(monkeypatch, batch, heads):
+    """CUDA caps a grid's y and z at 65535 (x at 2**31 - 1). The attention kernels put (batch,
+    head) on y: above 65535 of them the Triton path says so (backend="triton" raises, "auto"
+    goes to torch) instead of failing at the launch; up to it, and for the list builder and the
+    dropout mask at any size, every grid fits. The kernels are replaced by recorders (the
+    interpreter has no limit to hit, and 70000 programs would take long)."""
+    import fasttransformer.kernels.attention_backward as backward_kernels
+    import fasttransformer.kernels.attention_forward as forward_kernels
+    import fasttransformer.kernels.block_lists as block_list_kernels
+
+    grids = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            grids.setdefault(self.name, []).append(tuple(grid))
+            return lambda *args, **kwargs: None
+
+    for module in (forward_kernels, backward_kernels, block_list_kernels):
+        for name in dir(module):
+            if name.endswith("_kernel") and hasattr(getattr(module, name), "__getitem__"):
+                monkeypatch.setattr(module, name, Recorder(name))
+    seqlen_q, seqlen_k = 3, 5
+    q, k, v = (torch.randn(batch, heads, length, 16, requires_grad=True) for length in (seqlen_q, seqlen_k, seqlen_k))
+    mask = torch.rand(batch, heads, seqlen_q, seqlen_k) < 0.5
+    padding = torch.rand(batch, seqlen_k) < 0.3
+    forward_kernels.dropout_keep_mask(torch.zeros(1, dtype=torch.int64), (batch, heads, seqlen_q, seqlen_k), 0.1)
+    block_list_kernels.build_block_lists(mask, padding, mask.shape, [(16, 16, False)])
+    expected = {"tile_classes_kernel", "block_lists_kernel", "dropout_mask_kernel"}
+    if batch * heads > 65535:
+        with pytest.raises(RuntimeError, match="batch x heads = 70000 > 65535"):
+            scaled_dot_product_attention(q, k, v, mask, key_padding_mask=padding, backend="triton")
+    else:
+        out = scaled_dot_product_attention(q, k, v, mask, dropout_p=0.1, key_padding_mask=padding, backend="triton")
+        out.backward(torch.randn_like(out))
+        expected |= {"attention_forward_kernel", "attention_delta_kernel", "attention_backward_dkdv_kernel",
+                     "attention_backward_dq_kernel"}
+    assert set(grids) == expected
+    for name, launches in grids.items():
+        for grid in launches:
+            assert len(grid) <= 3 and grid[0] < 2 ** 31 and all(size <= 65535 for size in grid[1:]), (name, grid)
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 def test_op_eager_calls_skip_the_custom_op(monkeypatch, grad):
     """Eager calls take an autograd.Function around the same launchers (the custom op's dispatch is

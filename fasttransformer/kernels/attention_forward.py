@@ -293,8 +293,9 @@ def dropout_arguments(dropout_p, seed, placeholder):
 @triton.jit
 def dropout_mask_kernel(Seed, Keep, seqlen_q, seqlen_k, dropout_threshold,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_bh = tl.program_id(2)
-    start_m, start_n = tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid_bh = tl.program_id(0) // num_m  # (batch x heads) x query blocks on x: y and z stop at 65535
+    start_m, start_n = (tl.program_id(0) % num_m) * BLOCK_M, tl.program_id(1) * BLOCK_N
     keep = dropout_keep(tl.load(Seed), pid_bh, start_m, start_n, dropout_threshold, BLOCK_M, BLOCK_N)
     rows = start_m + tl.arange(0, BLOCK_M)[:, None]
     cols = start_n + tl.arange(0, BLOCK_N)[None, :]
@@ -310,7 +311,7 @@ def dropout_keep_mask(seed, shape, dropout_p):
     if not enabled:
         return torch.ones(shape, dtype=torch.bool, device=seed.device)
     keep = torch.empty(shape, dtype=torch.int8, device=seed.device)
-    grid = (cdiv(seqlen_q, 32), cdiv(seqlen_k, 32), batch * heads)
+    grid = (cdiv(seqlen_q, 32) * batch * heads, cdiv(seqlen_k, 32))
     dropout_mask_kernel[grid](seed, keep, seqlen_q, seqlen_k, threshold, BLOCK_M=32, BLOCK_N=32)
     return keep.view(torch.bool)
 
@@ -363,7 +364,7 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     counts, index, list_strides = list_arguments(lists, query)
     dropout, seed, dropout_threshold, dropout_scale = dropout_arguments(dropout_p, seed, query)
     window_left, window_right = window if window is not None else (0, 0)
-    grid = (cdiv(seqlen_q, block_m), batch * heads)
+    grid = (cdiv(seqlen_q, block_m), batch * heads)  # y <= 65535: ops' _triton_unsupported
     attention_forward_kernel[grid](
         query, key, value, out, lse, mask, padding, counts, index, seed,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mask_strides, *padding_strides,

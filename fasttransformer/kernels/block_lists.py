@@ -145,12 +145,12 @@ def tile_classes_kernel(Mask, KeyPadding, Classes,
                         BLOCK_N: tl.constexpr, TILES: tl.constexpr, ROWS: tl.constexpr):
     """The classes of TILES tiles of one row of tiles (one query block) of one (batch, head) of
     the lists: ``tile_classes`` with the masks read once, ROWS mask rows at a time."""
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(0) // num_m  # (batch x heads) x rows on x: y and z stop at 65535
+    pid_m = tl.program_id(0) % num_m
     batch = pid_bh // heads
     head = pid_bh % heads
-    tiles = tl.program_id(2) * TILES + tl.arange(0, TILES)
-    cols = tl.program_id(2) * (TILES * BLOCK_N) + tl.arange(0, TILES * BLOCK_N)
+    tiles = tl.program_id(1) * TILES + tl.arange(0, TILES)
+    cols = tl.program_id(1) * (TILES * BLOCK_N) + tl.arange(0, TILES * BLOCK_N)
     col_ok = cols < seqlen_k
     classes = tl.full([TILES], 2, tl.int32)  # FULL until a mask says otherwise
     if HAS_MASK:  # 0/1 per element: per tile, min + max is 0 EMPTY, 1 PARTIAL, 2 FULL
@@ -220,8 +220,8 @@ def block_lists_kernel(Classes, Counts, Indices, fine_rows, fine_cols, stride_fr
     FACTOR_R x FACTOR_C, compacted PARTIAL first then FULL, each in column order, in two passes
     over the (small) classes. ``stride_fr``/``stride_fc`` walk the fine classes in the lists'
     orientation (transposed for lists by key). Slots past the two counts are not written."""
-    pid_bh = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    pid_bh = tl.program_id(0) // num_rows  # one grid axis: y stops at 65535
+    pid_r = tl.program_id(0) % num_rows
     base = Classes + pid_bh.to(tl.int64) * fine_rows * fine_cols
     out = Indices + (pid_bh * num_rows + pid_r).to(tl.int64) * num_cols
     num_partial = _append_class(base, out, tl.zeros([], tl.int32), pid_r, fine_rows, fine_cols, stride_fr,
@@ -263,7 +263,7 @@ def build_block_lists(attn_mask: Optional[torch.Tensor], key_padding_mask: Optio
     classes = torch.empty(list_batch, list_heads, num_m, num_n, dtype=torch.uint8, device=device)
     if classes.numel():
         class_tiles = max(1, CLASS_COLUMNS // block_n)
-        tile_classes_kernel[(list_batch * list_heads, num_m, -(-num_n // class_tiles))](
+        tile_classes_kernel[(list_batch * list_heads * num_m, -(-num_n // class_tiles))](
             mask, padding, classes, *mask_strides, *padding_strides, list_heads, seqlen_q, seqlen_k, num_m, num_n,
             causal_offset or 0, *(window or (0, 0)),
             HAS_MASK=attn_mask is not None, MASK_ROWS=mask_strides[2] != 0 and seqlen_q > 1,
@@ -282,7 +282,7 @@ def build_block_lists(attn_mask: Optional[torch.Tensor], key_padding_mask: Optio
         counts = torch.empty(list_batch, list_heads, rows, 2, dtype=torch.int32, device=device)
         indices = torch.empty(list_batch, list_heads, rows, cols, dtype=torch.int32, device=device)
         if counts.numel():
-            block_lists_kernel[(list_batch * list_heads, rows)](
+            block_lists_kernel[(list_batch * list_heads * rows,)](
                 classes, counts, indices, *fine[:4], rows, cols, FACTOR_R=fine[4], FACTOR_C=fine[5],
                 TILES=LIST_TILES, num_warps=4)
         lists.append(BlockLists(counts.expand(batch, heads, rows, 2), indices.expand(batch, heads, rows, cols)))
