@@ -416,7 +416,7 @@ def test_block_list_builder_matches_the_torch_definition(name):
             attn_mask = attn_mask.expand(seqlen_q, seqlen_k)  # stride 0 along the keys
     padding = None
     if with_padding:
-        padding = torch.rand(batch, seqlen_k) < 0.2
+        padding = (torch.rand(seqlen_k, batch) < 0.2).t()  # read through its strides
         padding[0, seqlen_k // 3:] = True  # whole key blocks of padding
         padding[-1] = False  # none: FULL tiles, ragged and coarsened edges included
     shape = (batch, heads, seqlen_q, seqlen_k)
@@ -886,6 +886,129 @@ def test_op_opcheck():
     seed = torch.tensor([1234567], dtype=torch.int64, device=DEVICE)
     torch.library.opcheck(torch.ops.fasttransformer.attention_forward.default,
                           (q, k, v, kwargs["attn_mask"], kwargs["key_padding_mask"], 0.2, 0, [3, 1], 0.25, seed))
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+MASK_LAYOUTS = {  # attn_mask layouts, as shapes over the names, plus two views
+    "Lk": ("Lk",), "Lq,Lk": ("Lq", "Lk"), "H,Lq,Lk": ("H", "Lq", "Lk"), "B,1,Lq,Lk": ("B", 1, "Lq", "Lk"),
+    "B,H,Lq,Lk": ("B", "H", "Lq", "Lk"), "B,1,1,Lk": ("B", 1, 1, "Lk"), "1,H,1,Lk": (1, "H", 1, "Lk"),
+    "Lq,1": ("Lq", 1), "expanded": ("Lq", "Lk"), "transposed": ("Lk", "Lq"),
+}
+
+
+@st.composite
+def op_calls(draw):
+    """One call of the public op: shapes, layout, dtype and every mask option at random."""
+    kv_heads, group = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    return {
+        "batch": draw(st.integers(1, 3)), "kv_heads": kv_heads, "heads": kv_heads * group,
+        "seqlen_q": draw(st.sampled_from([1, 2, 16, 33, 65, 100])),
+        "seqlen_k": draw(st.sampled_from([1, 7, 31, 64, 65, 150])),
+        "head_dim": draw(st.sampled_from([3, 16, 40, 64, 72, 128])),
+        "dtype": draw(st.sampled_from([torch.float32, torch.float16])),
+        "layout": draw(st.sampled_from(["contiguous", "B,L,H,D", "sliced"])),
+        "causal": draw(st.sampled_from([None, "is_causal", "lower_right", "upper_left"])),
+        "mask": draw(st.sampled_from([None, "bool", "float", "float-grad"])),
+        "mask_layout": draw(st.sampled_from(list(MASK_LAYOUTS))),
+        "padding": draw(st.booleans()),
+        "window": draw(st.sampled_from([None, 0, 3, 17, (2, 5), (40, 1)])),
+        "scale": draw(st.sampled_from([None, 0.3, 1.7])),
+        "seed": draw(st.integers(0, 2 ** 31 - 1)),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:Lower right causal bias will produce NaNs")  # torch's; the op gives zeros
+@settings(max_examples=30, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(call=op_calls())
+def test_op_random_combinations_match_the_reference(call):
+    """Random combinations of shapes, layouts (strided inputs, broadcast, expanded and transposed
+    masks), GQA, every mask option, scale and dtype, through the public op (backend="triton"),
+    forward and backward (a float mask's gradient too), against the float64 reference given one
+    dense mask built here from the documented semantics. This hunts combination bugs (a mask
+    misread, a stride ignored): errors of the size of the output, far above the floor used here,
+    the rounding of the float32 scores (|S| eps, which grows with the logits: scale 1.7 makes
+    them large) times the output or gradient scale. The ulp-level rule on curated cases is
+    test_forward/backward_matches_reference's."""
+    generator = torch.Generator().manual_seed(call["seed"])
+    batch, heads, kv_heads = call["batch"], call["heads"], call["kv_heads"]
+    seqlen_q, seqlen_k, head_dim, dtype = call["seqlen_q"], call["seqlen_k"], call["head_dim"], call["dtype"]
+
+    def tensor(heads_, length):
+        if call["layout"] == "B,L,H,D":
+            return torch.randn(batch, length, heads_, head_dim, generator=generator).to(dtype).transpose(1, 2)
+        if call["layout"] == "sliced":
+            return torch.randn(batch, heads_, length, head_dim + 5, generator=generator).to(dtype)[..., 2:2 + head_dim]
+        return torch.randn(batch, heads_, length, head_dim, generator=generator).to(dtype)
+
+    q, k, v = tensor(heads, seqlen_q), tensor(kv_heads, seqlen_k), tensor(kv_heads, seqlen_k)
+    allowed = torch.ones(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool)
+    kwargs, attn_mask, bias, offset = {"enable_gqa": heads != kv_heads, "scale": call["scale"]}, None, None, 0
+    if call["causal"] == "is_causal":
+        kwargs["is_causal"] = True
+        allowed &= causal_bool(seqlen_q, seqlen_k, 0)
+    elif call["causal"] is not None:
+        offset = seqlen_k - seqlen_q if call["causal"] == "lower_right" else 0
+        attn_mask = (causal_lower_right if offset else causal_upper_left)(seqlen_q, seqlen_k)
+        allowed &= causal_bool(seqlen_q, seqlen_k, offset)
+    if call["mask"] is not None and attn_mask is None:
+        sizes = {"B": batch, "H": heads, "Lq": seqlen_q, "Lk": seqlen_k}
+        shape = [sizes.get(dim, dim) for dim in MASK_LAYOUTS[call["mask_layout"]]]
+        if call["mask"] == "bool":
+            attn_mask = torch.rand(shape, generator=generator) < 0.7
+        else:
+            attn_mask = torch.randn(shape, generator=generator).to(dtype)
+            attn_mask[torch.rand(shape, generator=generator) < 0.2] = float("-inf")
+        if call["mask_layout"] == "expanded":
+            attn_mask = attn_mask.expand(batch, heads, seqlen_q, seqlen_k)
+        if call["mask_layout"] == "transposed":
+            attn_mask = attn_mask.t()
+        if call["mask"] == "bool":
+            allowed &= attn_mask
+        else:
+            bias = attn_mask
+            attn_mask = attn_mask.detach().requires_grad_(call["mask"] == "float-grad")
+    if call["padding"]:
+        kwargs["key_padding_mask"] = torch.rand(batch, seqlen_k, generator=generator) < 0.4
+        if call["layout"] == "B,L,H,D":  # a transposed view: read through its strides
+            kwargs["key_padding_mask"] = kwargs["key_padding_mask"].t().contiguous().t()
+        allowed &= ~kwargs["key_padding_mask"][:, None, None, :]
+    if call["window"] is not None:
+        kwargs["window_size"] = call["window"]
+        left, right = (call["window"], 0) if isinstance(call["window"], int) else call["window"]
+        allowed &= window_bool(seqlen_q, seqlen_k, offset, left, right)
+    leaves = [tensor_.detach().requires_grad_() for tensor_ in (q, k, v)]
+    grad_out = torch.randn(batch, heads, seqlen_q, head_dim, generator=generator).to(dtype)
+    with poisoned_allocations(DEVICE):
+        out = scaled_dot_product_attention(*leaves, attn_mask, **kwargs, backend="triton")
+        out.backward(grad_out)
+
+    scale = call["scale"] if call["scale"] is not None else 1 / math.sqrt(head_dim)
+    runs = []
+    for cast in (torch.float64, dtype):
+        inputs = [tensor_.detach().to(cast).requires_grad_() for tensor_ in (q, k, v)]
+        dense = torch.zeros(allowed.shape, dtype=cast).masked_fill(~allowed, float("-inf"))
+        bias_leaf = None if bias is None else bias.detach().to(cast).requires_grad_()
+        result = reference.scaled_dot_product_attention(
+            *inputs, attn_mask=dense if bias_leaf is None else dense + bias_leaf, scale=scale, enable_gqa=True)
+        result.backward(grad_out.to(cast))
+        runs.append((result, [tensor_.grad for tensor_ in inputs], bias_leaf))
+    (ref, ref_grads, ref_bias), (base, base_grads, base_bias) = runs
+    scores = reference_attention_scores(q, k, bias) * (scale * math.sqrt(head_dim))
+    visible = scores.masked_fill(~allowed, float("nan"))
+    visible = visible[~torch.isnan(visible) & torch.isfinite(visible)]
+    largest = visible.abs().max().item() * math.log2(math.e) if visible.numel() else 0.0
+    rounding = max(1.0, largest * torch.finfo(torch.float32).eps / torch.finfo(dtype).eps)
+    assert_within_torch_error(out, ref, base, 2.0, "output", magnitude=ref.abs().max().item() * rounding)
+    grad_scale = max(grad.abs().max().item() for grad in ref_grads)
+    if call["mask"] == "float-grad" and call["causal"] is None:
+        assert attn_mask.grad is not None and attn_mask.grad.shape == bias.shape and attn_mask.grad.dtype == dtype
+        grad_scale = max(grad_scale, ref_bias.grad.abs().max().item())
+        assert_within_torch_error(attn_mask.grad, ref_bias.grad, base_bias.grad, 3.0, "mask gradient",
+                                  magnitude=4 * grad_scale * rounding)
+    for name, leaf, ref_grad, base_grad in zip(("dq", "dk", "dv"), leaves, ref_grads, base_grads):
+        assert_within_torch_error(leaf.grad, ref_grad, base_grad, 3.0, name, magnitude=4 * grad_scale * rounding)
 
 
 @pytest.mark.parametrize("change,error,pattern", [
