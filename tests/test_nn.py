@@ -142,6 +142,27 @@ def test_multihead_attention_self_attention_unbatched_and_causal():
     torch.testing.assert_close(weights_o, weights_t, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("options", [{"add_bias_kv": True}, {"add_zero_attn": True}], ids=["bias-kv", "zero-attn"])
+@pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "weights"])
+def test_multihead_attention_is_causal_keeps_the_extra_keys(options, need_weights):
+    """add_bias_kv / add_zero_attn with is_causal=True: every query sees the extra keys, as
+    torch.nn computes it with the causal mask itself (is_causal=False) or with need_weights=True.
+    torch's need_weights=False path drops them instead (its SDPA is_causal call leaves the
+    appended keys above the diagonal): its own paths disagree, and this follows the mask."""
+    torch_mha = torch.nn.MultiheadAttention(D_MODEL, NHEAD, batch_first=True, **options).double().eval()
+    ours = twins(torch_mha, ft.nn.MultiheadAttention, D_MODEL, NHEAD, batch_first=True, **options).eval()
+    x = torch.randn(2, 7, D_MODEL, dtype=torch.float64)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(7, dtype=torch.float64)
+    expected = torch_mha(x, x, x, attn_mask=causal, need_weights=need_weights)
+    got = ours(x, x, x, attn_mask=causal, is_causal=True, need_weights=need_weights)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-12, rtol=1e-12)
+    if need_weights:
+        torch.testing.assert_close(got[1], expected[1], atol=1e-12, rtol=1e-12)
+    else:  # torch's fused causal path: the extra keys are gone, and the outputs differ
+        dropped = torch_mha(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0]
+        assert not torch.allclose(dropped, expected[0])
+
+
 LAYER_KINDS = ["none", "bool2d", "float2d", "bool3d", "padding", "float2d+padding", "causal", "causal+padding"]
 
 

@@ -57,7 +57,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     trusted to be causal, as torch does).
 
     Differences from torch: a query that sees no key gives zeros (then ``out_proj``), never NaN,
-    also in the returned weights. ``need_weights=True`` (torch's default) returns the weights
+    also in the returned weights. With ``add_bias_kv``/``add_zero_attn`` and ``is_causal=True``,
+    every query sees the extra keys on every path (as torch computes the given causal mask);
+    torch's own ``need_weights=False`` path leaves them out. ``need_weights=True`` (torch's default) returns the weights
     through a slower path that forms the ``(B, H, Lq, Lk)`` probabilities in memory; pass
     ``need_weights=False`` for the fused kernels (the Transformer layers do).
 
