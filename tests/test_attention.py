@@ -713,6 +713,53 @@ def test_op_float_mask_gradient(bias_shape, extra, dtype, backend):
                                   3.0, name, magnitude=scale)
 
 
+@pytest.mark.parametrize("bias_shape", ["Lq,Lk", "B,1,Lq,Lk", "1,H,1,Lk"])
+def test_float_mask_gradient_buffer_is_bounded(monkeypatch, bias_shape):
+    """The float mask's gradient goes through a float32 (B', Hq, Lq, Lk) buffer of at most
+    DBIAS_BUFFER_BYTES: with room for two sequences, B = 5 takes three launches of the dQ
+    kernel (2 + 2 + 1 sequences), whose dq, dk, dv equal the one-launch ones bit for bit and
+    whose mask gradient equals it up to float32 summation order. With dropout the buffer stays
+    whole (its draws are keyed by the (batch, head) index within a launch)."""
+    import fasttransformer.kernels.attention_backward as backward_kernels
+
+    batch, heads, seqlen_q, seqlen_k, head_dim = 5, 3, 37, 45, 16
+    q, k, v = (torch.randn(batch, heads, length, head_dim, device=DEVICE) for length in (seqlen_q, seqlen_k, seqlen_k))
+    bias = torch.randn(BIAS_SHAPES[bias_shape](batch, heads, seqlen_q, seqlen_k), device=DEVICE)
+    padding = torch.rand(batch, seqlen_k, device=DEVICE) < 0.3
+    grad_out = torch.randn(batch, heads, seqlen_q, head_dim, device=DEVICE)
+    launches = []
+    real_kernel = backward_kernels.attention_backward_dq_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real_kernel[grid]
+
+    monkeypatch.setattr(backward_kernels, "attention_backward_dq_kernel", Counting())
+
+    def gradients(dropout_p=0.0):
+        torch.manual_seed(0)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        out = scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3], dropout_p=dropout_p,
+                                           key_padding_mask=padding, backend="triton")
+        out.backward(grad_out)
+        return [leaf.grad for leaf in leaves]
+
+    whole = gradients()
+    assert len(launches) == 1
+    monkeypatch.setattr(backward_kernels, "DBIAS_BUFFER_BYTES", 2 * heads * seqlen_q * seqlen_k * 4)
+    launches.clear()
+    chunked = gradients()
+    assert [grid[1] for grid in launches] == [2 * heads, 2 * heads, heads]
+    for name, a, b in zip(("dq", "dk", "dv"), chunked, whole):
+        assert torch.equal(a, b), name
+    assert chunked[3].shape == bias.shape
+    torch.testing.assert_close(chunked[3], whole[3], rtol=1e-5, atol=1e-6)
+    launches.clear()
+    gradients(dropout_p=0.3)
+    assert len(launches) == 1
+
+
 def test_op_float_mask_without_grad_gets_none():
     q, k, v, kwargs, _, _ = op_case("float+padding", torch.float32)
     bias = kwargs.pop("attn_mask")

@@ -347,6 +347,9 @@ def attention_delta(grad_out, out):
     return delta
 
 
+DBIAS_BUFFER_BYTES = 1 << 30  # the float mask gradient's float32 buffer, per launch of the dQ kernel
+
+
 def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None, key_padding_mask=None,
                        scale=None, causal_offset=None, window=None, dropout_p=0.0, seed=None, bias_grad=False,
                        block_m=None, block_n=None, num_warps=None, num_stages=None, dkdv_config=None,
@@ -357,7 +360,8 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     regenerates the same dropout mask). dk/dv have the key/value heads (GQA groups
     summed). ``bias_grad=True`` (a float attn_mask): dbias is the gradient of the attn_mask, in
     its shape and dtype (summed over its broadcast dimensions; computed through a float32
-    (B, Hq, Lq, Lk) buffer); otherwise None. dq/dk/dv have the inputs' dtypes and strides
+    (B', Hq, Lq, Lk) buffer, B' sequences at a time, as many as fit in DBIAS_BUFFER_BYTES (at
+    least one), or all B with dropout); otherwise None. dq/dk/dv have the inputs' dtypes and strides
     (contiguous copies are made where the strides overlap). The two kernels take their configs
     from the table (configs.py); block_m/block_n/num_warps/num_stages override both, and
     ``dkdv_config``/``dq_config`` (a ``configs.Config``) replace one (for tuning).
@@ -396,7 +400,6 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
             attn_mask if mask_kind == MASK_BOOL else None, key_padding_mask, shape,
             [(dkdv_config.block_m, dkdv_config.block_n, True), (dq_config.block_m, dq_config.block_n, False)],
             causal_offset, window)
-    dbias = torch.zeros(shape, device=query.device, dtype=torch.float32) if bias_grad else query
     window_left, window_right = window if window is not None else (0, 0)
     dropout, seed, dropout_threshold, dropout_scale = dropout_arguments(dropout_p, seed, query)
     constants = dict(CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
@@ -412,11 +415,33 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
         BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n, num_warps=dkdv_config.num_warps,
         num_stages=dkdv_config.num_stages)
     counts, index, list_strides = list_arguments(by_query, query)
-    attention_backward_dq_kernel[(cdiv(seqlen_q, dq_config.block_m), batch * heads)](
-        query, key, value, grad_out, lse, delta, dq, mask, padding, counts, index, dbias, seed, *strides, *list_strides,
-        heads, group, seqlen_q, seqlen_k, head_dim, *scalars, BIAS_GRAD=bias_grad, **constants,
-        BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n, num_warps=dq_config.num_warps,
-        num_stages=dq_config.num_stages)
+    per_batch = (query, key, value, grad_out, lse, delta, dq, mask, padding, counts, index)  # placeholders too
+
+    def launch_dq(start, stop, dbias):
+        """The dQ kernel on the sequences [start, stop): every per-batch argument sliced (views,
+        same strides), dbias ``(stop - start, Hq, Lq, Lk)``."""
+        tensors = per_batch if (start, stop) == (0, batch) else [tensor[start:stop] for tensor in per_batch]
+        attention_backward_dq_kernel[(cdiv(seqlen_q, dq_config.block_m), (stop - start) * heads)](
+            *tensors, dbias, seed, *strides, *list_strides, heads, group, seqlen_q, seqlen_k, head_dim, *scalars,
+            BIAS_GRAD=bias_grad, **constants, BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n,
+            num_warps=dq_config.num_warps, num_stages=dq_config.num_stages)
+
     if not bias_grad:
+        launch_dq(0, batch, query)
         return dq, dk, dv, None
-    return dq, dk, dv, dbias.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+    # The float mask's gradient: dS in float32 (B, Hq, Lq, Lk), summed to the mask's shape. The
+    # buffer is bounded by DBIAS_BUFFER_BYTES: the dQ kernel runs on as many sequences at a time
+    # (a (1, H, L, L) relative-position bias at B = 16, L = 4096 would need 17 GB at once).
+    # Not with dropout: its draws are keyed by the (batch, head) index within a launch.
+    mask_shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    dbias = torch.zeros(mask_shape, device=query.device, dtype=torch.float32)
+    sequences = batch if dropout else max(1, DBIAS_BUFFER_BYTES // max(1, heads * seqlen_q * seqlen_k * 4))
+    for start in range(0, batch, sequences):
+        stop = min(batch, start + sequences)
+        buffer = torch.zeros(stop - start, heads, seqlen_q, seqlen_k, device=query.device, dtype=torch.float32)
+        launch_dq(start, stop, buffer)
+        if mask_shape[0] == 1:
+            dbias += buffer.sum_to_size(mask_shape)
+        else:
+            dbias[start:stop] = buffer.sum_to_size(stop - start, *mask_shape[1:])
+    return dq, dk, dv, dbias.view(attn_mask.shape).to(attn_mask.dtype)

@@ -61,7 +61,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     p is rounded to a multiple of 2**-16. The torch backend draws its own, different masks.
 
     A float ``attn_mask`` that requires grad gets its gradient (summed over its broadcast
-    dimensions; the Triton backward computes it through a float32 ``(B, Hq, Lq, Lk)`` buffer).
+    dimensions; the Triton backward computes it through a float32 ``(B', Hq, Lq, Lk)`` buffer,
+    B' sequences at a time, as many as fit in 1 GiB (at least one); all B with dropout).
     The Triton path has no second derivative: differentiating its gradients raises.
     """
     spec = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
