@@ -933,6 +933,12 @@ def test_op_opcheck():
     seed = torch.tensor([1234567], dtype=torch.int64, device=DEVICE)
     torch.library.opcheck(torch.ops.fasttransformer.attention_forward.default,
                           (q, k, v, kwargs["attn_mask"], kwargs["key_padding_mask"], 0.2, 0, [3, 1], 0.25, seed))
+    # The backward with a transposed float mask: its gradient's strides are the fake's too (a
+    # compiled graph trusts the fake's; empty_like kept the mask's transposed strides).
+    bias = torch.randn(q.shape[2], k.shape[2], device=DEVICE).t().contiguous().t()
+    grad_out, out, lse = torch.randn_like(q), torch.randn_like(q), torch.randn(q.shape[:3], device=DEVICE)
+    torch.library.opcheck(torch.ops.fasttransformer.attention_backward.default,
+                          (grad_out, q.detach(), k.detach(), v.detach(), out, lse, bias, None, 0.2, None, None, True))
 
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402

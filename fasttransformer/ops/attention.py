@@ -356,7 +356,7 @@ def _(query, key, value, attn_mask, key_padding_mask, scale, causal_offset, wind
 @_attention_backward_op.register_fake
 def _(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, scale, causal_offset, window=None,
       bias_grad=False, dropout_p=0.0, seed=None):
-    dbias = torch.empty_like(attn_mask) if bias_grad else query.new_empty(0)
+    dbias = attn_mask.new_empty(attn_mask.shape) if bias_grad else query.new_empty(0)  # contiguous, as the launcher's
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), dbias
 
 
