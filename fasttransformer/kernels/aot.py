@@ -132,7 +132,8 @@ def _jobs():
 
 def _list_jobs(attention_jobs):
     """The block-list builder's two kernels (block_lists.py) for every tile size the attention
-    jobs' configs classify at, with every mask on, and every coarsening factor the backward's
+    jobs' configs classify at, with key padding and bounds on and the boolean mask per query
+    row, broadcast over the queries, or absent, and every coarsening factor the backward's
     pairs of configs need: one classification at the smaller tiles serves both."""
     from fasttransformer.kernels.block_lists import CLASS_COLUMNS, CLASS_ROWS, LIST_TILES
     by_key = {(arch, head_dim, dtype, str(options)): config for name, arch, head_dim, config, options, dtype
@@ -149,9 +150,11 @@ def _list_jobs(attention_jobs):
             tiles.add((arch, fine_m, fine_n))
             factors.add((arch, dkdv[1] // fine_n, dkdv[0] // fine_m))  # lists by key: transposed
             factors.add((arch, config[0] // fine_m, config[1] // fine_n))
+    masks = ({"HAS_MASK": True, "MASK_ROWS": True}, {"HAS_MASK": True, "MASK_ROWS": False},  # and key padding
+             {"HAS_MASK": False, "MASK_ROWS": False})
     jobs = [("classes", arch, 0, (block_m, block_n, 4, 1),
-             {"HAS_MASK": True, "MASK_ROWS": True, "TILES": max(1, CLASS_COLUMNS // block_n), "ROWS": CLASS_ROWS},
-             "u8") for arch, block_m, block_n in sorted(tiles)]
+             {**mask, "TILES": max(1, CLASS_COLUMNS // block_n), "ROWS": CLASS_ROWS},
+             "u8") for arch, block_m, block_n in sorted(tiles) for mask in masks]
     jobs += [("lists", arch, 0, (0, 0, 4, 1), {"FACTOR_R": factor_r, "FACTOR_C": factor_c, "TILES": LIST_TILES},
               "u8") for arch, factor_r, factor_c in sorted(factors)]
     return jobs
