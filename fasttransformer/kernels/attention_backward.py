@@ -433,9 +433,13 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     # buffer is bounded by DBIAS_BUFFER_BYTES: the dQ kernel runs on as many sequences at a time
     # (a (1, H, L, L) relative-position bias at B = 16, L = 4096 would need 17 GB at once).
     # Not with dropout: its draws are keyed by the (batch, head) index within a launch.
+    sequences = batch if dropout else max(1, DBIAS_BUFFER_BYTES // max(1, heads * seqlen_q * seqlen_k * 4))
+    if sequences >= batch:  # the usual case: one launch, no accumulator
+        buffer = torch.zeros(shape, device=query.device, dtype=torch.float32)
+        launch_dq(0, batch, buffer)
+        return dq, dk, dv, buffer.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
     mask_shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
     dbias = torch.zeros(mask_shape, device=query.device, dtype=torch.float32)
-    sequences = batch if dropout else max(1, DBIAS_BUFFER_BYTES // max(1, heads * seqlen_q * seqlen_k * 4))
     for start in range(0, batch, sequences):
         stop = min(batch, start + sequences)
         buffer = torch.zeros(stop - start, heads, seqlen_q, seqlen_k, device=query.device, dtype=torch.float32)
