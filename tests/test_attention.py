@@ -15,6 +15,7 @@ from fasttransformer import reference
 triton = pytest.importorskip("triton")
 from fasttransformer.kernels.attention_backward import attention_backward  # noqa: E402
 from fasttransformer.kernels.attention_forward import attention_forward  # noqa: E402
+from fasttransformer.kernels.configs import Config  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (make gpu-check runs it)")
@@ -286,14 +287,18 @@ from fasttransformer.kernels.block_lists import (EMPTY, FULL, PARTIAL, block_lis
 
 
 def brute_force_classes(allowed, block_m, block_n):
-    """EMPTY/PARTIAL/FULL of every tile of a dense (B, H, Lq, Lk) bool, exactly."""
+    """EMPTY/PARTIAL/FULL of every tile of a dense (B, H, Lq, Lk) bool, exactly: FULL when every
+    query of the tile (before Lq) sees all of its block_n keys, so a ragged last key block (keys
+    past Lk) is never FULL; EMPTY when no query sees any key."""
     batch, heads, seqlen_q, seqlen_k = allowed.shape
     num_m, num_n = -(-seqlen_q // block_m), -(-seqlen_k // block_n)
     classes = torch.empty(batch, heads, num_m, num_n, dtype=torch.uint8)
     for i in range(num_m):
         for j in range(num_n):
-            tile = allowed[:, :, i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n].flatten(2)
-            classes[:, :, i, j] = torch.where(tile.all(-1), FULL, torch.where(tile.any(-1), PARTIAL, EMPTY))
+            tile = allowed[:, :, i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n]
+            whole = tile.shape[-1] == block_n
+            tile = tile.flatten(2)
+            classes[:, :, i, j] = torch.where(tile.all(-1) & whole, FULL, torch.where(tile.any(-1), PARTIAL, EMPTY))
     return classes
 
 
@@ -307,9 +312,9 @@ def document_mask(seqlen_q, seqlen_k, boundaries):
 @pytest.mark.parametrize("case", ["document", "document+padding+causal", "padding-broadcast", "random+window",
                                   "head-mask+lower_right"])
 def test_tile_classes_are_exact_or_conservative(case):
-    """EMPTY means no query of the tile sees a key (after every mask); FULL means the boolean
-    masks are all True / all kept on the tile (causal and window are still applied there,
-    element-wise). With one mask the classes are exact, ragged edge tiles included; with two,
+    """EMPTY means no query of the tile sees a key (after every mask); FULL means every query
+    sees every key of the tile (after every mask, bounds included: the kernels mask nothing
+    there), exactly. With one mask EMPTY is exact too, ragged edge tiles included; with two,
     a tile where each is partial but their combination is empty may be called PARTIAL
     (conservative); the causal/window bounds are exact."""
     batch, heads, seqlen_q, seqlen_k, block_m, block_n = 2, 3, 70, 90, 16, 8
@@ -341,7 +346,6 @@ def test_tile_classes_are_exact_or_conservative(case):
         allowed &= attn_mask
     if padding is not None:
         allowed &= ~padding[:, None, None, :]
-    masks_only = brute_force_classes(allowed, block_m, block_n)
     bounds = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
     if causal_offset is not None:
         bounds &= causal_bool(seqlen_q, seqlen_k, causal_offset)
@@ -351,7 +355,7 @@ def test_tile_classes_are_exact_or_conservative(case):
     classes = tile_classes(attn_mask, padding, allowed.shape, block_m, block_n, causal_offset, window)
     classes = classes.expand(batch, heads, *classes.shape[2:])
     assert ((classes != EMPTY) | (exact == EMPTY)).all()
-    assert ((classes != FULL) | (masks_only == FULL)).all()
+    assert torch.equal(classes == FULL, exact == FULL)
     bounds_empty = brute_force_classes(bounds.expand_as(allowed), block_m, block_n) == EMPTY
     assert (classes[bounds_empty] == EMPTY).all()
     assert (classes == EMPTY).any() or (classes == FULL).any()  # the case tests something
@@ -393,6 +397,9 @@ BUILDER_CASES = {  # name: (B, H, Lq, Lk, attn_mask shape or None, padding, caus
     "mask-full+causal+window": (2, 2, 64, 64, "B,H,Lq,Lk", True, 3, (9, 0), [(16, 16, True), (32, 32, False)]),
     "expanded-query-column": (2, 1, 33, 66, "Lq,1", True, None, None, [(16, 16, False)]),
     "padding+coarsened-edges": (2, 2, 70, 130, None, True, None, None, [(32, 32, True), (16, 64, False)]),
+    # Lk a multiple of the fine tiles, not of the coarse ones: the coarse edge holds keys past Lk
+    "padding+aligned-fine-edge": (2, 2, 70, 96, None, True, None, None, [(32, 64, True), (16, 32, False),
+                                                                          (16, 64, False)]),
     "no-keys": (2, 2, 17, 0, None, True, None, None, [(16, 16, True), (16, 16, False)]),
 }
 
@@ -453,16 +460,15 @@ def test_tile_skipping_forward_and_backward(masks, dtype):
         padding[1, 20:23] = True
         kernel_args["key_padding_mask"] = padding.to(DEVICE)
         allowed &= ~padding[:, None, None, :]
-    masks_only = brute_force_classes(allowed, 16, 16)  # FULL: the boolean masks are not read there
     if "lower_right" in masks:  # the causal range reaches the poisoned keys: only the lists skip them
         kernel_args["causal_offset"] = seqlen_k - seqlen_q
         allowed &= causal_bool(seqlen_q, seqlen_k, seqlen_k - seqlen_q)
     if "window" in masks:
-        kernel_args["window"] = (10, 10)
-        allowed &= window_bool(seqlen_q, seqlen_k, 0, 10, 10)
+        kernel_args["window"] = (40, 20)
+        allowed &= window_bool(seqlen_q, seqlen_k, 0, 40, 20)
     blocks = dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
     exact = brute_force_classes(allowed, 16, 16)
-    assert (exact == EMPTY).any() and (masks_only == FULL).any() and (exact == PARTIAL).any()
+    assert (exact == EMPTY).any() and (exact == FULL).any() and (exact == PARTIAL).any()  # FULL: no mask there
     # NaN in the keys/values of key blocks EMPTY for every query block of a sequence (keys 61+ are
     # a document without queries; padding empties whole blocks of sequence 0).
     k_poisoned, v_poisoned = k.clone(), v.clone()
@@ -479,6 +485,60 @@ def test_tile_skipping_forward_and_backward(masks, dtype):
     assert torch.isfinite(out).all() and torch.isfinite(dq).all()
     live_keys = ~torch.isnan(k_poisoned).any(-1, keepdim=True)  # an EMPTY key block's dk/dv: zero
     assert_matches_reference(q, k, v, allowed, None, grad_out, out, (dq, dk, dv), live_keys=live_keys)
+
+
+INTERIOR_CASES = {  # name: (Lq, Lk, causal offset or None, window or None)
+    # An off-by-one in a bound shows only where it crosses a tile edge: alignments, window edges
+    # and lengths sit at -1 and -2 modulo the tiles (16 and 32) as well as elsewhere.
+    "ragged-ends": (70, 95, None, None),
+    "causal": (70, 70, 0, None),
+    "causal-Lq>Lk": (83, 50, 0, None),
+    "lower_right": (50, 80, 30, None),
+    "lower_right-edge": (40, 71, 31, None),
+    "lower_right-Lq>Lk": (95, 61, -34, None),
+    "window": (77, 90, None, (37, 30)),
+    "window-edges": (80, 80, None, (46, 31)),  # Lk: whole 16-key tiles, not 32
+    "causal+window": (90, 90, 0, (40, 0)),
+    "lower_right+window": (45, 100, 55, (33, 7)),
+}
+
+
+@pytest.mark.parametrize("extra", ["dense", "padding", "float"])
+@pytest.mark.parametrize("name", list(INTERIOR_CASES))
+def test_interior_tiles_are_exact_at_every_edge(name, extra):
+    """Tiles inside every bound (and FULL tiles of the lists) are computed without element-wise
+    masks: at 16 x 16 to 32 x 32 tiles, the causal diagonal, both window edges, negative and
+    positive alignments and ragged sequence ends cross tiles at many offsets, through the dense
+    path, the lists (key padding) and with a float mask holding -inf (the running max of a row
+    that has seen only -inf stays safe in an interior tile)."""
+    seqlen_q, seqlen_k, causal_offset, window = INTERIOR_CASES[name]
+    batch, heads, head_dim, dtype = 2, 2, 24, torch.float32
+    q = torch.randn(batch, heads, seqlen_q, head_dim, device=DEVICE, dtype=dtype)
+    k = torch.randn(batch, heads, seqlen_k, head_dim, device=DEVICE, dtype=dtype)
+    v = torch.randn(batch, heads, seqlen_k, head_dim, device=DEVICE, dtype=dtype)
+    kernel_args = {"causal_offset": causal_offset, "window": window}
+    allowed = torch.ones(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool)
+    if causal_offset is not None:
+        allowed &= causal_bool(seqlen_q, seqlen_k, causal_offset)
+    if window is not None:
+        allowed &= window_bool(seqlen_q, seqlen_k, causal_offset or 0, *window)
+    bias = None
+    if extra == "padding":
+        padding = torch.zeros(batch, seqlen_k, dtype=torch.bool)
+        padding[1, seqlen_k // 2:] = True
+        padding[1, 3] = True
+        kernel_args["key_padding_mask"] = padding.to(DEVICE)
+        allowed &= ~padding[:, None, None, :]
+    if extra == "float":
+        bias = torch.randn(heads, 1, seqlen_k, dtype=dtype)
+        bias[0, :, :40] = float("-inf")  # rows whose first tiles are all -inf, then interior ones
+        kernel_args["attn_mask"] = bias.to(DEVICE)
+    grad_out = torch.randn_like(q)
+    with poisoned_allocations(DEVICE):
+        out, lse = attention_forward(q, k, v, **kernel_args, block_m=16, block_n=32, num_warps=4, num_stages=1)
+        grads = attention_backward(grad_out, q, k, v, out, lse, **kernel_args, dkdv_config=Config(16, 32, 4, 1),
+                                   dq_config=Config(32, 16, 4, 1))[:3]
+    assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads)
 
 
 # --- ahead-of-time compilation for the GPUs CI does not have ----------------------------------------

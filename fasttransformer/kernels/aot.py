@@ -142,21 +142,22 @@ def _list_jobs(attention_jobs):
     for name, arch, head_dim, config, options, dtype in attention_jobs:
         if name == "forward":
             tiles.add((arch, config[0], config[1]))
-            factors.add((arch, 1, 1))
+            factors.add((arch, 1, 1, False))
         elif name == "dq":
             dkdv = by_key[(arch, head_dim, dtype, str({key: value for key, value in options.items()
                                                           if key == "DROPOUT"}))]
             fine_m, fine_n = min(dkdv[0], config[0]), min(dkdv[1], config[1])
             tiles.add((arch, fine_m, fine_n))
-            factors.add((arch, dkdv[1] // fine_n, dkdv[0] // fine_m))  # lists by key: transposed
-            factors.add((arch, config[0] // fine_m, config[1] // fine_n))
+            factors.add((arch, dkdv[1] // fine_n, dkdv[0] // fine_m, True))  # lists by key: transposed
+            factors.add((arch, config[0] // fine_m, config[1] // fine_n, False))
     masks = ({"HAS_MASK": True, "MASK_ROWS": True}, {"HAS_MASK": True, "MASK_ROWS": False},  # and key padding
              {"HAS_MASK": False, "MASK_ROWS": False})
     jobs = [("classes", arch, 0, (block_m, block_n, 4, 1),
              {**mask, "TILES": max(1, CLASS_COLUMNS // block_n), "ROWS": CLASS_ROWS},
              "u8") for arch, block_m, block_n in sorted(tiles) for mask in masks]
-    jobs += [("lists", arch, 0, (0, 0, 4, 1), {"FACTOR_R": factor_r, "FACTOR_C": factor_c, "TILES": LIST_TILES},
-              "u8") for arch, factor_r, factor_c in sorted(factors)]
+    jobs += [("lists", arch, 0, (0, 0, 4, 1), {"FACTOR_R": factor_r, "FACTOR_C": factor_c, "TILES": LIST_TILES,
+                                               "KEYS_ON_ROWS": by_key},
+              "u8") for arch, factor_r, factor_c, by_key in sorted(factors)]
     return jobs
 
 

@@ -3,7 +3,9 @@
 One program computes a BLOCK_M x D tile of the output for one (batch, query head): it walks the
 key blocks that its causal / window bounds leave (the others are never loaded), masks the scores
 (sequence ends, causal, window, key padding, a boolean or float ``attn_mask`` read through its
-strides, so broadcast dimensions cost nothing), and keeps running max / sum in base 2. A row
+strides, so broadcast dimensions cost nothing), and keeps running max / sum in base 2. Key
+blocks that every query of the tile sees whole (``interior_keys``; FULL tiles of the lists)
+are computed without element-wise masks: only the tiles a bound crosses pay for them. A row
 that sees no key ends with l = 0: its output is zeros and its logsumexp +inf (the backward then
 gives it zero gradients). The logsumexp (natural log) is stored for the backward.
 
@@ -33,33 +35,83 @@ LOG2E = 1.4426950408889634
 def tile_scores(scores, rows, cols, seqlen_q, seqlen_k, batch, causal_offset, window_left, window_right,
                 KeyPadding, stride_pb, stride_pn, mask_block,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
-                HAS_KEY_PADDING: tl.constexpr, READ_MASKS: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+                HAS_KEY_PADDING: tl.constexpr, MASKED: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """Scores (base-2 units) of one (rows x cols) tile with every mask applied: -inf where a
-    query may not see a key. Shared by the forward and the backward kernels. READ_MASKS=False
-    (a FULL tile, see block_lists.py) skips the boolean attn_mask and the key padding: they are
-    all True / all kept there. A float attn_mask is always added. TRANSPOSED: the tile is
-    (keys x queries), S^T, and ``mask_block`` points at the mask's transposed view."""
+    query may not see a key. Shared by the forward and the backward kernels. MASKED=False: the
+    tile is known to be all visible (an interior tile, see ``interior_keys``, or a FULL one of
+    block_lists.py): no element-wise mask is applied, not even the sequence ends, and the
+    boolean attn_mask and key padding are not read. A float attn_mask is always added.
+    TRANSPOSED: the tile is (keys x queries), S^T, and ``mask_block`` points at the mask's
+    transposed view."""
     if TRANSPOSED:
         query_index = rows[None, :]
         key_index = cols[:, None]
     else:
         query_index = rows[:, None]
         key_index = cols[None, :]
-    visible = (query_index < seqlen_q) & (key_index < seqlen_k)
-    if CAUSAL:
-        visible = visible & (key_index <= query_index + causal_offset)
-    if WINDOW:
-        visible = visible & (key_index >= query_index + causal_offset - window_left)
-        visible = visible & (key_index <= query_index + causal_offset + window_right)
-    if HAS_KEY_PADDING and READ_MASKS:
-        padding = tl.load(KeyPadding + batch * stride_pb + key_index * stride_pn, mask=key_index < seqlen_k, other=1)
-        visible = visible & (padding == 0)
-    if MASK_KIND == 1 and READ_MASKS:
-        visible = visible & (tl.load(mask_block, boundary_check=(0, 1), padding_option="zero") != 0)
     if MASK_KIND == 2:
         bias = tl.load(mask_block, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
         scores = scores + bias * 1.4426950408889634
-    return tl.where(visible, scores, float("-inf"))
+    if MASKED:
+        visible = (query_index < seqlen_q) & (key_index < seqlen_k)
+        if CAUSAL:
+            visible = visible & (key_index <= query_index + causal_offset)
+        if WINDOW:
+            visible = visible & (key_index >= query_index + causal_offset - window_left)
+            visible = visible & (key_index <= query_index + causal_offset + window_right)
+        if HAS_KEY_PADDING:
+            padding = tl.load(KeyPadding + batch * stride_pb + key_index * stride_pn, mask=key_index < seqlen_k,
+                              other=1)
+            visible = visible & (padding == 0)
+        if MASK_KIND == 1:
+            visible = visible & (tl.load(mask_block, boundary_check=(0, 1), padding_option="zero") != 0)
+        scores = tl.where(visible, scores, float("-inf"))
+    return scores
+
+
+@triton.jit
+def interior_keys(start_m, lo, hi, seqlen_q, seqlen_k, causal_offset, window_left, window_right,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[full_lo, full_hi), multiples of BLOCK_N with lo <= full_lo <= full_hi <= hi: the key
+    blocks within [lo, hi) that every query of [start_m, start_m + BLOCK_M) before seqlen_q sees
+    whole (no key past seqlen_k, inside the causal and window bounds). The forward and dQ
+    kernels visit them with MASKED=False; the rows past seqlen_q are never stored."""
+    full_lo = lo
+    full_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+    if CAUSAL:  # every key j <= start_m + causal_offset
+        full_hi = tl.minimum(full_hi, (tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N)
+    if WINDOW:  # every key j in [last row + offset - left, start_m + offset + right]
+        full_hi = tl.minimum(full_hi, (tl.maximum(start_m + causal_offset + window_right + 1, 0) // BLOCK_N) * BLOCK_N)
+        last_row = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+        first = tl.maximum(last_row + causal_offset - window_left, 0)
+        full_lo = tl.maximum(full_lo, ((first + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return full_lo, full_hi
+
+
+@triton.jit
+def interior_queries(start_n, lo, hi, seqlen_q, seqlen_k, causal_offset, window_left, window_right,
+                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[full_lo, full_hi) with lo <= full_lo <= full_hi <= hi, full_lo a multiple of BLOCK_M: the
+    query blocks within [lo, hi) that see every key of [start_n, start_n + BLOCK_N) before
+    seqlen_k (the dK/dV kernel's interior tiles). Rows past seqlen_q need no mask there: their
+    lse is +inf, so they add nothing to dK and dV; keys past seqlen_k are never stored."""
+    full_lo = lo
+    full_hi = hi
+    last_key = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+    if CAUSAL:  # every query i >= last_key - causal_offset
+        first = tl.maximum(last_key - causal_offset, 0)
+        full_lo = tl.maximum(full_lo, ((first + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+    if WINDOW:  # every query i in [last_key - offset - right, start_n - offset + left]
+        first = tl.maximum(last_key - causal_offset - window_right, 0)
+        full_lo = tl.maximum(full_lo, ((first + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+        last = start_n - causal_offset + window_left  # the last query that sees key start_n
+        below = (tl.maximum(last + 1, 0) // BLOCK_M) * BLOCK_M
+        full_hi = tl.where(seqlen_q - 1 <= last, full_hi, tl.minimum(full_hi, below))
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return full_lo, full_hi
 
 
 DROPOUT_BITS = 16  # one draw per element: p is rounded to a multiple of 2**-16
@@ -109,29 +161,39 @@ def forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, o
                  seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left, window_right,
                  KeyPadding, stride_pb, stride_pn, seed, head_row, start_m, dropout_threshold,
                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
-                 HAS_KEY_PADDING: tl.constexpr, READ_MASKS: tl.constexpr, DROPOUT: tl.constexpr,
+                 HAS_KEY_PADDING: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block [start_n, start_n + BLOCK_N) into the running (acc, max, sum). With
     DROPOUT the sum counts every probability and acc only the kept ones (unscaled: the
-    launcher's 1 / (1 - p) is applied once, at the end)."""
-    k = tl.load(tl.advance(k_base, (0, start_n)), boundary_check=(0, 1), padding_option="zero")
+    launcher's 1 / (1 - p) is applied once, at the end). MASKED=False: every key of the block
+    is before seqlen_k and visible to every query (``tile_scores``)."""
+    if MASKED:
+        k = tl.load(tl.advance(k_base, (0, start_n)), boundary_check=(0, 1), padding_option="zero")
+    else:
+        k = tl.load(tl.advance(k_base, (0, start_n)), boundary_check=(0,), padding_option="zero")
     scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
     mask_block = mask_base
     if MASK_KIND != 0:
         mask_block = tl.advance(mask_base, (0, start_n))
     scores = tile_scores(scores, offs_m, start_n + offs_n, seqlen_q, seqlen_k, batch, causal_offset, window_left,
                          window_right, KeyPadding, stride_pb, stride_pn, mask_block,
-                         CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, READ_MASKS)
+                         CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, MASKED)
     m_new = tl.maximum(m_i, tl.max(scores, 1))
-    # Rows that have seen no key yet keep m = -inf: subtract 0 there instead (no NaN).
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if MASKED or MASK_KIND == 2:
+        # Rows that have seen no key yet keep m = -inf: subtract 0 there instead (no NaN).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:  # every score of the tile is finite, so is m_new
+        m_safe = m_new
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(scores - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
         keep = dropout_keep(seed, head_row, start_m, start_n, dropout_threshold, BLOCK_M, BLOCK_N)
         p = tl.where(keep, p, 0.0)
-    v = tl.load(tl.advance(v_base, (start_n, 0)), boundary_check=(0, 1), padding_option="zero")
+    if MASKED:
+        v = tl.load(tl.advance(v_base, (start_n, 0)), boundary_check=(0, 1), padding_option="zero")
+    else:
+        v = tl.load(tl.advance(v_base, (start_n, 0)), boundary_check=(1,), padding_option="zero")
     # Accumulate inside the dot: `acc * alpha + tl.dot(p, v)` holds a second BLOCK_M x D
     # float32 tile (at D = 128, BLOCK_M = 128, 8 warps: 468 bytes spilled on sm_90).
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -195,8 +257,8 @@ def attention_forward_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if SPARSE:
-        # The tiles block_lists.py left: PARTIAL ones read the boolean masks, FULL ones do not;
-        # EMPTY ones are not in the lists (never loaded).
+        # The tiles block_lists.py left: PARTIAL ones masked element-wise, FULL ones (all
+        # visible) not at all; EMPTY ones are not in the lists (never loaded).
         counts = BlockCounts + batch * stride_cb + head * stride_ch + pid_m * stride_cm
         index = BlockIndex + batch * stride_ib + head * stride_ih + pid_m * stride_im
         num_partial = tl.load(counts)
@@ -216,9 +278,25 @@ def attention_forward_kernel(
                                          pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
                                          HAS_KEY_PADDING, False, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
     else:
+        # The key blocks in bounds: the interior ones without element-wise masks, the edges
+        # (window start; diagonal, window end, ragged last block) with them.
         lo, hi = key_range(pid_m * BLOCK_M, seqlen_k, causal_offset, window_left, window_right,
                            CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
-        for start_n in range(lo, hi, BLOCK_N):
+        full_lo, full_hi = interior_keys(pid_m * BLOCK_M, lo, hi, seqlen_q, seqlen_k, causal_offset, window_left,
+                                         window_right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+        for start_n in range(lo, full_lo, BLOCK_N):
+            acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
+                                         seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
+                                         window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
+                                         pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
+                                         HAS_KEY_PADDING, True, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+        for start_n in range(full_lo, full_hi, BLOCK_N):
+            acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
+                                         seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
+                                         window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
+                                         pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
+                                         HAS_KEY_PADDING, False, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+        for start_n in range(full_hi, hi, BLOCK_N):
             acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
                                          seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
                                          window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,

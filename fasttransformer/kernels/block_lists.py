@@ -6,14 +6,17 @@ Every (query block, key block) tile is put in one of three classes:
 * EMPTY: no query of the tile may see any of its keys (the boolean ``attn_mask`` is all False
   there, or every key of the block is padding, or the causal/window bounds exclude it). The
   kernels never visit it: no loads, no dot.
-* PARTIAL: the kernels visit it and read the boolean ``attn_mask`` / ``key_padding_mask``.
-* FULL: both masks are all True/all kept there: the kernels visit it without reading them.
+* PARTIAL: the kernels visit it and mask it element-wise (bounds, causal, window, and the
+  boolean ``attn_mask`` / ``key_padding_mask`` read).
+* FULL: every query of the tile (before Lq) sees every key of it: the masks are all True/all
+  kept there, the tile is inside the causal and window bounds, and none of its keys is past Lk
+  (a ragged last key block is never FULL). The kernels visit it without any element-wise mask.
 
-The causal and window bounds only remove tiles here; the kernels still apply them element-wise
-on the tiles they visit (a few integer compares). With one boolean mask the classes are exact.
-With both, their combination is judged tile by tile (the exact one would need a
-``(B, H, Lq, Lk)`` temporary), so a tile where each mask is partial but their combination is
-empty is called PARTIAL: conservative, never the other way round.
+FULL is exact. EMPTY is exact with one boolean mask; with both, their combination is judged
+tile by tile (the exact one would need a ``(B, H, Lq, Lk)`` temporary), so a tile where each
+mask is partial but their combination is empty is called PARTIAL: conservative, never the other
+way round. Query rows past Lq do not count: the kernels never store them (and they add nothing
+to dK/dV).
 
 For the kernels the classes become lists, as FlexAttention's BlockMask: for each row of tiles
 (a query block; or a key block for the dK/dV kernel) the PARTIAL tiles' indices first, then the
@@ -94,28 +97,37 @@ def tile_classes(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[t
         # Two masks: EMPTY if either is, FULL if both are, else PARTIAL (judged tile by tile).
         classes = mask_classes if classes is None else torch.minimum(classes, mask_classes)
 
-    if causal_offset is not None or window is not None:
-        device = classes.device
-        offset = causal_offset or 0
-        first_row = torch.arange(num_m, device=device)[:, None] * block_m
-        last_row = torch.clamp(first_row + block_m, max=seqlen_q) - 1
-        first_col = torch.arange(num_n, device=device)[None, :] * block_n
-        last_col = torch.clamp(first_col + block_n, max=seqlen_k) - 1
-        visible = torch.ones(num_m, num_n, dtype=torch.bool, device=device)
-        if causal_offset is not None:  # some key j <= i + offset
-            visible &= first_col <= last_row + offset
-        if window is not None:  # some key in [i + offset - left, i + offset + right]
-            visible &= (last_col >= first_row + offset - window[0]) & (first_col <= last_row + offset + window[1])
-        classes = classes * visible  # EMPTY (0) where the bounds remove the whole tile
+    device = classes.device
+    offset = causal_offset or 0
+    first_row = torch.arange(num_m, device=device)[:, None] * block_m
+    last_row = torch.clamp(first_row + block_m, max=seqlen_q) - 1
+    first_col = torch.arange(num_n, device=device)[None, :] * block_n
+    last_col = torch.clamp(first_col + block_n, max=seqlen_k) - 1
+    visible = torch.ones(num_m, num_n, dtype=torch.bool, device=device)  # some element in bounds
+    inside = (first_col + block_n <= seqlen_k).expand(num_m, num_n)  # every element in bounds
+    if causal_offset is not None:  # key j <= i + offset
+        visible &= first_col <= last_row + offset
+        inside = inside & (first_col + block_n - 1 <= first_row + offset)
+    if window is not None:  # key j in [i + offset - left, i + offset + right]
+        visible &= (last_col >= first_row + offset - window[0]) & (first_col <= last_row + offset + window[1])
+        inside = inside & (first_col >= last_row + offset - window[0])
+        inside = inside & (first_col + block_n - 1 <= first_row + offset + window[1])
+    classes = classes * visible  # EMPTY (0) where the bounds remove the whole tile
+    classes = torch.where(inside, classes, classes.clamp(max=PARTIAL))  # FULL only inside them
     return classes.expand(*classes.shape[:2], num_m, num_n)
 
 
 def coarsen(classes: torch.Tensor, factor_m: int, factor_n: int) -> torch.Tensor:
     """The classes of tiles ``factor_m x factor_n`` times larger, from the classes of the small
     ones, exactly: EMPTY if all are EMPTY, FULL if all are FULL, PARTIAL otherwise. One
-    classification then serves kernels with different tile sizes."""
+    classification then serves kernels with different tile sizes. A large tile that reaches
+    past the small tiles' last key block holds keys past Lk: never FULL."""
     if factor_m == factor_n == 1:
         return classes
+    pad_cols = -classes.shape[-1] % factor_n
+    if pad_cols:
+        edge = classes[..., -1:].clamp(max=PARTIAL)
+        classes = torch.cat([classes, edge.expand(*classes.shape[:-1], pad_cols)], -1)
     low, high = _tile_min_max(classes, factor_m, factor_n)
     return high.clamp(max=PARTIAL) + (low == FULL)  # 0 all EMPTY; 2 all FULL; else 1
 
@@ -175,25 +187,33 @@ def tile_classes_kernel(Mask, KeyPadding, Classes,
         padding_classes = (tl.min(tl.reshape(tl.where(col_ok, kept, 1), [TILES, BLOCK_N]), 1)
                            + tl.max(tl.reshape(tl.where(col_ok, kept, 0), [TILES, BLOCK_N]), 1))
         classes = tl.minimum(classes, padding_classes)  # EMPTY if either is, FULL if both are
-    if CAUSAL or WINDOW:  # EMPTY where the bounds remove the whole tile
-        first_row = pid_m * BLOCK_M
-        last_row = tl.minimum(first_row + BLOCK_M, seqlen_q) - 1
-        first_col = tiles * BLOCK_N
-        last_col = tl.minimum(first_col + BLOCK_N, seqlen_k) - 1
-        if CAUSAL:
-            classes = tl.where(first_col <= last_row + causal_offset, classes, 0)
-        if WINDOW:
-            visible = ((last_col >= first_row + causal_offset - window_left)
-                       & (first_col <= last_row + causal_offset + window_right))
-            classes = tl.where(visible, classes, 0)
+    # EMPTY where the bounds remove the whole tile; FULL only where every element is inside them.
+    first_row = pid_m * BLOCK_M
+    last_row = tl.minimum(first_row + BLOCK_M, seqlen_q) - 1
+    first_col = tiles * BLOCK_N
+    last_col = tl.minimum(first_col + BLOCK_N, seqlen_k) - 1
+    inside = first_col + BLOCK_N <= seqlen_k
+    if CAUSAL:
+        classes = tl.where(first_col <= last_row + causal_offset, classes, 0)
+        inside = inside & (first_col + BLOCK_N - 1 <= first_row + causal_offset)
+    if WINDOW:
+        visible = ((last_col >= first_row + causal_offset - window_left)
+                   & (first_col <= last_row + causal_offset + window_right))
+        classes = tl.where(visible, classes, 0)
+        inside = inside & (first_col >= last_row + causal_offset - window_left)
+        inside = inside & (first_col + BLOCK_N - 1 <= first_row + causal_offset + window_right)
+    classes = tl.where(inside, classes, tl.minimum(classes, 1))
     tl.store(Classes + (pid_bh * num_m + pid_m).to(tl.int64) * num_n + tiles, classes.to(tl.uint8),
              mask=tiles < num_n)
 
 
 @triton.jit
 def _append_class(base, out, found, pid_r, fine_rows, fine_cols, stride_fr, stride_fc, num_cols,
-                  WANTED: tl.constexpr, FACTOR_R: tl.constexpr, FACTOR_C: tl.constexpr, TILES: tl.constexpr):
-    """Appends to the list at ``out + found`` the columns of class WANTED, in order; the new count."""
+                  WANTED: tl.constexpr, FACTOR_R: tl.constexpr, FACTOR_C: tl.constexpr, TILES: tl.constexpr,
+                  KEYS_ON_ROWS: tl.constexpr):
+    """Appends to the list at ``out + found`` the columns of class WANTED, in order; the new count.
+    A coarse tile reaching past the fine grid's keys is never FULL (it holds keys past Lk);
+    past its queries, the fine tiles do not count."""
     for start in range(0, num_cols, TILES):
         cols = start + tl.arange(0, TILES)
         low = tl.full([TILES], 2, tl.int32)
@@ -203,7 +223,11 @@ def _append_class(base, out, found, pid_r, fine_rows, fine_cols, stride_fr, stri
                 row, col = pid_r * FACTOR_R + i, cols * FACTOR_C + j
                 ok = (row < fine_rows) & (col < fine_cols)
                 fine = tl.load(base + row * stride_fr + col * stride_fc, mask=ok, other=0).to(tl.int32)
-                low = tl.minimum(low, tl.where(ok, fine, 2))
+                if KEYS_ON_ROWS:
+                    past_keys = row >= fine_rows
+                else:
+                    past_keys = col >= fine_cols
+                low = tl.minimum(low, tl.where(ok, fine, tl.where(past_keys, 1, 2)))
                 high = tl.maximum(high, fine)
         classes = tl.minimum(high, 1) + (low == 2).to(tl.int32)  # 0 all EMPTY, 2 all FULL, else 1
         hit = ((classes == WANTED) & (cols < num_cols)).to(tl.int32)
@@ -215,19 +239,21 @@ def _append_class(base, out, found, pid_r, fine_rows, fine_cols, stride_fr, stri
 @triton.jit
 def block_lists_kernel(Classes, Counts, Indices, fine_rows, fine_cols, stride_fr, stride_fc,
                        num_rows, num_cols,
-                       FACTOR_R: tl.constexpr, FACTOR_C: tl.constexpr, TILES: tl.constexpr):
+                       FACTOR_R: tl.constexpr, FACTOR_C: tl.constexpr, TILES: tl.constexpr,
+                       KEYS_ON_ROWS: tl.constexpr):
     """One row of the lists (``block_lists`` of ``coarsen``): the row's classes, coarsened by
     FACTOR_R x FACTOR_C, compacted PARTIAL first then FULL, each in column order, in two passes
     over the (small) classes. ``stride_fr``/``stride_fc`` walk the fine classes in the lists'
-    orientation (transposed for lists by key). Slots past the two counts are not written."""
+    orientation (transposed for lists by key: KEYS_ON_ROWS). Slots past the two counts are not
+    written."""
     pid_bh = tl.program_id(0) // num_rows  # one grid axis: y stops at 65535
     pid_r = tl.program_id(0) % num_rows
     base = Classes + pid_bh.to(tl.int64) * fine_rows * fine_cols
     out = Indices + (pid_bh * num_rows + pid_r).to(tl.int64) * num_cols
     num_partial = _append_class(base, out, tl.zeros([], tl.int32), pid_r, fine_rows, fine_cols, stride_fr,
-                                stride_fc, num_cols, 1, FACTOR_R, FACTOR_C, TILES)  # PARTIAL
+                                stride_fc, num_cols, 1, FACTOR_R, FACTOR_C, TILES, KEYS_ON_ROWS)  # PARTIAL
     found = _append_class(base, out, num_partial, pid_r, fine_rows, fine_cols, stride_fr, stride_fc, num_cols,
-                          2, FACTOR_R, FACTOR_C, TILES)  # FULL
+                          2, FACTOR_R, FACTOR_C, TILES, KEYS_ON_ROWS)  # FULL
     counts = Counts + (pid_bh * num_rows + pid_r).to(tl.int64) * 2
     tl.store(counts, num_partial)
     tl.store(counts + 1, found - num_partial)
@@ -284,6 +310,6 @@ def build_block_lists(attn_mask: Optional[torch.Tensor], key_padding_mask: Optio
         if counts.numel():
             block_lists_kernel[(list_batch * list_heads * rows,)](
                 classes, counts, indices, *fine[:4], rows, cols, FACTOR_R=fine[4], FACTOR_C=fine[5],
-                TILES=LIST_TILES, num_warps=4)
+                TILES=LIST_TILES, KEYS_ON_ROWS=by_key, num_warps=4)
         lists.append(BlockLists(counts.expand(batch, heads, rows, 2), indices.expand(batch, heads, rows, cols)))
     return lists

@@ -53,6 +53,11 @@ FORWARD_FP32 = {(arch, d): Config(32, 64, 8, 2) for arch in (80, 90) for d in (1
 BACKWARD_DKDV_FP32 = {(arch, d): Config(32, 16, 4, 1) if d > 16 else Config(16, 64, 4, 1)
                       for arch in (80, 90) for d in (16, 32, 64)}
 BACKWARD_DQ_FP32 = {(arch, d): Config(32, 16, 4, 1) for arch in (80, 90) for d in (16, 32, 64)}
+# Once the kernels skipped the masks on interior tiles (their loops split in three), these two
+# spilled 16 and 24 bytes; the nearest configs without a spill (ptxas sweep of 2026-11-23),
+# both with wgmma where the old ones had none.
+FORWARD_FP32[(90, 32)] = Config(64, 32, 8, 2)
+BACKWARD_DQ_FP32[(90, 32)] = Config(64, 16, 4, 1)
 
 # With dropout (its Philox state and mask are more live registers), the entries above that
 # spill are replaced by these: the largest tiles without a spill (worst-case masks + dropout),
@@ -60,6 +65,8 @@ BACKWARD_DQ_FP32 = {(arch, d): Config(32, 16, 4, 1) for arch in (80, 90) for d i
 # untimed like the rest. Keys: (kernel, "2-byte" or "fp32", arch, head-dim bucket).
 DROPOUT_OVERRIDES = {
     ("dkdv", "2-byte", 80, 128): Config(64, 32, 8, 1),
+    ("dq", "2-byte", 80, 64): Config(128, 32, 8, 1),  # since the interior-tile split: 24 bytes at 2 stages
+    ("dq", "2-byte", 80, 128): Config(32, 64, 8, 2),  # and 8 bytes at (64, 32, 8, 2)
     ("dq", "2-byte", 80, 256): Config(32, 64, 8, 2),
     ("dkdv", "2-byte", 90, 64): Config(32, 64, 8, 2),
     ("dkdv", "2-byte", 90, 128): Config(16, 64, 8, 2),
