@@ -75,24 +75,25 @@ MASKS = ["none", "causal", "lower_right", "padding", "bool", "float", "window", 
          "padding+bool+causal", "float+padding+lower_right", "window+padding"]
 
 
-def reference_attention(q, k, v, allowed, bias, keep=None, dropout_p=0.0):
+def reference_attention(q, k, v, allowed, bias, keep=None, dropout_p=0.0, scale=None):
     """``keep``: the dropout mask (bool (B, Hq, Lq, Lk), True = kept) and its ``dropout_p``."""
     attn_mask = allowed.to(q.device)
     if bias is not None:
         attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
         attn_mask = attn_mask + bias.to(q.device, q.dtype)
     return reference.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True, dropout_p=dropout_p,
-                                                  dropout_mask=None if keep is None else keep.to(q.device))
+                                                  dropout_mask=None if keep is None else keep.to(q.device), scale=scale)
 
 
-def reference_attention_scores(q, k, bias):
-    """S = Q K^T / sqrt(D) (+ bias) in float64, with the key heads repeated for GQA."""
+def reference_attention_scores(q, k, bias, scale=None):
+    """S = Q K^T * scale (1 / sqrt(D) by default) (+ bias) in float64, with the key heads repeated for GQA."""
     k = k.double().repeat_interleave(q.shape[1] // k.shape[1], 1)
-    scores = (q.double() @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    scores = (q.double() @ k.transpose(-2, -1)) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
     return scores if bias is None else scores + bias.double().to(scores.device)
 
 
-def assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads, live_keys=None, keep=None, dropout_p=0.0):
+def assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads, live_keys=None, keep=None, dropout_p=0.0,
+                             scale=None):
     """``out`` and ``grads = (dq, dk, dv)`` under the accuracy rule: against the float64
     reference, within 2x (3x for gradients) of plain PyTorch in the inputs' dtype.
     ``live_keys`` (B, Hk, Lk, 1) bool: dk/dv are compared only there, and must be 0 elsewhere.
@@ -100,7 +101,7 @@ def assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads, live_
     runs = []
     for cast in (torch.float64, q.dtype):
         leaves = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
-        result = reference_attention(*leaves, allowed, bias, keep, dropout_p)
+        result = reference_attention(*leaves, allowed, bias, keep, dropout_p, scale)
         result.backward(grad_out.to(cast))
         runs.append((result, [leaf.grad for leaf in leaves]))
     (ref, ref_grads), (base, base_grads) = runs
@@ -111,7 +112,7 @@ def assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads, live_
     # ulps of S (base 2); where torch is exact by accident (a row with one visible key has
     # P = 1), that is the error left. It matters in float32 only: in float16 the input
     # dtype's own floor is far above it.
-    scores = reference_attention_scores(q, k, bias)
+    scores = reference_attention_scores(q, k, bias, scale)
     finite = scores[torch.isfinite(scores)]
     largest_score = finite.abs().max().item() * math.log2(math.e) if finite.numel() else 0.0
     recompute = largest_score * torch.finfo(torch.float32).eps / torch.finfo(q.dtype).eps
@@ -200,6 +201,27 @@ def test_forward_custom_scale_and_strided_inputs():
     out, _ = attention_forward(q, k, v, scale=0.3)
     ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.3)
     assert (out.double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("scale", [-0.6, 0.0, 0.45])
+@pytest.mark.parametrize("masks", ["causal+window", "padding+lower_right", "bool", "float"])
+def test_any_scale_sign_matches_reference(masks, scale):
+    """The forward takes the row max on unscaled products when the scale is positive (and no
+    float mask): a negative or zero scale (torch allows both) takes the scaled path, through the
+    dense loops and the lists, forward and backward."""
+    batch, heads, seqlen_q, seqlen_k, head_dim = 2, 2, 45, 70, 32
+    q, k, v, kernel_args, allowed, bias = make_case(batch, heads, heads, seqlen_q, seqlen_k, head_dim,
+                                                    masks.split("+"), torch.float32)
+    if masks == "causal+window":
+        kernel_args["window"] = (30, 0)  # wider than the tiles: interior tiles too
+        allowed = causal_bool(seqlen_q, seqlen_k, 0) & window_bool(seqlen_q, seqlen_k, 0, 30, 0)
+        allowed = allowed.expand(batch, heads, seqlen_q, seqlen_k)
+    grad_out = torch.randn_like(q)
+    blocks = dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    with poisoned_allocations(DEVICE):
+        out, lse = attention_forward(q, k, v, scale=scale, **kernel_args, **blocks)
+        grads = attention_backward(grad_out, q, k, v, out, lse, scale=scale, **kernel_args, **blocks)[:3]
+    assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads, scale=scale)
 
 
 # --- dropout: Philox draws, regenerated in the backward -------------------------------------------

@@ -21,9 +21,9 @@ MATRIX_INSTRUCTIONS = ("wgmma.mma_async", "mma.sync")
 # Worst-case options (every mask on): what a config must survive without spilling. Dropout's
 # configs (configs.DROPOUT_OVERRIDES) are compiled with it on as well.
 WORST_CASE = {"CAUSAL": True, "WINDOW": True, "MASK_KIND": 1, "HAS_KEY_PADDING": True, "SPARSE": True,
-              "DROPOUT": False}
+              "DROPOUT": False, "POSITIVE_SCALE": True}
 NO_MASK = {"CAUSAL": False, "WINDOW": False, "MASK_KIND": 0, "HAS_KEY_PADDING": False, "SPARSE": False,
-           "DROPOUT": False}
+           "DROPOUT": False, "POSITIVE_SCALE": True}
 
 
 def _signature(fn, dtype: str) -> dict:
@@ -120,7 +120,7 @@ def _jobs():
             for dropout in (False, True):
                 extra = {"DROPOUT": True} if dropout else {}
                 config = configs.forward_config(device, torch_dtype, head_dim, True, dropout)
-                for options in ({}, {"MASK_KIND": 2}) + (() if dropout else (NO_MASK,)):
+                for options in ({}, {"MASK_KIND": 2, "POSITIVE_SCALE": False}) + (() if dropout else (NO_MASK,)):
                     jobs.append(("forward", arch, head_dim, tuple(config), {**options, **extra}, dtype))
                 dkdv, dq = configs.backward_configs(device, torch_dtype, head_dim, True, dropout)
                 jobs.append(("dkdv", arch, head_dim, tuple(dkdv), extra, dtype))

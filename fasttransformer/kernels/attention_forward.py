@@ -162,30 +162,42 @@ def forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, o
                  KeyPadding, stride_pb, stride_pn, seed, head_row, start_m, dropout_threshold,
                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
                  HAS_KEY_PADDING: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, POSITIVE_SCALE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block [start_n, start_n + BLOCK_N) into the running (acc, max, sum). With
     DROPOUT the sum counts every probability and acc only the kept ones (unscaled: the
     launcher's 1 / (1 - p) is applied once, at the end). MASKED=False: every key of the block
-    is before seqlen_k and visible to every query (``tile_scores``)."""
+    is before seqlen_k and visible to every query (``tile_scores``). POSITIVE_SCALE (scale > 0
+    and no float mask): the row max is taken on the unscaled products, max(s * c) = max(s) * c
+    exactly for c > 0, so the scale is multiplied once per row there and fused into the
+    exponent's subtraction (one FFMA per score instead of an FMUL and an FFMA)."""
     if MASKED:
         k = tl.load(tl.advance(k_base, (0, start_n)), boundary_check=(0, 1), padding_option="zero")
     else:
         k = tl.load(tl.advance(k_base, (0, start_n)), boundary_check=(0,), padding_option="zero")
-    scores = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+    scores = tl.dot(q, k, input_precision=DOT_PRECISION)
+    if not POSITIVE_SCALE:
+        scores = scores * scale_log2
     mask_block = mask_base
     if MASK_KIND != 0:
         mask_block = tl.advance(mask_base, (0, start_n))
     scores = tile_scores(scores, offs_m, start_n + offs_n, seqlen_q, seqlen_k, batch, causal_offset, window_left,
                          window_right, KeyPadding, stride_pb, stride_pn, mask_block,
                          CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, MASKED)
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    if POSITIVE_SCALE:  # -inf * c stays -inf
+        m_new = tl.maximum(m_i, tl.max(scores, 1) * scale_log2)
+    else:
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
     if MASKED or MASK_KIND == 2:
         # Rows that have seen no key yet keep m = -inf: subtract 0 there instead (no NaN).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:  # every score of the tile is finite, so is m_new
         m_safe = m_new
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(scores - m_safe[:, None])
+    if POSITIVE_SCALE:
+        p = tl.exp2(scores * scale_log2 - m_safe[:, None])
+    else:
+        p = tl.exp2(scores - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
         keep = dropout_keep(seed, head_row, start_m, start_n, dropout_threshold, BLOCK_M, BLOCK_N)
@@ -219,7 +231,7 @@ def attention_forward_kernel(
     dropout_scale,          # 1 / (1 - the rounded dropout_p); 0 when everything drops
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    POSITIVE_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -269,14 +281,16 @@ def attention_forward_kernel(
                                          seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
                                          window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
                                          pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
-                                         HAS_KEY_PADDING, True, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                                         HAS_KEY_PADDING, True, DROPOUT, DOT_PRECISION, POSITIVE_SCALE,
+                                         BLOCK_M, BLOCK_N)
         for i in range(num_partial, num_partial + num_full):
             start_n = tl.load(index + i) * BLOCK_N
             acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
                                          seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
                                          window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
                                          pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
-                                         HAS_KEY_PADDING, False, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                                         HAS_KEY_PADDING, False, DROPOUT, DOT_PRECISION, POSITIVE_SCALE,
+                                         BLOCK_M, BLOCK_N)
     else:
         # The key blocks in bounds: the interior ones without element-wise masks, the edges
         # (window start; diagonal, window end, ragged last block) with them.
@@ -289,19 +303,22 @@ def attention_forward_kernel(
                                          seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
                                          window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
                                          pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
-                                         HAS_KEY_PADDING, True, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                                         HAS_KEY_PADDING, True, DROPOUT, DOT_PRECISION, POSITIVE_SCALE,
+                                         BLOCK_M, BLOCK_N)
         for start_n in range(full_lo, full_hi, BLOCK_N):
             acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
                                          seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
                                          window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
                                          pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
-                                         HAS_KEY_PADDING, False, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                                         HAS_KEY_PADDING, False, DROPOUT, DOT_PRECISION, POSITIVE_SCALE,
+                                         BLOCK_M, BLOCK_N)
         for start_n in range(full_hi, hi, BLOCK_N):
             acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
                                          seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
                                          window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
                                          pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
-                                         HAS_KEY_PADDING, True, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                                         HAS_KEY_PADDING, True, DROPOUT, DOT_PRECISION, POSITIVE_SCALE,
+                                         BLOCK_M, BLOCK_N)
 
     seen = l_i > 0
     normaliser = tl.where(seen, l_i, 1.0)
@@ -451,7 +468,7 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
         scale * LOG2E, causal_offset or 0, window_left, window_right, dropout_threshold, dropout_scale,
         CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
         HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=lists is not None, DROPOUT=dropout,
-        DOT_PRECISION=dot_precision(query),
+        DOT_PRECISION=dot_precision(query), POSITIVE_SCALE=scale > 0 and mask_kind != MASK_FLOAT,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim_bucket(head_dim), num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
