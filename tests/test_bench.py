@@ -307,3 +307,32 @@ def test_test_shards_partition_the_suite():
     assert sorted(sum(shards, [])) == sorted(everything)
     bad, _ = collect("3/3")
     assert bad.returncode != 0 and "FASTTRANSFORMER_TEST_SHARD must be i/n" in bad.stdout + bad.stderr
+
+
+# --- benchmarks/sass_loops.py: instructions per loop iteration, from the SASS ----------------------
+
+def test_sass_loops_counts_each_loop_body():
+    """A backward branch closes a loop: its body is counted from the branch's target to the branch
+    (an outer loop including its inner one), a forward branch is no loop, and predicates do not
+    change an opcode's name."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sass_loops
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   ISETP.GE.AND P0, PT, R0, 0x1, PT ;
+        /*0020*/               @P0 BRA 0x80 ;
+        /*0030*/                   FMUL R2, R2, R3 ;
+        /*0040*/                   FFMA R4, R2, R3, R4 ;
+        /*0050*/              @!P1 FMUL R2, R2, R3 ;
+        /*0060*/                   ISETP.NE.AND P1, PT, R5, RZ, PT ;
+        /*0070*/               @P1 BRA 0x40 ;
+        /*0080*/                   IADD3 R6, R6, 0x1, RZ ;
+        /*0090*/               @P2 BRA `(.L_x_1) 0x30 ;
+        /*00a0*/                   EXIT ;
+    """
+    total, found = sass_loops.loops(sass)
+    assert total == 11
+    assert [loop["instructions"] for loop in found] == [4, 7]
+    assert found[0]["opcodes"] == {"FFMA": 1, "FMUL": 1, "ISETP": 1, "BRA": 1}
+    assert found[1]["opcodes"]["FMUL"] == 2 and found[1]["opcodes"]["BRA"] == 2
