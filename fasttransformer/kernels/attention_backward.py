@@ -140,6 +140,7 @@ def attention_backward_dkdv_kernel(
     lo = (lo // BLOCK_M) * BLOCK_M
     full_lo, full_hi = interior_queries(start_n, lo, hi, seqlen_q, seqlen_k, causal_offset, window_left,
                                         window_right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    STEP: tl.constexpr = 1 if SPARSE else BLOCK_M  # list positions, or query rows
 
     for group in range(0, kv_group):
         head = kv_head * kv_group + group
@@ -155,44 +156,32 @@ def attention_backward_dkdv_kernel(
                                           strides=(stride_mn, stride_mm), offsets=(start_n, 0),
                                           block_shape=(BLOCK_N, BLOCK_M), order=(0, 1))
         head_row = batch * num_heads + head
-        if SPARSE:  # this key block's column of tiles, PARTIAL then FULL (block_lists.py)
+        # Three segments of query blocks, masked / whole / masked: without lists, before /
+        # inside / after the interior ones; with lists, this key block's PARTIAL then FULL tiles.
+        if SPARSE:
             counts = BlockCounts + batch * stride_cb + head * stride_ch + pid_n * stride_cm
             index = BlockIndex + batch * stride_ib + head * stride_ih + pid_n * stride_im
-            num_partial = tl.load(counts)
-            num_full = tl.load(counts + 1)
-            for i in range(0, num_partial):
-                start_m = tl.load(index + i) * BLOCK_M
-                dk, dv = dkdv_tile(dk, dv, k, v, q_base, do_base, mask_base, start_m, offs_m, offs_n, Lse, Delta,
-                                   head_row, seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
-                                   window_right, KeyPadding, stride_pb, stride_pn, seed, start_n, dropout_threshold,
-                                   dropout_scale, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, True, DROPOUT,
-                                   DOT_PRECISION, BLOCK_M, BLOCK_N)
-            for i in range(num_partial, num_partial + num_full):
-                start_m = tl.load(index + i) * BLOCK_M
-                dk, dv = dkdv_tile(dk, dv, k, v, q_base, do_base, mask_base, start_m, offs_m, offs_n, Lse, Delta,
-                                   head_row, seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
-                                   window_right, KeyPadding, stride_pb, stride_pn, seed, start_n, dropout_threshold,
-                                   dropout_scale, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, False, DROPOUT,
-                                   DOT_PRECISION, BLOCK_M, BLOCK_N)
-        else:  # the interior query blocks without element-wise masks, the edges with them
-            for start_m in range(lo, full_lo, BLOCK_M):
-                dk, dv = dkdv_tile(dk, dv, k, v, q_base, do_base, mask_base, start_m, offs_m, offs_n, Lse, Delta,
-                                   head_row, seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
-                                   window_right, KeyPadding, stride_pb, stride_pn, seed, start_n, dropout_threshold,
-                                   dropout_scale, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, True, DROPOUT,
-                                   DOT_PRECISION, BLOCK_M, BLOCK_N)
-            for start_m in range(full_lo, full_hi, BLOCK_M):
-                dk, dv = dkdv_tile(dk, dv, k, v, q_base, do_base, mask_base, start_m, offs_m, offs_n, Lse, Delta,
-                                   head_row, seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
-                                   window_right, KeyPadding, stride_pb, stride_pn, seed, start_n, dropout_threshold,
-                                   dropout_scale, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, False, DROPOUT,
-                                   DOT_PRECISION, BLOCK_M, BLOCK_N)
-            for start_m in range(full_hi, hi, BLOCK_M):
-                dk, dv = dkdv_tile(dk, dv, k, v, q_base, do_base, mask_base, start_m, offs_m, offs_n, Lse, Delta,
-                                   head_row, seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
-                                   window_right, KeyPadding, stride_pb, stride_pn, seed, start_n, dropout_threshold,
-                                   dropout_scale, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, True, DROPOUT,
-                                   DOT_PRECISION, BLOCK_M, BLOCK_N)
+            lo = tl.zeros([], tl.int32)
+            full_lo = tl.load(counts)
+            full_hi = full_lo + tl.load(counts + 1)
+            hi = full_hi
+        for segment in tl.static_range(3):
+            if segment == 0:
+                start, stop = lo, full_lo
+            elif segment == 1:
+                start, stop = full_lo, full_hi
+            else:
+                start, stop = full_hi, hi
+            if not (SPARSE and segment == 2):
+                for position in range(start, stop, STEP):
+                    start_m = position
+                    if SPARSE:
+                        start_m = tl.load(index + position) * BLOCK_M
+                    dk, dv = dkdv_tile(dk, dv, k, v, q_base, do_base, mask_base, start_m, offs_m, offs_n, Lse, Delta,
+                                       head_row, seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
+                                       window_right, KeyPadding, stride_pb, stride_pn, seed, start_n,
+                                       dropout_threshold, dropout_scale, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING,
+                                       segment != 1, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     # DK and DV have the layouts of K and V (the launcher allocates them so).
     dk_block = tl.make_block_ptr(DK + batch * stride_kb + kv_head * stride_kh, shape=(seqlen_k, head_dim),
@@ -296,48 +285,39 @@ def attention_backward_dq_kernel(
     if DROPOUT:
         seed = tl.load(Seed)
 
+    # Three segments of key blocks, masked / whole / masked, as in the forward kernel: without
+    # lists, before / inside / after the interior ones; with lists, this row's PARTIAL then FULL.
     if SPARSE:
         counts = BlockCounts + batch * stride_cb + head * stride_ch + pid_m * stride_cm
         index = BlockIndex + batch * stride_ib + head * stride_ih + pid_m * stride_im
-        num_partial = tl.load(counts)
-        num_full = tl.load(counts + 1)
-        for i in range(0, num_partial):
-            start_n = tl.load(index + i) * BLOCK_N
-            dq = dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, dbias_base, start_n, rows, offs_n,
-                         seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left, window_right,
-                         KeyPadding, stride_pb, stride_pn, seed, pid_bh, start_m, dropout_threshold, dropout_scale,
-                         CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, True, BIAS_GRAD, DROPOUT, DOT_PRECISION,
-                         BLOCK_M, BLOCK_N)
-        for i in range(num_partial, num_partial + num_full):
-            start_n = tl.load(index + i) * BLOCK_N
-            dq = dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, dbias_base, start_n, rows, offs_n,
-                         seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left, window_right,
-                         KeyPadding, stride_pb, stride_pn, seed, pid_bh, start_m, dropout_threshold, dropout_scale,
-                         CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, False, BIAS_GRAD, DROPOUT, DOT_PRECISION,
-                         BLOCK_M, BLOCK_N)
+        lo = tl.zeros([], tl.int32)
+        full_lo = tl.load(counts)
+        full_hi = full_lo + tl.load(counts + 1)
+        hi = full_hi
+        STEP: tl.constexpr = 1
     else:
         lo, hi = key_range(start_m, seqlen_k, causal_offset, window_left, window_right, CAUSAL, WINDOW,
                            BLOCK_M, BLOCK_N)
         full_lo, full_hi = interior_keys(start_m, lo, hi, seqlen_q, seqlen_k, causal_offset, window_left,
                                          window_right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
-        for start_n in range(lo, full_lo, BLOCK_N):
-            dq = dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, dbias_base, start_n, rows, offs_n,
-                         seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left, window_right,
-                         KeyPadding, stride_pb, stride_pn, seed, pid_bh, start_m, dropout_threshold, dropout_scale,
-                         CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, True, BIAS_GRAD, DROPOUT, DOT_PRECISION,
-                         BLOCK_M, BLOCK_N)
-        for start_n in range(full_lo, full_hi, BLOCK_N):
-            dq = dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, dbias_base, start_n, rows, offs_n,
-                         seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left, window_right,
-                         KeyPadding, stride_pb, stride_pn, seed, pid_bh, start_m, dropout_threshold, dropout_scale,
-                         CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, False, BIAS_GRAD, DROPOUT, DOT_PRECISION,
-                         BLOCK_M, BLOCK_N)
-        for start_n in range(full_hi, hi, BLOCK_N):
-            dq = dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, dbias_base, start_n, rows, offs_n,
-                         seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left, window_right,
-                         KeyPadding, stride_pb, stride_pn, seed, pid_bh, start_m, dropout_threshold, dropout_scale,
-                         CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, True, BIAS_GRAD, DROPOUT, DOT_PRECISION,
-                         BLOCK_M, BLOCK_N)
+        STEP: tl.constexpr = BLOCK_N
+    for segment in tl.static_range(3):
+        if segment == 0:
+            start, stop = lo, full_lo
+        elif segment == 1:
+            start, stop = full_lo, full_hi
+        else:
+            start, stop = full_hi, hi
+        if not (SPARSE and segment == 2):
+            for position in range(start, stop, STEP):
+                start_n = position
+                if SPARSE:
+                    start_n = tl.load(index + position) * BLOCK_N
+                dq = dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, dbias_base, start_n, rows, offs_n,
+                             seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left, window_right,
+                             KeyPadding, stride_pb, stride_pn, seed, pid_bh, start_m, dropout_threshold,
+                             dropout_scale, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, segment != 1, BIAS_GRAD,
+                             DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     dq_block = tl.make_block_ptr(DQ + batch * stride_qb + head * stride_qh, shape=(seqlen_q, head_dim),
                                  strides=(stride_qm, stride_qd), offsets=(start_m, 0),

@@ -268,57 +268,43 @@ def attention_forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Three segments of tiles: masked element-wise, whole (every query sees every key: no
+    # element-wise mask), masked. Without lists they are the key blocks within the causal /
+    # window bounds (the others are never loaded): before the interior ones (window start), the
+    # interior ones, after them (diagonal, window end, ragged last block). With lists, positions
+    # in this row's list: the PARTIAL tiles, then the FULL ones; EMPTY ones are not in it.
     if SPARSE:
-        # The tiles block_lists.py left: PARTIAL ones masked element-wise, FULL ones (all
-        # visible) not at all; EMPTY ones are not in the lists (never loaded).
         counts = BlockCounts + batch * stride_cb + head * stride_ch + pid_m * stride_cm
         index = BlockIndex + batch * stride_ib + head * stride_ih + pid_m * stride_im
-        num_partial = tl.load(counts)
-        num_full = tl.load(counts + 1)
-        for i in range(0, num_partial):
-            start_n = tl.load(index + i) * BLOCK_N
-            acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
-                                         seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
-                                         window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
-                                         pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
-                                         HAS_KEY_PADDING, True, DROPOUT, DOT_PRECISION, POSITIVE_SCALE,
-                                         BLOCK_M, BLOCK_N)
-        for i in range(num_partial, num_partial + num_full):
-            start_n = tl.load(index + i) * BLOCK_N
-            acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
-                                         seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
-                                         window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
-                                         pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
-                                         HAS_KEY_PADDING, False, DROPOUT, DOT_PRECISION, POSITIVE_SCALE,
-                                         BLOCK_M, BLOCK_N)
+        lo = tl.zeros([], tl.int32)
+        full_lo = tl.load(counts)
+        full_hi = full_lo + tl.load(counts + 1)
+        hi = full_hi
+        STEP: tl.constexpr = 1
     else:
-        # The key blocks in bounds: the interior ones without element-wise masks, the edges
-        # (window start; diagonal, window end, ragged last block) with them.
         lo, hi = key_range(pid_m * BLOCK_M, seqlen_k, causal_offset, window_left, window_right,
                            CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
         full_lo, full_hi = interior_keys(pid_m * BLOCK_M, lo, hi, seqlen_q, seqlen_k, causal_offset, window_left,
                                          window_right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
-        for start_n in range(lo, full_lo, BLOCK_N):
-            acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
-                                         seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
-                                         window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
-                                         pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
-                                         HAS_KEY_PADDING, True, DROPOUT, DOT_PRECISION, POSITIVE_SCALE,
-                                         BLOCK_M, BLOCK_N)
-        for start_n in range(full_lo, full_hi, BLOCK_N):
-            acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
-                                         seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
-                                         window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
-                                         pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
-                                         HAS_KEY_PADDING, False, DROPOUT, DOT_PRECISION, POSITIVE_SCALE,
-                                         BLOCK_M, BLOCK_N)
-        for start_n in range(full_hi, hi, BLOCK_N):
-            acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
-                                         seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
-                                         window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
-                                         pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
-                                         HAS_KEY_PADDING, True, DROPOUT, DOT_PRECISION, POSITIVE_SCALE,
-                                         BLOCK_M, BLOCK_N)
+        STEP: tl.constexpr = BLOCK_N
+    for segment in tl.static_range(3):
+        if segment == 0:
+            start, stop = lo, full_lo
+        elif segment == 1:
+            start, stop = full_lo, full_hi
+        else:
+            start, stop = full_hi, hi
+        if not (SPARSE and segment == 2):
+            for position in range(start, stop, STEP):
+                start_n = position
+                if SPARSE:
+                    start_n = tl.load(index + position) * BLOCK_N
+                acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
+                                             seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
+                                             window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
+                                             pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
+                                             HAS_KEY_PADDING, segment != 1, DROPOUT, DOT_PRECISION, POSITIVE_SCALE,
+                                             BLOCK_M, BLOCK_N)
 
     seen = l_i > 0
     normaliser = tl.where(seen, l_i, 1.0)
