@@ -33,7 +33,8 @@ import triton.language as tl
 
 from fasttransformer.kernels.attention_forward import (LOG2E, MASK_BOOL, cdiv, dot_precision, dropout_arguments,
                                                        dropout_keep, effective_dropout_p, interior_keys,
-                                                       interior_queries, key_range, mask_arguments, tile_scores)
+                                                       interior_queries, key_range, list_segments, mask_arguments,
+                                                       segment_range, tile_scores)
 
 
 @triton.jit
@@ -159,19 +160,11 @@ def attention_backward_dkdv_kernel(
         # Three segments of query blocks, masked / whole / masked: without lists, before /
         # inside / after the interior ones; with lists, this key block's PARTIAL then FULL tiles.
         if SPARSE:
-            counts = BlockCounts + batch * stride_cb + head * stride_ch + pid_n * stride_cm
             index = BlockIndex + batch * stride_ib + head * stride_ih + pid_n * stride_im
-            lo = tl.zeros([], tl.int32)
-            full_lo = tl.load(counts)
-            full_hi = full_lo + tl.load(counts + 1)
-            hi = full_hi
+            lo, full_lo, full_hi, hi = list_segments(BlockCounts + batch * stride_cb + head * stride_ch
+                                                     + pid_n * stride_cm)
         for segment in tl.static_range(3):
-            if segment == 0:
-                start, stop = lo, full_lo
-            elif segment == 1:
-                start, stop = full_lo, full_hi
-            else:
-                start, stop = full_hi, hi
+            start, stop = segment_range(segment, lo, full_lo, full_hi, hi)
             if not (SPARSE and segment == 2):
                 for position in range(start, stop, STEP):
                     start_m = position
@@ -288,12 +281,8 @@ def attention_backward_dq_kernel(
     # Three segments of key blocks, masked / whole / masked, as in the forward kernel: without
     # lists, before / inside / after the interior ones; with lists, this row's PARTIAL then FULL.
     if SPARSE:
-        counts = BlockCounts + batch * stride_cb + head * stride_ch + pid_m * stride_cm
         index = BlockIndex + batch * stride_ib + head * stride_ih + pid_m * stride_im
-        lo = tl.zeros([], tl.int32)
-        full_lo = tl.load(counts)
-        full_hi = full_lo + tl.load(counts + 1)
-        hi = full_hi
+        lo, full_lo, full_hi, hi = list_segments(BlockCounts + batch * stride_cb + head * stride_ch + pid_m * stride_cm)
         STEP: tl.constexpr = 1
     else:
         lo, hi = key_range(start_m, seqlen_k, causal_offset, window_left, window_right, CAUSAL, WINDOW,
@@ -302,12 +291,7 @@ def attention_backward_dq_kernel(
                                          window_right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
         STEP: tl.constexpr = BLOCK_N
     for segment in tl.static_range(3):
-        if segment == 0:
-            start, stop = lo, full_lo
-        elif segment == 1:
-            start, stop = full_lo, full_hi
-        else:
-            start, stop = full_hi, hi
+        start, stop = segment_range(segment, lo, full_lo, full_hi, hi)
         if not (SPARSE and segment == 2):
             for position in range(start, stop, STEP):
                 start_n = position

@@ -91,6 +91,31 @@ def interior_keys(start_m, lo, hi, seqlen_q, seqlen_k, causal_offset, window_lef
 
 
 @triton.jit
+def list_segments(counts):
+    """(lo, full_lo, full_hi, hi): the three segments of one row of the tile lists
+    (block_lists.py), as positions in it: [lo, full_lo) its PARTIAL tiles (masked), [full_lo,
+    full_hi) its FULL ones (whole), and an empty third."""
+    full_lo = tl.load(counts)
+    full_hi = full_lo + tl.load(counts + 1)
+    return tl.zeros([], tl.int32), full_lo, full_hi, full_hi
+
+
+@triton.jit
+def segment_range(SEGMENT: tl.constexpr, lo, full_lo, full_hi, hi):
+    """[start, stop) of segment 0 (masked, before the whole tiles), 1 (the whole tiles: no
+    element-wise mask) or 2 (masked, after them)."""
+    start = lo
+    stop = full_lo
+    if SEGMENT == 1:
+        start = full_lo
+        stop = full_hi
+    if SEGMENT == 2:
+        start = full_hi
+        stop = hi
+    return start, stop
+
+
+@triton.jit
 def interior_queries(start_n, lo, hi, seqlen_q, seqlen_k, causal_offset, window_left, window_right,
                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """[full_lo, full_hi) with lo <= full_lo <= full_hi <= hi, full_lo a multiple of BLOCK_M: the
@@ -274,12 +299,8 @@ def attention_forward_kernel(
     # interior ones, after them (diagonal, window end, ragged last block). With lists, positions
     # in this row's list: the PARTIAL tiles, then the FULL ones; EMPTY ones are not in it.
     if SPARSE:
-        counts = BlockCounts + batch * stride_cb + head * stride_ch + pid_m * stride_cm
         index = BlockIndex + batch * stride_ib + head * stride_ih + pid_m * stride_im
-        lo = tl.zeros([], tl.int32)
-        full_lo = tl.load(counts)
-        full_hi = full_lo + tl.load(counts + 1)
-        hi = full_hi
+        lo, full_lo, full_hi, hi = list_segments(BlockCounts + batch * stride_cb + head * stride_ch + pid_m * stride_cm)
         STEP: tl.constexpr = 1
     else:
         lo, hi = key_range(pid_m * BLOCK_M, seqlen_k, causal_offset, window_left, window_right,
@@ -288,12 +309,7 @@ def attention_forward_kernel(
                                          window_right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
         STEP: tl.constexpr = BLOCK_N
     for segment in tl.static_range(3):
-        if segment == 0:
-            start, stop = lo, full_lo
-        elif segment == 1:
-            start, stop = full_lo, full_hi
-        else:
-            start, stop = full_hi, hi
+        start, stop = segment_range(segment, lo, full_lo, full_hi, hi)
         if not (SPARSE and segment == 2):
             for position in range(start, stop, STEP):
                 start_n = position
