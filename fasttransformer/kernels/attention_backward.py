@@ -129,18 +129,18 @@ def attention_backward_dkdv_kernel(
     if DROPOUT:
         seed = tl.load(Seed)
 
-    # Without lists: the queries that can see this key block, i >= j - causal_offset (causal),
-    # i <= j - offset + left (window).
-    lo = tl.full([], 0, tl.int32)
-    hi = tl.full([], 0, tl.int32) + seqlen_q
-    if CAUSAL:
-        lo = tl.maximum(lo, start_n - causal_offset)
-    if WINDOW:
-        lo = tl.maximum(lo, start_n - causal_offset - window_right)
-        hi = tl.minimum(hi, start_n + BLOCK_N - causal_offset + window_left)
-    lo = (lo // BLOCK_M) * BLOCK_M
-    full_lo, full_hi = interior_queries(start_n, lo, hi, seqlen_q, seqlen_k, causal_offset, window_left,
-                                        window_right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    if not SPARSE:  # the queries that can see this key block: i >= j - causal_offset (causal),
+        # i <= j - offset + left (window); the interior ones see all of it
+        lo = tl.full([], 0, tl.int32)
+        hi = tl.full([], 0, tl.int32) + seqlen_q
+        if CAUSAL:
+            lo = tl.maximum(lo, start_n - causal_offset)
+        if WINDOW:
+            lo = tl.maximum(lo, start_n - causal_offset - window_right)
+            hi = tl.minimum(hi, start_n + BLOCK_N - causal_offset + window_left)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        full_lo, full_hi = interior_queries(start_n, lo, hi, seqlen_q, seqlen_k, causal_offset, window_left,
+                                            window_right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
     STEP: tl.constexpr = 1 if SPARSE else BLOCK_M  # list positions, or query rows
 
     for group in range(0, kv_group):
