@@ -751,7 +751,7 @@ def test_op_dropout_torch_backend_is_reproducible_under_a_seed():
     assert torch.equal(*runs)
 
 
-BIAS_SHAPES = {"Lq,Lk": lambda b, h, m, n: (m, n), "B,1,Lq,Lk": lambda b, h, m, n: (b, 1, m, n),
+BIAS_SHAPES = {"Lk": lambda b, h, m, n: (n,), "Lq,Lk": lambda b, h, m, n: (m, n), "B,1,Lq,Lk": lambda b, h, m, n: (b, 1, m, n),
                "1,H,1,Lk": lambda b, h, m, n: (1, h, 1, n), "B,H,Lq,Lk": lambda b, h, m, n: (b, h, m, n)}
 
 
@@ -1165,6 +1165,9 @@ def test_op_random_combinations_match_the_reference(call):
     ({"key_padding_mask": torch.zeros(2, 40, dtype=torch.bool)}, ValueError, r"key_padding_mask must be \(batch, Lk\)"),
     ({"window_size": -1}, ValueError, "window_size must be"),
     ({"window_size": (1, 2, 3)}, ValueError, "window_size must be"),
+    ({"window_size": 2.0}, ValueError, "window_size must be"),
+    ({"is_causal": "yes"}, TypeError, "is_causal must be a bool"),
+    ({"enable_gqa": None}, TypeError, "enable_gqa must be a bool"),
     ({"dropout_p": 2.0}, ValueError, "dropout_p must be"),
     ({"backend": "cudnn"}, ValueError, "backend must be one of"),
 ])

@@ -118,6 +118,9 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
         if tensor.dtype != query.dtype or tensor.device != query.device:
             raise ValueError(f"{name} is {tensor.dtype} on {tensor.device} but query is {query.dtype} on {query.device}")
+    for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
+        if not isinstance(flag, (bool, numbers.Integral)) or flag not in (0, 1):  # torch: "must be bool"
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     batch, heads, seqlen_q, head_dim = query.shape
     _, kv_heads, seqlen_k, _ = key.shape
     if head_dim == 0:
@@ -164,6 +167,7 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         except RuntimeError:
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                              f"(batch, heads, Lq, Lk) = {(batch, heads, seqlen_q, seqlen_k)}") from None
+        attn_mask = attn_mask[(None,) * (4 - attn_mask.dim())]  # a 4-D view (torch's SDPA fails on 1-D masks)
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a bool tensor (True = padding)")
@@ -173,8 +177,8 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but query is on {query.device}")
     window = None
     if window_size is not None:
-        pair = (window_size, 0) if isinstance(window_size, numbers.Integral) else tuple(window_size)
-        if len(pair) != 2 or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 0 for w in pair):
+        pair = (window_size, 0) if isinstance(window_size, numbers.Integral) else window_size
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 0 for w in pair):
             raise ValueError(f"window_size must be an int >= 0 or a pair (left, right) of ints >= 0, got {window_size!r}")
         window = (int(pair[0]), int(pair[1]))
     return {"attn_mask": attn_mask, "key_padding_mask": key_padding_mask, "causal_offset": causal_offset,
