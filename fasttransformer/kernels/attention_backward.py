@@ -107,10 +107,7 @@ def attention_backward_dkdv_kernel(
     HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    batch = pid_bh // kv_heads
-    kv_head = pid_bh % kv_heads
+    pid_n, kv_head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # grid (blocks, kv heads, batch)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -237,10 +234,8 @@ def attention_backward_dq_kernel(
     HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    batch = pid_bh // num_heads
-    head = pid_bh % num_heads
+    pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # grid (blocks, heads, batch)
+    pid_bh = batch * num_heads + head
     kv_head = head // kv_group
     start_m = pid_m * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -317,10 +312,8 @@ def attention_delta_kernel(Out, DO, Delta,
                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta = rowsum(dO * O) in float32 into a contiguous (B, Hq, Lq): one read of each input
     (torch's ``(dO.float() * O.float()).sum(-1)`` writes and reads float32 copies)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    batch = pid_bh // num_heads
-    head = pid_bh % num_heads
+    pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # grid (blocks, heads, batch)
+    pid_bh = batch * num_heads + head
     o_block = tl.make_block_ptr(Out + batch * stride_ob + head * stride_oh, shape=(seqlen_q, head_dim),
                                 strides=(stride_om, stride_od), offsets=(pid_m * BLOCK_M, 0),
                                 block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
@@ -339,7 +332,7 @@ def attention_delta(grad_out, out):
     batch, heads, seqlen_q, head_dim = out.shape
     delta = torch.empty(batch, heads, seqlen_q, device=out.device, dtype=torch.float32)
     block_m, block_d, num_warps = delta_config(head_dim)
-    attention_delta_kernel[(cdiv(seqlen_q, block_m), batch * heads)](
+    attention_delta_kernel[(cdiv(seqlen_q, block_m), heads, batch)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seqlen_q, head_dim,
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps)
     return delta
@@ -407,7 +400,7 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     strides = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mask_strides, *padding_strides)
     scalars = (scale, scale * LOG2E, causal_offset or 0, window_left, window_right, dropout_threshold, dropout_scale)
     counts, index, list_strides = list_arguments(by_key, query)
-    attention_backward_dkdv_kernel[(cdiv(seqlen_k, dkdv_config.block_n), batch * kv_heads)](
+    attention_backward_dkdv_kernel[(cdiv(seqlen_k, dkdv_config.block_n), kv_heads, batch)](
         query, key, value, grad_out, lse, delta, dk, dv, mask, padding, counts, index, seed, *strides, *list_strides,
         heads, kv_heads, group, seqlen_q, seqlen_k, head_dim, *scalars, **constants,
         BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n, num_warps=dkdv_config.num_warps,
@@ -419,7 +412,7 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
         """The dQ kernel on the sequences [start, stop): every per-batch argument sliced (views,
         same strides), dbias ``(stop - start, Hq, Lq, Lk)``."""
         tensors = per_batch if (start, stop) == (0, batch) else [tensor[start:stop] for tensor in per_batch]
-        attention_backward_dq_kernel[(cdiv(seqlen_q, dq_config.block_m), (stop - start) * heads)](
+        attention_backward_dq_kernel[(cdiv(seqlen_q, dq_config.block_m), heads, stop - start)](
             *tensors, dbias, seed, *strides, *list_strides, heads, group, seqlen_q, seqlen_k, head_dim, *scalars,
             BIAS_GRAD=bias_grad, **constants, BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n,
             num_warps=dq_config.num_warps, num_stages=dq_config.num_stages)

@@ -258,10 +258,8 @@ def attention_forward_kernel(
     HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     POSITIVE_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    batch = pid_bh // num_heads
-    head = pid_bh % num_heads
+    pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # grid (blocks, heads, batch)
+    pid_bh = batch * num_heads + head
     kv_head = head // kv_group
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -461,7 +459,7 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     counts, index, list_strides = list_arguments(lists, query)
     dropout, seed, dropout_threshold, dropout_scale = dropout_arguments(dropout_p, seed, query)
     window_left, window_right = window if window is not None else (0, 0)
-    grid = (cdiv(seqlen_q, block_m), batch * heads)  # y <= 65535: ops' _triton_unsupported
+    grid = (cdiv(seqlen_q, block_m), heads, batch)  # y, z <= 65535: ops' _triton_unsupported
     attention_forward_kernel[grid](
         query, key, value, out, lse, mask, padding, counts, index, seed,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mask_strides, *padding_strides,

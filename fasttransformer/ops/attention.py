@@ -23,7 +23,7 @@ logger = logging.getLogger("fasttransformer")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BACKENDS = ("auto", "triton", "torch")
 MAX_HEAD_DIM = 256
-MAX_BATCH_HEADS = 65535  # CUDA's cap on a grid's y, the kernels' (batch, head) axis
+MAX_GRID_YZ = 65535  # CUDA's cap on a grid's y and z: the kernels' heads and batch axes
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -50,7 +50,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``TRITON_INTERPRET=1``, set before triton is imported), ``"torch"`` (torch's SDPA, masks
     merged into one), or ``"auto"``: Triton for CUDA tensors when the kernels support the case,
     torch otherwise; the reason is logged at DEBUG level by the ``fasttransformer`` logger. Not
-    in the kernels, so sent to torch by ``"auto"``: head dims above 256, batch x query heads
+    in the kernels, so sent to torch by ``"auto"``: head dims above 256, a batch or query heads
     above 65535, and float32 CUDA tensors with head dims above 64 (float32 runs as tf32x3
     products on CUDA).
 
@@ -198,9 +198,9 @@ def _triton_unsupported(query, spec) -> Optional[str]:
         return "float64 is not in the Triton kernels (torch computes it)"
     if query.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {query.shape[-1]} > {MAX_HEAD_DIM}"
-    if query.shape[0] * query.shape[1] > MAX_BATCH_HEADS:
-        return (f"batch x heads = {query.shape[0] * query.shape[1]} > {MAX_BATCH_HEADS}: the kernels' grid has "
-                "one program row per (batch, head) and CUDA caps that grid axis at 65535")
+    if max(query.shape[:2]) > MAX_GRID_YZ:
+        return (f"batch {query.shape[0]} or heads {query.shape[1]} > {MAX_GRID_YZ}: the kernels' grid has one "
+                "program per (block, head, batch), and CUDA caps its y and z axes at 65535")
     from fasttransformer.kernels.configs import MAX_FP32_HEAD_DIM
     if query.device.type == "cuda" and query.dtype == torch.float32 and query.shape[-1] > MAX_FP32_HEAD_DIM:
         return (f"float32 with head dim {query.shape[-1]} > {MAX_FP32_HEAD_DIM} on CUDA: the kernels' backward "
