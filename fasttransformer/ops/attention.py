@@ -216,6 +216,15 @@ def _torch_attention(query, key, value, spec):
     """torch's SDPA with every mask merged into one (dense) mask; rows with no visible key give
     zeros: they are given one harmless key for torch (whose softmax would be NaN) and zeroed after."""
     seqlen_q, seqlen_k = query.shape[2], key.shape[2]
+    if query.numel() == 0 or seqlen_k == 0:  # zeros, without torch's SDPA: torch 2.11's dies of SIGFPE on 0 heads,
+        # and 2.13's gives an empty float mask no gradient. Filled with zeros, not multiplied by
+        # 0 (inf * 0 is NaN), so that every input gets a zero gradient.
+        everything = torch.ones((), dtype=torch.bool, device=query.device)
+        out = query.masked_fill(everything, 0.0)
+        for tensor in (key, value, spec["attn_mask"]):
+            if tensor is not None and tensor.is_floating_point():
+                out = out + tensor.masked_fill(everything, 0.0).sum().to(out.dtype)
+        return out
     only_causal = spec["causal_offset"] == 0 and spec["window"] is None and spec["key_padding_mask"] is None
     if only_causal and spec["attn_mask"] is None:  # top-left: every query sees key 0, no empty row
         return F.scaled_dot_product_attention(query, key, value, dropout_p=spec["dropout_p"], is_causal=True,
