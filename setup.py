@@ -5,10 +5,19 @@ build against a second, mismatched torch):  pip install --no-build-isolation .
 """
 import glob
 import os
+import shutil
 
 import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+# torch takes CUDA_HOME from nvcc's folder when it is not set: a wrapper script such as
+# /usr/local/bin/nvcc (our CPU machines have one) makes it /usr/local, where no CUDA header is.
+nvcc = shutil.which("nvcc")
+if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/include/cuda_runtime.h") and (
+        nvcc is None or not os.path.exists(os.path.join(os.path.dirname(nvcc), "..", "include", "cuda_runtime.h"))):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
 if os.environ.get("FASTTRANSFORMER_FORCE_CPU") == "1":
