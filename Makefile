@@ -3,6 +3,8 @@
 # make info       what was built and which backends are usable here
 # make bench      the CPU benchmarks, results under benchmarks/results/<date>-cpu/
 # make gpu-check  on a GPU machine: build with its own python3, tests on CUDA, benchmark sweep
+# make gpu-stack-test  the suite here, on the CPU, under the GPU machine's stack (Python 3.12,
+#                 torch 2.11 CUDA build, triton 3.6; ~5 GB in .venv-gpu-stack): what would break there
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +12,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 INSTALL_STAMP := $(VENV)/.fasttransformer-installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.h)
 
-.PHONY: test build demo info bench gpu-check clean
+.PHONY: test build demo info bench gpu-check gpu-stack-test clean
 
 $(DEPS_STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +43,16 @@ bench: build
 # Uses the machine's own python3 and installs nothing (the GPU machine has no network).
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# Not in CI (a 5 GB download). The extension builds with its CUDA kernels there (_C for Python 3.12).
+GPU_STACK := .venv-gpu-stack
+GPU_STACK_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3) python3.12)
+gpu-stack-test:
+	test -x $(GPU_STACK)/bin/python || $(GPU_STACK_PYTHON) -m venv $(GPU_STACK)
+	grep -v '^torch==' requirements-dev.txt > $(GPU_STACK)/requirements.txt
+	$(GPU_STACK)/bin/pip install --disable-pip-version-check -q torch==2.11.0 -r $(GPU_STACK)/requirements.txt
+	$(GPU_STACK)/bin/python setup.py -q build_ext --inplace
+	$(GPU_STACK)/bin/python -m pytest tests
 
 clean:
 	rm -rf build fasttransformer/*.so *.egg-info
