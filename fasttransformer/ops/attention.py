@@ -177,8 +177,12 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but query is on {query.device}")
     window = None
     if window_size is not None:
-        pair = (window_size, 0) if isinstance(window_size, numbers.Integral) else window_size
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 0 for w in pair):
+        try:
+            pair = (window_size, 0) if isinstance(window_size, numbers.Integral) else tuple(window_size)
+        except TypeError:  # not iterable (a float, say)
+            pair = ()
+        if len(pair) != 2 or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 0
+                                     for w in pair):
             raise ValueError(f"window_size must be an int >= 0 or a pair (left, right) of ints >= 0, got {window_size!r}")
         window = (int(pair[0]), int(pair[1]))
     return {"attn_mask": attn_mask, "key_padding_mask": key_padding_mask, "causal_offset": causal_offset,
