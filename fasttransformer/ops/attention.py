@@ -167,7 +167,8 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         except RuntimeError:
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                              f"(batch, heads, Lq, Lk) = {(batch, heads, seqlen_q, seqlen_k)}") from None
-        attn_mask = attn_mask[(None,) * (4 - attn_mask.dim())]  # a 4-D view (torch's SDPA fails on 1-D masks)
+        if attn_mask.dim() < 4:  # a 4-D view: torch's SDPA fails on 1-D masks
+            attn_mask = attn_mask[(None,) * (4 - attn_mask.dim())]
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a bool tensor (True = padding)")
