@@ -3,7 +3,8 @@ attention runs the sweep and writes JSON, Markdown and plots).
 
     pytest benchmarks/bench_attention.py --benchmark-json=FILE [--benchmark-compare]
 
-CUDA: the quick sweep's cases (bf16, D=128, L in {1k, 8k}, 16k tokens, 2048 hidden), the Triton
+CUDA: the quick sweep's cases (bf16, D=128, L in {1k, 8k}, 16k tokens, 2048 hidden; decode: one
+query per sequence against L keys, forward only), the Triton
 kernels against torch SDPA with each backend forced, FlexAttention (compiled) and the naive
 implementation. CPU: a small float32 case, where backend="auto" hands the call to torch's SDPA, so
 it times what fasttransformer's dispatch (validation, mask merging) adds to torch's own call.
@@ -15,7 +16,7 @@ import torch
 from fasttransformer.bench.attention import IMPLEMENTATIONS, Case, _reason
 
 BENCH_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-MASKS = ("none", "causal", "padding", "document")
+MASKS = ("none", "causal", "padding", "document", "decode")
 SHAPES = {  # device: (dtype, tokens, hidden, head_dim, seqlens)
     "cuda": (torch.bfloat16, 16384, 2048, 128, (1024, 8192)),
     "cpu": (torch.float32, 2048, 256, 64, (256,)),
@@ -40,6 +41,8 @@ def case(request):
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_attention(benchmark, case, impl, mode):
+    if case.mask == "decode" and mode != "fwd":
+        pytest.skip("a decoding step has no backward")
     fn = case.implementations()[impl]
     synchronize = torch.cuda.synchronize if case.device == "cuda" else (lambda: None)
 

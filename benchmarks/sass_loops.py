@@ -4,7 +4,7 @@
 
 Compiles the forward, dK/dV and dQ kernels ahead of time (``fasttransformer.kernels.aot``: the
 table's config for the arch, bf16, the runtime specialisation of contiguous inputs) with no mask,
-causal, and key padding (the tile lists), disassembles each cubin with the cuobjdump Triton ships,
+causal, and key padding (the tile lists), and the forward with split keys, disassembles each cubin with the cuobjdump Triton ships,
 and counts the instructions of every loop: from a backward branch's target to the branch (an
 outer loop's count includes its inner loops). A static figure, not a timing: it shows what a
 change to a kernel's loop body does to the work per tile before a GPU times it.
@@ -20,7 +20,8 @@ import subprocess
 import sys
 import tempfile
 
-CASES = {"none": {}, "causal": {"CAUSAL": True}, "padding": {"HAS_KEY_PADDING": True, "SPARSE": True}}
+CASES = {"none": {}, "causal": {"CAUSAL": True}, "padding": {"HAS_KEY_PADDING": True, "SPARSE": True},
+         "split": {"SPLIT_KEYS": True}}  # the forward's split keys (flash-decoding), no mask
 
 
 def disassemble(kernel, arch, head_dim, config, options) -> str:
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
                                       configs.forward_config(device, torch.bfloat16, head_dim, False)),
                                      ("dkdv", attention_backward_dkdv_kernel, dkdv), ("dq", attention_backward_dq_kernel, dq)):
             for case, options in CASES.items():
+                if case == "split" and name != "forward":
+                    continue
                 total, found = loops(disassemble(kernel, args.arch, head_dim, config, options))
                 rows.append({"kernel": name, "head_dim": head_dim, "config": list(config), "case": case,
                              "instructions": total, "loops": found})

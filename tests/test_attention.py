@@ -165,6 +165,68 @@ def test_backward_matches_reference(batch, heads, kv_heads, seqlen_q, seqlen_k, 
     assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads)
 
 
+SPLIT_SHAPES = [  # batch, heads, kv_heads, Lq, Lk, D: decoding steps and a few query blocks
+    pytest.param(2, 2, 1, 1, 300, 16, id="B2-H2-Hk1-Lq1-Lk300-D16"),
+    pytest.param(1, 2, 2, 70, 200, 40, id="B1-H2-Lq70-Lk200-D40"),
+]
+
+
+@pytest.mark.parametrize("num_splits", [3, 7], ids=["3-splits", "7-splits"])  # 7 > the 5 key tiles: empty splits
+@pytest.mark.parametrize("masks", MASKS)
+@pytest.mark.parametrize("batch,heads,kv_heads,seqlen_q,seqlen_k,head_dim", SPLIT_SHAPES)
+def test_split_keys_forward_matches_reference(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, masks,
+                                              num_splits):
+    """Flash-decoding: each query block's key tiles shared out between num_splits programs,
+    merged by attention_combine_kernel, for every mask kind (the lists' positions are split
+    too). The output and the logsumexp (+inf exactly where a row sees no key) as unsplit."""
+    q, k, v, kernel_args, allowed, bias = make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim,
+                                                    masks.split("+"), torch.float32)
+    with poisoned_allocations(DEVICE):
+        out, lse = attention_forward(q, k, v, num_splits=num_splits, **kernel_args)
+        unsplit_out, unsplit_lse = attention_forward(q, k, v, num_splits=1, **kernel_args)
+    ref = reference_attention(q.double(), k.double(), v.double(), allowed, bias)
+    assert_within_torch_error(out, ref, reference_attention(q, k, v, allowed, bias), 2.0, "split output")
+    assert torch.equal(torch.isinf(lse), torch.isinf(unsplit_lse)) and (out[torch.isinf(lse)] == 0).all()
+    seen = torch.isfinite(unsplit_lse)
+    assert (lse[seen] - unsplit_lse[seen]).abs().max() < 1e-5 if seen.any() else True
+
+
+def test_split_keys_backward_and_dropout():
+    """The merged logsumexp serves the backward, and dropout keeps the same elements split or
+    not (its draws are keyed by the element's indices, not by the program)."""
+    q, k, v, kernel_args, allowed, bias = make_case(2, 4, 2, 3, 250, 32, ["padding", "lower_right"], torch.float32)
+    grad_out = torch.randn_like(q)
+    with poisoned_allocations(DEVICE):
+        out, lse = attention_forward(q, k, v, num_splits=4, **kernel_args)
+        grads = attention_backward(grad_out, q, k, v, out, lse, **kernel_args)[:3]
+    assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads)
+    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=DEVICE)
+    dropped = [attention_forward(q, k, v, dropout_p=0.3, seed=seed, num_splits=splits, **kernel_args)
+               for splits in (1, 4)]
+    assert torch.allclose(dropped[0][0], dropped[1][0], atol=1e-5) and torch.allclose(dropped[0][1], dropped[1][1])
+    assert not torch.allclose(dropped[0][0], out, atol=1e-3)  # dropout did drop
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="num_splits must be an int >= 1"):
+            attention_forward(q, k, v, num_splits=bad)
+
+
+def test_forward_splits_heuristic(monkeypatch):
+    """One wave at most (SMs // programs), at least MIN_TILES_PER_SPLIT key tiles per split,
+    and never off CUDA."""
+    from fasttransformer.kernels import configs
+
+    monkeypatch.setattr(configs, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert configs.forward_splits("cpu", 1, 1000) == 1
+    assert configs.forward_splits(cuda, 16, 128) == 8      # decoding: B * Hq = 16 programs, Lk = 8k
+    assert configs.forward_splits(cuda, 16, 12) == 3       # short keys: 4 tiles per split
+    assert configs.forward_splits(cuda, 67, 1000) == 1     # 2 splits would be 134 programs: a second wave
+    assert configs.forward_splits(cuda, 66, 1000) == 2
+    assert configs.forward_splits(cuda, 1, 10 ** 6) == configs.MAX_SPLITS
+    assert configs.forward_splits(cuda, 0, 100) == 1
+    assert configs.forward_splits(cuda, 5, 3) == 1
+
+
 def test_backward_is_deterministic_and_zero_for_rows_without_keys():
     q, k, v, kernel_args, allowed, _ = make_case(2, 4, 2, 70, 90, 32, ["padding", "causal"], torch.float32)
     grad_out = torch.randn_like(q)
@@ -590,11 +652,17 @@ def test_kernels_compile_for_sm80_and_sm90_with_their_matrix_instructions(aot_re
     from fasttransformer.kernels import configs
     kinds = {"attention_forward_kernel": "forward", "attention_backward_dkdv_kernel": "dkdv",
              "attention_backward_dq_kernel": "dq"}
-    delta = [report for report in aot_reports if report["kernel"] == "attention_delta_kernel"]
-    assert {(report["arch"], report["head_dim"], report["dtype"]) for report in delta} == {
-        (arch, head_dim, dtype) for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32))
-        for (arch, head_dim) in table}
-    aot_reports = [report for report in aot_reports if report["kernel"] in kinds]  # delta has no products
+    for kernel in ("attention_delta_kernel", "attention_combine_kernel"):
+        reports = [report for report in aot_reports if report["kernel"] == kernel]
+        assert {(report["arch"], report["head_dim"], report["dtype"]) for report in reports} == {
+            (arch, head_dim, dtype) for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32))
+            for (arch, head_dim) in table}, kernel
+    split = {(report["arch"], report["head_dim"], report["dtype"], report["options"].get("DROPOUT", False))
+             for report in aot_reports if report["options"].get("SPLIT_KEYS")}
+    assert split == {(arch, head_dim, dtype, dropout) for dropout in (False, True)
+                     for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32))
+                     for (arch, head_dim) in table}
+    aot_reports = [report for report in aot_reports if report["kernel"] in kinds]  # delta, combine: no products
     assert {(kinds[report["kernel"]], report["arch"], report["head_dim"], report["dtype"]) for report in aot_reports} == {
         (kind, arch, head_dim, dtype) for kind in kinds.values()
         for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32)) for (arch, head_dim) in table}
@@ -615,8 +683,8 @@ def test_kernels_compile_for_sm80_and_sm90_with_their_matrix_instructions(aot_re
 @pytest.mark.slow
 def test_attention_configs_do_not_spill(aot_reports):
     """No register spills (stack bytes from cuobjdump) in any config of the table, with every
-    mask on, without and with dropout (dropout's own entries), for both archs and dtypes, nor
-    in the delta pre-pass. The compile mirrors the JIT's runtime specialisation (aot.py):
+    mask on, without and with dropout (dropout's own entries), split keys or not, for both
+    archs and dtypes, nor in the delta pre-pass and the split keys' merge. The compile mirrors the JIT's runtime specialisation (aot.py):
     without it, the report described kernels that never run, and spilled."""
     spilling = [report for report in aot_reports if report["stack_bytes"]]
     assert not spilling, spilling
@@ -680,6 +748,34 @@ def op_case(name, dtype, batch=2, heads=4, kv_heads=2, seqlen_q=29, seqlen_k=41,
         bias = torch.randn(batch, 1, seqlen_q, seqlen_k, dtype=dtype)
         kwargs["attn_mask"] = bias.to(DEVICE)
     return q, k, v, kwargs, allowed, bias
+
+
+@pytest.mark.parametrize("name", ["lower_right", "bool+is_causal+padding", "float+padding"])
+def test_op_split_keys_when_the_heuristic_asks(monkeypatch, name):
+    """Where configs.forward_splits splits (on CUDA, when too few programs fill the GPU), the
+    public op launches the merge and its forward and backward still match the reference. Here
+    the heuristic is made to answer 3 (off CUDA it answers 1)."""
+    import fasttransformer.kernels.attention_forward as forward_kernels
+    from fasttransformer.kernels import configs
+
+    merges = []
+    combine = forward_kernels.attention_combine_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            merges.append(grid)
+            return combine[grid]
+
+    monkeypatch.setattr(configs, "forward_splits", lambda device, programs, key_tiles: 3)
+    monkeypatch.setattr(forward_kernels, "attention_combine_kernel", Counting())
+    q, k, v, kwargs, allowed, bias = op_case(name, torch.float32, seqlen_q=5, seqlen_k=230)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with poisoned_allocations(DEVICE):
+        out = scaled_dot_product_attention(*leaves, **kwargs, backend="triton")
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+    assert len(merges) == 1
+    assert_matches_reference(q, k, v, allowed, bias, grad_out, out, [leaf.grad for leaf in leaves])
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -1192,7 +1288,8 @@ LARGE_CASES = {  # name: (batch, heads, kv_heads, Lq, Lk, D, masks)
     "8k-D128-causal": (1, 2, 2, 8192, 8192, 128, ["causal"]),
     "4k-D64-padding+causal-gqa": (2, 4, 2, 4096, 4096, 64, ["padding", "causal"]),
     "4k-D64-document": (1, 2, 1, 4096, 4096, 64, ["document"]),
-    "decode-Lq1-8k-D128-lower_right": (4, 8, 2, 1, 8192, 128, ["lower_right"]),
+    "decode-Lq1-8k-D128-lower_right": (4, 8, 2, 1, 8192, 128, ["lower_right"]),  # split keys (forward_splits)
+    "decode-Lq1-16k-D64-padding": (1, 16, 4, 1, 16384, 64, ["padding", "lower_right"]),  # split lists
     "2k-D256-window+float": (1, 2, 2, 2048, 2048, 256, ["window", "float"]),
     "3000x5000-D96-bool+padding": (1, 2, 2, 3000, 5000, 96, ["bool", "padding"]),
 }

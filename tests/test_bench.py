@@ -24,6 +24,8 @@ def test_flop_and_byte_accounting_by_hand():
     # Q, K, V read and O written: 4 tensors of 2*3*4*8 bf16 values
     assert attention.bytes_moved(2, 3, 4, 8, 2, "fwd") == 4 * 2 * 3 * 4 * 8 * 2
     assert attention.bytes_moved(2, 3, 4, 8, 2, "bwd") == 8 * 2 * 3 * 4 * 8 * 2
+    # a decoding step: Q and O of one query, K and V of 4 keys, per (sequence, head)
+    assert attention.bytes_moved(2, 3, 4, 8, 2, "fwd", seqlen_q=1) == 2 * 3 * (2 * 1 + 2 * 4) * 8 * 2
 
 
 @pytest.mark.parametrize("mask,expected", [("none", 1.0), ("causal", 0.5), ("window", None), ("padding", None)])
@@ -77,16 +79,25 @@ def synthetic_attention_record():
     row["tflops"] = {name: row["flops"] / ms / 1e9 for name, ms in row["times_ms"].items()}
     row["fraction_of_matmul"] = {name: value / 800 for name, value in row["tflops"].items()}
     row["speedup"] = {name: ms / 2.0 for name, ms in row["times_ms"].items()}
+    decode = {"mask": "decode", "head_dim": 128, "seqlen": 8192, "seqlen_q": 1, "batch": 2, "heads": 16, "mode": "fwd",
+              "visible_fraction": 1.0, "flops": 1.3e8, "bytes": 1.5e8, "times_ms": {"fasttransformer": 0.06},
+              "peak_mib": {}, "not_run": {}}
+    decode["tflops"] = {"fasttransformer": 1.3e8 / 0.06 / 1e9}
+    decode["fraction_of_matmul"] = {"fasttransformer": decode["tflops"]["fasttransformer"] / 800}
+    decode["gbps"] = {"fasttransformer": 1.5e8 / 0.06 / 1e6}
+    decode["fraction_of_copy"] = {"fasttransformer": 2500 / 3000}
+    decode["speedup"] = {"fasttransformer": 1.0}
     environment = {"device": "Synthetic GPU", "date": "2026-01-01", "torch": "x", "triton": "y", "commit": "z",
                    "command": "test", "cuda": "13.0", "driver": "1"}
     return {"benchmark": "attention", "environment": environment, "tokens": 16384, "hidden": 2048,
-            "dtype": "bfloat16", "ceilings": {"matmul_tflops": 800.0, "copy_gbps": 3000.0}, "results": [row]}
+            "dtype": "bfloat16", "ceilings": {"matmul_tflops": 800.0, "copy_gbps": 3000.0}, "results": [row, decode]}
 
 
 def test_attention_markdown_and_plot(tmp_path):
     record = synthetic_attention_record()
     text = attention.markdown(record)
     assert "| causal | 128 | 4096 | fwd | 50% | 500 (62%) | 1.50x | n/a | n/a |" in text
+    assert "| decode | 128 | 8192 | fwd | 100% | 2500 GB/s (83% of copy) | n/a |" in text
     assert "- torch-cudnn: RuntimeError: no kernel" in text
     assert attention.plot(record, tmp_path / "attention.png")
     assert (tmp_path / "attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -110,6 +121,19 @@ def test_attention_sweep_rows_small():
     assert rows["bwd"]["times_ms"]["torch-math"] == pytest.approx(
         rows["fwd+bwd"]["times_ms"]["torch-math"] - rows["fwd"]["times_ms"]["torch-math"])
     assert "| causal | 16 | 64 | bwd |" in attention.markdown(record)
+
+
+def test_attention_sweep_decode_rows():
+    """A decoding step (one query per sequence): forward rows only, its bytes and GB/s."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = attention.sweep(device, masks=("decode",), head_dims=(16,), seqlens=(64,), dtype=torch.float32,
+                             tokens=128, hidden=32, implementations=("fasttransformer", "torch-math"))
+    row, = record["results"]
+    assert (row["mode"], row["seqlen_q"], row["batch"], row["heads"]) == ("fwd", 1, 2, 2)
+    assert row["flops"] == attention.flops(2 * 2 * 64, 16, "fwd") and row["visible_fraction"] == 1.0
+    assert row["bytes"] == attention.bytes_moved(2, 2, 64, 16, 4, "fwd", seqlen_q=1)
+    assert row["gbps"]["torch-math"] == pytest.approx(row["bytes"] / row["times_ms"]["torch-math"] / 1e6)
+    assert "% of copy)" in attention.markdown(record)
 
 
 def test_attention_sweep_with_dropout():
@@ -160,6 +184,7 @@ def test_render_readme_from_a_recorded_gpu_json(tmp_path):
     text = render_readme.render("intro\n<!-- performance:start -->old<!-- performance:end -->\nrest", tmp_path)
     assert text.startswith("intro\n<!-- performance:start -->") and text.endswith("<!-- performance:end -->\nrest")
     assert "### attention: Synthetic GPU (2026-01-01-h100)" in text and "| causal | 128 | 4096 | fwd | 500 (62%)" in text
+    assert "| decode | 128 | 8192 | fwd | 2500 GB/s (83% of copy) |" in text
     assert "old" not in text
 
 
@@ -283,8 +308,8 @@ def test_pytest_benchmark_suites_collect_and_record(tmp_path):
     benchmarks = json.loads(record_path.read_text())["benchmarks"]
     ours = {(b["extra_info"]["mask"], b["extra_info"]["mode"]): b for b in benchmarks
             if b["extra_info"]["impl"] == "fasttransformer"}
-    assert sorted(ours) == sorted((mask, mode) for mask in ("none", "causal", "padding", "document")
-                                  for mode in ("fwd", "fwd+bwd"))
+    assert sorted(ours) == sorted([(mask, mode) for mask in ("none", "causal", "padding", "document")
+                                   for mode in ("fwd", "fwd+bwd")] + [("decode", "fwd")])  # decode: forward only
     assert all(b["stats"]["median"] > 0 and b["extra_info"]["visible_pairs"] > 0 for b in ours.values())
 
 

@@ -6,6 +6,10 @@ Shapes (issue 3): B * L = 16k tokens, 2048 hidden (H = 2048 / D), D in {64, 128}
 16k, bf16. FLOPs count the (query, key) pairs the mask leaves visible: forward 4 * D per pair
 (QK^T and PV), backward 2.5x that (FlashAttention's convention); TFLOP/s are reported against the
 measured bf16 matmul rate. A baseline that cannot run a case is "n/a" with its reason.
+The ``decode`` case is a decoding step: one query per sequence against L cached keys (B * L =
+16k keys), forward only, reported in GB/s (the keys and values read) against the measured copy
+bandwidth: with few sequences it has too few programs to fill the GPU unless the keys are split
+between programs (configs.forward_splits).
 
     python -m fasttransformer bench attention [--quick] [--mask causal] [--head-dim 128] ...
 """
@@ -21,7 +25,7 @@ from fasttransformer.bench import common
 from fasttransformer.ops import scaled_dot_product_attention
 
 TOKENS, HIDDEN = 16384, 2048
-MASKS = ("none", "causal", "padding", "document", "window", "causal+padding")
+MASKS = ("none", "causal", "padding", "document", "window", "causal+padding", "decode")
 IMPLEMENTATIONS = ("fasttransformer", "torch-flash", "torch-efficient", "torch-cudnn", "torch-math", "flex", "naive")
 WINDOW = 256
 BACKWARD_FLOP_RATIO = 2.5
@@ -35,11 +39,13 @@ def flops(visible_pairs: int, head_dim: int, mode: str) -> float:
             "fwd+bwd": (1 + BACKWARD_FLOP_RATIO) * forward}[mode]
 
 
-def bytes_moved(batch: int, heads: int, seqlen: int, head_dim: int, itemsize: int, mode: str) -> int:
+def bytes_moved(batch: int, heads: int, seqlen: int, head_dim: int, itemsize: int, mode: str,
+                seqlen_q: Optional[int] = None) -> int:
     """The minimum traffic of a fused kernel: read Q, K, V and write O (forward); the backward
-    reads Q, K, V, O, dO and writes dQ, dK, dV."""
-    tensor = batch * heads * seqlen * head_dim * itemsize
-    return {"fwd": 4 * tensor, "bwd": 8 * tensor, "fwd+bwd": 12 * tensor}[mode]
+    reads Q, K, V, O, dO and writes dQ, dK, dV. ``seqlen_q``: the queries' length (default L)."""
+    keys = batch * heads * seqlen * head_dim * itemsize
+    queries = keys if seqlen_q is None else batch * heads * seqlen_q * head_dim * itemsize
+    return {"fwd": 2 * (queries + keys), "bwd": 4 * (queries + keys), "fwd+bwd": 6 * (queries + keys)}[mode]
 
 
 class Case:
@@ -51,9 +57,12 @@ class Case:
         self.backend = backend  # fasttransformer's: "auto" on the CPU times its dispatch to torch
         self.dropout_p = dropout_p  # every implementation that has dropout applies it (each its own masks)
         self.batch, self.heads = max(1, tokens // seqlen), hidden // head_dim
+        self.seqlen_q = 1 if mask == "decode" else seqlen  # decode: one new token per sequence
         shape = (self.batch, self.heads, seqlen, head_dim)
-        self.q, self.k, self.v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-        self.grad = torch.randn(shape, device=device, dtype=dtype)
+        query_shape = (self.batch, self.heads, self.seqlen_q, head_dim)
+        self.q, self.k, self.v = (torch.randn(size, device=device, dtype=dtype, requires_grad=True)
+                                  for size in (query_shape, shape, shape))
+        self.grad = torch.randn(query_shape, device=device, dtype=dtype)
         self.ours_kwargs: dict = {}
         self.torch_kwargs: dict = {}  # torch's SDPA: the masks merged into one bool mask (True = attend)
         self.allowed = None           # (B or 1, 1, L, L) bool, for torch, naive and the FLOP count
@@ -85,7 +94,7 @@ class Case:
         if mask == "causal":  # the convention (../shared/GPU.md): half the square
             self.visible_pairs = self.batch * self.heads * seqlen * seqlen // 2
         elif self.allowed is None:
-            self.visible_pairs = self.batch * self.heads * seqlen * seqlen
+            self.visible_pairs = self.batch * self.heads * self.seqlen_q * seqlen
         else:
             self.visible_pairs = self.heads * int(self.allowed.expand(self.batch, 1, seqlen, seqlen).sum())
 
@@ -120,6 +129,7 @@ class Case:
         document = getattr(self, "document", None)
         mask_mods = {
             "none": None,
+            "decode": None,
             "causal": lambda b, h, q, k: k <= q,
             "window": lambda b, h, q, k: (k <= q) & (k > q - window),
             "padding": lambda b, h, q, k: ~padding[b, k],
@@ -173,7 +183,7 @@ def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=
     it elsewhere); on the CPU it runs too, for the tests, with small ``tokens``/``hidden``.
     ``dropout_p``: every implementation applies it (FlexAttention, which has none, is n/a)."""
     cuda = device == "cuda"
-    masks = masks or (("none", "causal", "padding", "document") if quick else MASKS)
+    masks = masks or (("none", "causal", "padding", "document", "decode") if quick else MASKS)
     head_dims = head_dims or ((128,) if quick else (64, 128))
     seqlens = seqlens or ((1024, 8192) if quick else (512, 1024, 2048, 4096, 8192, 16384))
     modes = modes or ("fwd", "fwd+bwd")
@@ -186,6 +196,8 @@ def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=
         case = Case(mask, seqlen, head_dim, device, dtype, tokens, hidden, dropout_p)
         by_mode = {}
         for mode in modes:
+            if mask == "decode" and mode != "fwd":  # a decoding step has no backward
+                continue
             row = _row(case, mode)
             for name, fn in case.implementations().items():
                 if name not in implementations:
@@ -211,6 +223,9 @@ def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=
             ours = row["times_ms"].get("fasttransformer")
             row["tflops"] = {name: row["flops"] / ms / 1e9 for name, ms in row["times_ms"].items()}
             row["fraction_of_matmul"] = {name: value / peak for name, value in row["tflops"].items()}
+            row["gbps"] = {name: row["bytes"] / ms / 1e6 for name, ms in row["times_ms"].items()}
+            row["fraction_of_copy"] = {name: value / record["ceilings"]["copy_gbps"]
+                                       for name, value in row["gbps"].items()}
             row["speedup"] = {name: ms / ours for name, ms in row["times_ms"].items()} if ours else {}
             record["results"].append(row)
         if progress:
@@ -222,10 +237,13 @@ def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=
 
 
 def _row(case: Case, mode: str) -> dict:
-    seqlen = case.seqlen
-    return {"mask": case.mask, "head_dim": case.head_dim, "seqlen": seqlen, "batch": case.batch, "heads": case.heads,
-            "mode": mode, "visible_fraction": case.visible_pairs / (case.batch * case.heads * seqlen**2),
-            "flops": flops(case.visible_pairs, case.head_dim, mode), "times_ms": {}, "peak_mib": {}, "not_run": {}}
+    seqlen, seqlen_q = case.seqlen, case.seqlen_q
+    return {"mask": case.mask, "head_dim": case.head_dim, "seqlen": seqlen, "seqlen_q": seqlen_q, "batch": case.batch,
+            "heads": case.heads, "mode": mode,
+            "visible_fraction": case.visible_pairs / (case.batch * case.heads * seqlen_q * seqlen),
+            "flops": flops(case.visible_pairs, case.head_dim, mode),
+            "bytes": bytes_moved(case.batch, case.heads, seqlen, case.head_dim, case.q.element_size(), mode, seqlen_q),
+            "times_ms": {}, "peak_mib": {}, "not_run": {}}
 
 
 def _reason(error: Exception) -> str:
@@ -243,16 +261,22 @@ def markdown(record: dict) -> str:
              f"B*L = {record['tokens']} tokens, hidden {record['hidden']}, {record['dtype']}"
              + (f", dropout {record['dropout_p']}" if record.get("dropout_p") else "") + ". Measured bf16 matmul: "
              f"{ceil['matmul_tflops']:.0f} TFLOP/s. TFLOP/s count visible (query, key) pairs only; speedup = "
-             "baseline time / fasttransformer time.", ""]
+             "baseline time / fasttransformer time. decode: one query per sequence, L keys; GB/s of the keys, "
+             f"values and queries read (measured copy: {ceil['copy_gbps']:.0f} GB/s).", ""]
     baselines = [name for name in IMPLEMENTATIONS if name != "fasttransformer"]
     lines.append("| mask | D | L | mode | visible | fasttransformer TFLOP/s (% of matmul) | "
                  + " | ".join(f"vs {name}" for name in baselines) + " |")
     lines.append("|" + "---|" * (6 + len(baselines)))
     for row in record["results"]:
         ours = row["tflops"].get("fasttransformer")
+        if ours and row["mask"] == "decode":  # bound by the bytes read
+            figure = f"{row['gbps']['fasttransformer']:.0f} GB/s ({row['fraction_of_copy']['fasttransformer']:.0%} of copy)"
+        elif ours:
+            figure = f"{ours:.0f} ({row['fraction_of_matmul']['fasttransformer']:.0%})"
+        else:
+            figure = f"n/a: {row['not_run'].get('fasttransformer', '')}"
         cells = [row["mask"], str(row["head_dim"]), str(row["seqlen"]), row["mode"], f"{row['visible_fraction']:.0%}",
-                 f"{ours:.0f} ({row['fraction_of_matmul']['fasttransformer']:.0%})" if ours else
-                 f"n/a: {row['not_run'].get('fasttransformer', '')}"]
+                 figure]
         for name in baselines:
             if name in row["speedup"]:
                 cells.append(f"{row['speedup'][name]:.2f}x")
@@ -268,7 +292,7 @@ def markdown(record: dict) -> str:
 
 
 def plot(record: dict, path) -> bool:
-    """TFLOP/s against L, one panel per (mask, D, mode), one line per implementation. False when
+    """TFLOP/s (decode: GB/s) against L, one panel per (mask, D, mode), one line per implementation. False when
     matplotlib is missing or there is nothing to plot."""
     if not record["results"]:
         return False
@@ -286,13 +310,14 @@ def plot(record: dict, path) -> bool:
         rows = sorted((r for r in record["results"] if (r["mask"], r["head_dim"], r["mode"]) == (mask, head_dim, mode)),
                       key=lambda r: r["seqlen"])
         for name in IMPLEMENTATIONS:
-            points = [(r["seqlen"], r["tflops"][name]) for r in rows if name in r["tflops"]]
+            metric = "gbps" if mask == "decode" else "tflops"
+            points = [(r["seqlen"], r[metric][name]) for r in rows if name in r.get(metric, {})]
             if points:
                 axis.plot(*zip(*points), marker="o", label=name, linewidth=2.5 if name == "fasttransformer" else 1)
         axis.set_xscale("log", base=2)
         axis.set_title(f"{mask}, D={head_dim}, {mode}", fontsize=9)
         axis.set_xlabel("sequence length")
-        axis.set_ylabel("TFLOP/s")
+        axis.set_ylabel("GB/s" if mask == "decode" else "TFLOP/s")
     for axis in list(axes.flat)[len(panels):]:
         axis.axis("off")
     axes.flat[0].legend(fontsize=7)

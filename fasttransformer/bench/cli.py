@@ -33,7 +33,7 @@ def build_parser(parser=None) -> argparse.ArgumentParser:
     attention.add_argument("--head-dim", type=int, action="append", help="head dim (repeatable; default 64 and 128)")
     attention.add_argument("--seq-len", type=int, action="append", help="sequence length (repeatable; default 512..16k)")
     attention.add_argument("--mask", action="append", help="mask kind (repeatable): none, causal, padding, document, "
-                           "window, causal+padding")
+                           "window, causal+padding, decode (one query per sequence, forward only)")
     attention.add_argument("--dropout", type=float, default=0.0,
                            help="dropout_p for every implementation that has dropout (default 0)")
     modes = attention.add_mutually_exclusive_group()

@@ -21,9 +21,10 @@ MATRIX_INSTRUCTIONS = ("wgmma.mma_async", "mma.sync")
 # Worst-case options (every mask on): what a config must survive without spilling. Dropout's
 # configs (configs.DROPOUT_OVERRIDES) are compiled with it on as well.
 WORST_CASE = {"CAUSAL": True, "WINDOW": True, "MASK_KIND": 1, "HAS_KEY_PADDING": True, "SPARSE": True,
-              "DROPOUT": False, "POSITIVE_SCALE": True}
+              "DROPOUT": False, "POSITIVE_SCALE": True, "SPLIT_KEYS": False}
 NO_MASK = {"CAUSAL": False, "WINDOW": False, "MASK_KIND": 0, "HAS_KEY_PADDING": False, "SPARSE": False,
-           "DROPOUT": False, "POSITIVE_SCALE": True}
+           "DROPOUT": False, "POSITIVE_SCALE": True, "SPLIT_KEYS": False}
+COMBINE_CONFIG = (16, 0, 4, 1)  # attention_forward.COMBINE_BLOCK_M rows, 4 warps
 
 
 def _signature(fn, dtype: str) -> dict:
@@ -31,7 +32,7 @@ def _signature(fn, dtype: str) -> dict:
     for name in inspect.signature(fn).parameters:
         if name in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"):
             types[name] = f"*{dtype}"
-        elif name in ("Lse", "Delta"):
+        elif name in ("Lse", "Delta", "Partial", "PartialLse"):
             types[name] = "*fp32"
         elif name in ("Mask", "KeyPadding", "Classes"):
             types[name] = "*u8"
@@ -55,7 +56,8 @@ def _signature(fn, dtype: str) -> dict:
 # unknown strides forbid vectorised loads, and 32 x 32 tiles spilled):
 #  * an int argument equal to 1 becomes a constant: the innermost strides;
 #  * pointers and ints divisible by 16 get the hint tt.divisibility=16.
-RUNTIME_ONES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_mn", "stride_pn")
+RUNTIME_ONES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_mn", "stride_pn",
+                "stride_pd")
 DIVISIBLE_INTS = ("seqlen_q", "seqlen_k", "head_dim")
 
 
@@ -86,6 +88,8 @@ def compile_kernel(kernel, arch: int, head_dim: int, config, dtype: str = "bf16"
     constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
     for name in constants:
         signature[name] = "constexpr"
+    if constants.get("SPLIT_KEYS"):  # the forward writes float32 partial results
+        signature["Out"] = "*fp32"
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
@@ -107,9 +111,9 @@ def compile_kernel(kernel, arch: int, head_dim: int, config, dtype: str = "bf16"
 
 def _jobs():
     """Every (kernel, arch, D, config, options, dtype) the table (configs.py) can launch: the
-    worst-case mask options for each kernel, plus the maskless and float-mask forward, in
-    bf16 and in float32; the same with dropout on, with dropout's configs; and the backward's
-    delta pre-pass."""
+    worst-case mask options for each kernel, plus the maskless, float-mask and split-key
+    forward, in bf16 and in float32; the same with dropout on, with dropout's configs; the
+    backward's delta pre-pass and the split keys' merge."""
     import torch
 
     from fasttransformer.kernels import configs
@@ -120,13 +124,15 @@ def _jobs():
             for dropout in (False, True):
                 extra = {"DROPOUT": True} if dropout else {}
                 config = configs.forward_config(device, torch_dtype, head_dim, True, dropout)
-                for options in ({}, {"MASK_KIND": 2, "POSITIVE_SCALE": False}) + (() if dropout else (NO_MASK,)):
+                for options in ({}, {"MASK_KIND": 2, "POSITIVE_SCALE": False}, {"SPLIT_KEYS": True}) + (
+                        () if dropout else (NO_MASK,)):
                     jobs.append(("forward", arch, head_dim, tuple(config), {**options, **extra}, dtype))
                 dkdv, dq = configs.backward_configs(device, torch_dtype, head_dim, True, dropout)
                 jobs.append(("dkdv", arch, head_dim, tuple(dkdv), extra, dtype))
                 jobs.append(("dq", arch, head_dim, tuple(dq), {"MASK_KIND": 2, "BIAS_GRAD": True, **extra}, dtype))
             block_m, _, num_warps = configs.delta_config(head_dim)
             jobs.append(("delta", arch, head_dim, (block_m, 0, num_warps, 1), {}, dtype))
+            jobs.append(("combine", arch, head_dim, COMBINE_CONFIG, {}, dtype))
     return jobs + _list_jobs(jobs)
 
 
@@ -172,10 +178,10 @@ class _FakeDevice:
 def _compile_job(job) -> dict:
     from fasttransformer.kernels.attention_backward import (attention_backward_dkdv_kernel,
                                                             attention_backward_dq_kernel, attention_delta_kernel)
-    from fasttransformer.kernels.attention_forward import attention_forward_kernel
+    from fasttransformer.kernels.attention_forward import attention_combine_kernel, attention_forward_kernel
     from fasttransformer.kernels.block_lists import block_lists_kernel, tile_classes_kernel
     kernels = {"forward": attention_forward_kernel, "dkdv": attention_backward_dkdv_kernel,
-               "dq": attention_backward_dq_kernel, "delta": attention_delta_kernel,
+               "dq": attention_backward_dq_kernel, "delta": attention_delta_kernel, "combine": attention_combine_kernel,
                "classes": tile_classes_kernel, "lists": block_lists_kernel}
     name, arch, head_dim, config, options, dtype = job
     report = compile_kernel(kernels[name], arch, head_dim, config, dtype=dtype, options=options)

@@ -17,6 +17,11 @@ op), with counters (j // 8, i, batch * Hq + head, 0): a pure function of the ele
 backward regenerates the same mask in any tile shape or orientation, and nothing of size
 Lq x Lk is stored.
 
+Split keys (SPLIT_KEYS, flash-decoding): when a call has too few programs to fill the GPU (a
+decoding step), each query block's key tiles are shared out between ``num_splits`` programs
+(contiguous runs of its key blocks, or of its tile list), which write float32 partial outputs
+and base-2 logsumexps; ``attention_combine_kernel`` merges them.
+
 Internal: the public op (validation, dispatch, autograd) is ``fasttransformer.ops`` (issue 3).
 """
 from __future__ import annotations
@@ -243,12 +248,13 @@ def attention_forward_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
+    stride_ob, stride_oh, stride_om, stride_od, stride_os,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_pb, stride_pn,
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im,
     num_heads, kv_group, seqlen_q, seqlen_k, head_dim,
+    num_splits,             # SPLIT_KEYS: programs per query block, each over its share of the key tiles
     scale_log2,             # softmax scale * log2(e)
     causal_offset,          # query i is aligned with key i + causal_offset
     window_left, window_right,
@@ -256,9 +262,14 @@ def attention_forward_kernel(
     dropout_scale,          # 1 / (1 - the rounded dropout_p); 0 when everything drops
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    POSITIVE_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    POSITIVE_SCALE: tl.constexpr, SPLIT_KEYS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # grid (blocks, heads, batch)
+    split = 0
+    if SPLIT_KEYS:  # grid (blocks * num_splits, heads, batch)
+        split = pid_m % num_splits
+        pid_m = pid_m // num_splits
     pid_bh = batch * num_heads + head
     kv_head = head // kv_group
 
@@ -306,6 +317,14 @@ def attention_forward_kernel(
         full_lo, full_hi = interior_keys(pid_m * BLOCK_M, lo, hi, seqlen_q, seqlen_k, causal_offset, window_left,
                                          window_right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
         STEP: tl.constexpr = BLOCK_N
+    if SPLIT_KEYS:
+        # This program's share of the row's tiles, positions [lo, hi) of one contiguous run
+        # (BLOCK_N-aligned key offsets, or places in the list), and the segments clipped to it.
+        share = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), STEP), num_splits) * STEP
+        lo = lo + split * share
+        hi = tl.minimum(lo + share, hi)
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+        full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
     for segment in tl.static_range(3):
         start, stop = segment_range(segment, lo, full_lo, full_hi, hi)
         if not (SPARSE and segment == 2):
@@ -326,11 +345,54 @@ def attention_forward_kernel(
         out = acc * (dropout_scale / normaliser)[:, None]
     else:
         out = acc / normaliser[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("inf"))
-    o_block = tl.make_block_ptr(Out + batch * stride_ob + head * stride_oh, shape=(seqlen_q, head_dim),
-                                strides=(stride_om, stride_od), offsets=(pid_m * BLOCK_M, 0),
-                                block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
+    log2_sum = m_i + tl.log2(normaliser)
+    if SPLIT_KEYS:  # a partial result for attention_combine_kernel: float32, base-2 lse, -inf if unseen
+        lse = tl.where(seen, log2_sum, float("-inf"))
+        lse_row = (pid_bh * num_splits + split) * seqlen_q
+    else:
+        lse = tl.where(seen, log2_sum / 1.4426950408889634, float("inf"))
+        lse_row = pid_bh * seqlen_q
+    o_block = tl.make_block_ptr(Out + batch * stride_ob + head * stride_oh + split * stride_os,
+                                shape=(seqlen_q, head_dim), strides=(stride_om, stride_od),
+                                offsets=(pid_m * BLOCK_M, 0), block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
     tl.store(o_block, out.to(Out.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(Lse + lse_row + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def attention_combine_kernel(Partial, PartialLse, Out, Lse,
+                             stride_pb, stride_ph, stride_ps, stride_pm, stride_pd,
+                             stride_ob, stride_oh, stride_om, stride_od,
+                             num_heads, num_splits, seqlen_q, head_dim,
+                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merges the forward's key splits: out = sum_s w_s out_s / sum_s w_s with w_s = 2^lse_s
+    (each partial out_s is normalised by its own sum), lse = log(sum_s w_s); a row that no split
+    saw gets zeros and lse +inf, as from the unsplit kernel. Grid (query blocks, heads, batch)."""
+    pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_bh = batch * num_heads + head
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seqlen_q
+    lse_rows = PartialLse + pid_bh * num_splits * seqlen_q + offs_m
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for split in range(num_splits):
+        m = tl.maximum(m, tl.load(lse_rows + split * seqlen_q, mask=row_ok, other=float("-inf")))
+    m = tl.where(m == float("-inf"), 0.0, m)  # unseen rows: every weight is 2^-inf = 0
+    partial = (Partial + batch * stride_pb + head * stride_ph + offs_m[:, None] * stride_pm
+               + offs_d[None, :] * stride_pd)
+    in_bounds = row_ok[:, None] & (offs_d[None, :] < head_dim)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for split in range(num_splits):
+        weight = tl.exp2(tl.load(lse_rows + split * seqlen_q, mask=row_ok, other=float("-inf")) - m)
+        acc += weight[:, None] * tl.load(partial + split * stride_ps, mask=in_bounds, other=0.0)
+        total += weight
+    seen = total > 0
+    normaliser = tl.where(seen, total, 1.0)
+    out = acc / normaliser[:, None]
+    lse = tl.where(seen, (m + tl.log2(normaliser)) / 1.4426950408889634, float("inf"))
+    tl.store(Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=in_bounds)
     tl.store(Lse + pid_bh * seqlen_q + offs_m, lse, mask=row_ok)
 
 
@@ -425,7 +487,7 @@ def list_arguments(lists, placeholder):
 
 def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=None, scale=None,
                       causal_offset=None, window=None, dropout_p=0.0, seed=None, block_m=None, block_n=None,
-                      num_warps=None, num_stages=None):
+                      num_warps=None, num_stages=None, num_splits=None):
     """Launches the kernel on already validated ``(B, H, L, D)`` tensors.
 
     attn_mask: bool (True = may attend) or float, already broadcastable to (B, Hq, Lq, Lk)
@@ -435,11 +497,14 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     (left, right), relative to the same alignment (0 when not causal). dropout_p > 0 needs
     ``seed``, an int64 tensor of one element on the inputs' device (``dropout_keep_mask`` gives
     the mask it draws). block_m/block_n/num_warps/num_stages: None takes them from the config
-    table (configs.py).
+    table (configs.py). num_splits: programs per query block, each over a contiguous share of
+    its key tiles, merged by ``attention_combine_kernel`` (flash-decoding); None lets
+    ``configs.forward_splits`` choose (more than 1 only on CUDA, when the call has too few
+    programs to fill the GPU: a decoding step).
     Returns (out (B, Hq, Lq, D) in the query's dtype, lse (B, Hq, Lq) float32).
     """
     from fasttransformer.kernels.block_lists import build_block_lists
-    from fasttransformer.kernels.configs import forward_config, head_dim_bucket
+    from fasttransformer.kernels.configs import forward_config, forward_splits, head_dim_bucket
 
     batch, heads, seqlen_q, head_dim = query.shape
     kv_heads, seqlen_k = key.shape[1], key.shape[2]
@@ -459,16 +524,42 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     counts, index, list_strides = list_arguments(lists, query)
     dropout, seed, dropout_threshold, dropout_scale = dropout_arguments(dropout_p, seed, query)
     window_left, window_right = window if window is not None else (0, 0)
-    grid = (cdiv(seqlen_q, block_m), heads, batch)  # y, z <= 65535: ops' _triton_unsupported
+    query_blocks = cdiv(seqlen_q, block_m)
+    if num_splits is None:
+        visible_keys = seqlen_k  # an upper bound on what one query block sees
+        if causal_offset is not None:
+            visible_keys = min(visible_keys, max(seqlen_q + causal_offset, 0))
+        if window is not None:
+            visible_keys = min(visible_keys, block_m + window_left + window_right + block_n)
+        num_splits = forward_splits(query.device, query_blocks * heads * batch, cdiv(visible_keys, block_n))
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+    if num_splits > 1:  # float32 partial results per split, merged below
+        target = torch.empty(batch, heads, num_splits, seqlen_q, head_dim, device=query.device, dtype=torch.float32)
+        target_lse = torch.empty(batch, heads, num_splits, seqlen_q, device=query.device, dtype=torch.float32)
+        target_strides = (*target.stride()[:2], *target.stride()[3:], target.stride(2))
+    else:
+        target, target_lse, target_strides = out, lse, (*out.stride(), 0)
+    grid = (query_blocks * num_splits, heads, batch)  # y, z <= 65535: ops' _triton_unsupported
     attention_forward_kernel[grid](
-        query, key, value, out, lse, mask, padding, counts, index, seed,
-        *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mask_strides, *padding_strides,
+        query, key, value, target, target_lse, mask, padding, counts, index, seed,
+        *query.stride(), *key.stride(), *value.stride(), *target_strides, *mask_strides, *padding_strides,
         *list_strides,
-        heads, heads // kv_heads if kv_heads else 1, seqlen_q, seqlen_k, head_dim,
+        heads, heads // kv_heads if kv_heads else 1, seqlen_q, seqlen_k, head_dim, num_splits,
         scale * LOG2E, causal_offset or 0, window_left, window_right, dropout_threshold, dropout_scale,
         CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
         HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=lists is not None, DROPOUT=dropout,
         DOT_PRECISION=dot_precision(query), POSITIVE_SCALE=scale > 0 and mask_kind != MASK_FLOAT,
+        SPLIT_KEYS=num_splits > 1,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim_bucket(head_dim), num_warps=num_warps, num_stages=num_stages,
     )
+    if num_splits > 1:
+        attention_combine_kernel[(cdiv(seqlen_q, COMBINE_BLOCK_M), heads, batch)](
+            target, target_lse, out, lse, *target.stride()[:3], *target.stride()[3:], *out.stride(),
+            heads, num_splits, seqlen_q, head_dim,
+            BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=head_dim_bucket(head_dim), num_warps=4,
+        )
     return out, lse
+
+
+COMBINE_BLOCK_M = 16  # query rows per program of the split merge: a decoding step has one

@@ -9,6 +9,7 @@ compiled for sm_80 and sm_90, in bf16 and float32, by the AOT test, which fails 
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Tuple
 
 import torch
@@ -118,6 +119,31 @@ def backward_configs(device, dtype, head_dim: int, causal: bool, dropout: bool =
     """(dK/dV kernel config, dQ kernel config)."""
     return (_lookup("dkdv", (BACKWARD_DKDV, BACKWARD_DKDV_FP32), device, dtype, head_dim, INTERPRETER_DKDV, dropout),
             _lookup("dq", (BACKWARD_DQ, BACKWARD_DQ_FP32), device, dtype, head_dim, INTERPRETER_DQ, dropout))
+
+
+# Split keys (flash-decoding): a call with fewer forward programs than the GPU has SMs (a
+# decoding step: Lq = 1 and few sequences x heads) leaves SMs idle while each program walks
+# all of Lk. Its key tiles are then shared out between num_splits programs per query block,
+# at most one wave (SMs // programs) and at least MIN_TILES_PER_SPLIT tiles each, so the
+# float32 partial results and the merge stay small next to the keys read. Untimed: a GPU
+# session is to measure it (issue 3).
+MIN_TILES_PER_SPLIT = 4
+MAX_SPLITS = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def forward_splits(device, programs: int, key_tiles: int) -> int:
+    """The forward's num_splits for a call with ``programs`` programs (query blocks x heads x
+    batch) of ``key_tiles`` key tiles each: 1 off CUDA and whenever one wave is filled."""
+    device = torch.device(device)
+    if device.type != "cuda" or programs == 0:
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(sms // programs, key_tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
 
 
 def delta_config(head_dim: int) -> Tuple[int, int, int]:
