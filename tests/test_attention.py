@@ -3,6 +3,7 @@
 On a machine without a GPU they run under Triton's interpreter on CPU tensors (conftest sets
 TRITON_INTERPRET=1), in float32 and float16: triton 3.6's interpreter multiplies bfloat16 dot
 operands as raw bits, so bfloat16 is covered only on CUDA (make gpu-check)."""
+import contextlib
 import math
 
 import pytest
@@ -1151,6 +1152,7 @@ def op_calls(draw):
         "padding": draw(st.booleans()),
         "window": draw(st.sampled_from([None, 0, 3, 17, (2, 5), (40, 1)])),
         "scale": draw(st.sampled_from([None, 0.3, 1.7])),
+        "splits": draw(st.sampled_from([None, None, 2, 5])),  # the forward's split keys, forced (None: as chosen)
         "seed": draw(st.integers(0, 2 ** 31 - 1)),
     }
 
@@ -1161,8 +1163,8 @@ def op_calls(draw):
 @given(call=op_calls())
 def test_op_random_combinations_match_the_reference(call):
     """Random combinations of shapes, layouts (strided inputs, broadcast, expanded and transposed
-    masks), GQA, every mask option, scale and dtype, through the public op (backend="triton"),
-    forward and backward (a float mask's gradient too), against the float64 reference given one
+    masks), GQA, every mask option, scale, dtype and split keys (forced), through the public op
+    (backend="triton"), forward and backward (a float mask's gradient too), against the float64 reference given one
     dense mask built here from the documented semantics. This hunts combination bugs (a mask
     misread, a stride ignored): errors of the size of the output, far above the floor used here,
     the rounding of the float32 scores (|S| eps, which grows with the logits: scale 1.7 makes
@@ -1217,7 +1219,11 @@ def test_op_random_combinations_match_the_reference(call):
         allowed &= window_bool(seqlen_q, seqlen_k, offset, left, right)
     leaves = [tensor_.detach().requires_grad_() for tensor_ in (q, k, v)]
     grad_out = torch.randn(batch, heads, seqlen_q, head_dim, generator=generator).to(dtype)
-    with poisoned_allocations(DEVICE):
+    from unittest import mock
+
+    from fasttransformer.kernels import configs
+    splits = mock.patch.object(configs, "forward_splits", lambda *args: call["splits"]) if call["splits"] else None
+    with poisoned_allocations(DEVICE), splits or contextlib.nullcontext():
         out = scaled_dot_product_attention(*leaves, attn_mask, **kwargs, backend="triton")
         out.backward(grad_out)
 
