@@ -1325,9 +1325,11 @@ def test_cuda_large_cases_forward_and_backward(name, dtype):
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("masks", ["causal+padding", "bool", "float"])
+@pytest.mark.parametrize("masks", ["causal+padding", "bool", "float", "decode+padding"])
 def test_cuda_100_reruns_are_bitwise_equal(masks):
-    q, k, v, kernel_args, _, _ = make_case(2, 4, 2, 1000, 1500, 64, masks.split("+"), torch.bfloat16)
+    """Also a decoding step (8 programs: split keys), whose merge adds the splits in a fixed order."""
+    shape = (1, 8, 2, 1, 8192, 64) if "decode" in masks else (2, 4, 2, 1000, 1500, 64)
+    q, k, v, kernel_args, _, _ = make_case(*shape, masks.split("+"), torch.bfloat16)
     grad_out = torch.randn_like(q)
     out, lse = attention_forward(q, k, v, **kernel_args)
     first = (out, *attention_backward(grad_out, q, k, v, out, lse, **kernel_args)[:3])
@@ -1335,6 +1337,30 @@ def test_cuda_100_reruns_are_bitwise_equal(masks):
         out, lse = attention_forward(q, k, v, **kernel_args)
         again = (out, *attention_backward(grad_out, q, k, v, out, lse, **kernel_args)[:3])
         assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_decode_split_keys_match_unsplit_and_capture_in_a_graph():
+    """A decoding step that the heuristic splits (B x Hq = 8 programs, 8k keys) gives the unsplit
+    result up to rounding, and captures in a CUDA graph (the partials come from torch's
+    caching allocator; the SM count is read once, before capture)."""
+    from fasttransformer.kernels import configs
+
+    q, k, v, kernel_args, allowed, bias = make_case(1, 8, 2, 1, 8192, 128, ["lower_right", "padding"], torch.bfloat16)
+    assert configs.forward_splits(q.device, 8, 8192 // 64) > 1
+    with torch.no_grad():
+        out, lse = attention_forward(q, k, v, **kernel_args)
+        unsplit_out, unsplit_lse = attention_forward(q, k, v, num_splits=1, **kernel_args)
+        assert (out.float() - unsplit_out.float()).abs().max() < 1e-2 and torch.allclose(lse, unsplit_lse, atol=1e-4)
+        ref = reference_attention(q.double(), k.double(), v.double(), allowed, bias)
+        assert_within_torch_error(out, ref, reference_attention(q, k, v, allowed, bias), 2.0, "decode output")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured_out, captured_lse = attention_forward(q, k, v, **kernel_args)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(captured_out, out) and torch.equal(captured_lse, lse)
 
 
 @pytest.mark.cuda
