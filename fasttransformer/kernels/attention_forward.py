@@ -506,6 +506,8 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     from fasttransformer.kernels.block_lists import build_block_lists
     from fasttransformer.kernels.configs import forward_config, forward_splits, head_dim_bucket
 
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):  # before any launch
+        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
     batch, heads, seqlen_q, head_dim = query.shape
     kv_heads, seqlen_k = key.shape[1], key.shape[2]
     config = forward_config(query.device, query.dtype, head_dim, causal_offset is not None,
@@ -532,8 +534,6 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
         if window is not None:
             visible_keys = min(visible_keys, block_m + window_left + window_right + block_n)
         num_splits = forward_splits(query.device, query_blocks * heads * batch, cdiv(visible_keys, block_n))
-    if not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
     if num_splits > 1:  # float32 partial results per split, merged below
         target = torch.empty(batch, heads, num_splits, seqlen_q, head_dim, device=query.device, dtype=torch.float32)
         target_lse = torch.empty(batch, heads, num_splits, seqlen_q, device=query.device, dtype=torch.float32)
