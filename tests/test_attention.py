@@ -751,6 +751,20 @@ def op_case(name, dtype, batch=2, heads=4, kv_heads=2, seqlen_q=29, seqlen_k=41,
     return q, k, v, kwargs, allowed, bias
 
 
+def record_launches(monkeypatch, module, name):
+    """Wraps the Triton kernel ``module.name``: every launch still runs, and its grid is appended
+    to the returned list."""
+    grids, kernel = [], getattr(module, name)
+
+    class Recording:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(module, name, Recording())
+    return grids
+
+
 @pytest.mark.parametrize("name", ["lower_right", "bool+is_causal+padding", "float+padding"])
 def test_op_split_keys_when_the_heuristic_asks(monkeypatch, name):
     """Where configs.forward_splits splits (on CUDA, when too few programs fill the GPU), the
@@ -759,16 +773,8 @@ def test_op_split_keys_when_the_heuristic_asks(monkeypatch, name):
     import fasttransformer.kernels.attention_forward as forward_kernels
     from fasttransformer.kernels import configs
 
-    merges = []
-    combine = forward_kernels.attention_combine_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            merges.append(grid)
-            return combine[grid]
-
+    merges = record_launches(monkeypatch, forward_kernels, "attention_combine_kernel")
     monkeypatch.setattr(configs, "forward_splits", lambda device, programs, key_tiles: 3)
-    monkeypatch.setattr(forward_kernels, "attention_combine_kernel", Counting())
     q, k, v, kwargs, allowed, bias = op_case(name, torch.float32, seqlen_q=5, seqlen_k=230)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     with poisoned_allocations(DEVICE):
@@ -906,15 +912,7 @@ def test_float_mask_gradient_buffer_is_bounded(monkeypatch, bias_shape):
     bias = torch.randn(BIAS_SHAPES[bias_shape](batch, heads, seqlen_q, seqlen_k), device=DEVICE)
     padding = torch.rand(batch, seqlen_k, device=DEVICE) < 0.3
     grad_out = torch.randn(batch, heads, seqlen_q, head_dim, device=DEVICE)
-    launches = []
-    real_kernel = backward_kernels.attention_backward_dq_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real_kernel[grid]
-
-    monkeypatch.setattr(backward_kernels, "attention_backward_dq_kernel", Counting())
+    launches = record_launches(monkeypatch, backward_kernels, "attention_backward_dq_kernel")
 
     def gradients(dropout_p=0.0):
         torch.manual_seed(0)
