@@ -429,9 +429,40 @@ def test_bad_inputs_name_the_argument():
         ft.nn.KVCache()
 
 
+def _train_wrapped(model, wrapper, rank):
+    """Three steps of ``model`` wrapped by ``wrapper`` (DDP or FSDP2) on this rank's batches: the
+    losses. The wrapped model dies on return, while the process group is still registered."""
+    if wrapper == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.encoder.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = torch.Generator().manual_seed(100 + rank)
+    losses = []
+    for _ in range(3):
+        x = torch.randn(4, 10, D_MODEL, generator=data)
+        padding = torch.rand(4, 10, generator=data) < 0.3
+        padding[:, 0] = False
+        loss = model(x, padding).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def _distributed_worker(rank, world_size, directory, wrapper):
-    """One rank: trains an original torch.nn model and its converted twin, both wrapped by
-    ``wrapper`` (DDP or FSDP2), on this rank's batches; writes both loss curves."""
+    """One rank: trains an original torch.nn model and its converted twin on this rank's
+    batches; writes both loss curves.
+
+    The DDP wrappers are gone before destroy_process_group: a DDP reducer freed after it would
+    be the gloo group's last owner and run its destructor holding the GIL, which waits for a
+    gloo worker thread that needs the GIL (pytorch/pytorch#56297): this test hung once in CI so."""
+    import gc
+
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=world_size)
@@ -440,29 +471,10 @@ def _distributed_worker(rank, world_size, directory, wrapper):
         original = Nested()
         converted = ft.convert(copy.deepcopy(original))
         assert type(converted.encoder.layers[0].self_attn) is ft.nn.MultiheadAttention  # really compared
-        curves = []
-        for model in (original, converted):
-            if wrapper == "ddp":
-                model = torch.nn.parallel.DistributedDataParallel(model)
-            else:
-                from torch.distributed.fsdp import fully_shard
-                for layer in model.encoder.layers:
-                    fully_shard(layer)
-                fully_shard(model)
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-            data = torch.Generator().manual_seed(100 + rank)
-            losses = []
-            for _ in range(3):
-                x = torch.randn(4, 10, D_MODEL, generator=data)
-                padding = torch.rand(4, 10, generator=data) < 0.3
-                padding[:, 0] = False
-                loss = model(x, padding).square().mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-            curves.append(losses)
+        curves = [_train_wrapped(model, wrapper, rank) for model in (original, converted)]
         torch.save(curves, f"{directory}/rank{rank}.pt")
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -470,8 +482,18 @@ def _distributed_worker(rank, world_size, directory, wrapper):
 @pytest.mark.slow
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
 def test_distributed_training_matches_unconverted(tmp_path, wrapper):
-    """2 CPU processes on gloo: a converted model trains to the same losses as the original."""
-    torch.multiprocessing.spawn(_distributed_worker, args=(2, str(tmp_path), wrapper), nprocs=2)
+    """2 CPU processes on gloo: a converted model trains to the same losses as the original.
+    The workers get 300 s: a hang fails the test instead of stalling the suite."""
+    import time
+
+    context = torch.multiprocessing.start_processes(_distributed_worker, args=(2, str(tmp_path), wrapper),
+                                                    nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {wrapper} workers did not finish within 300 s")
     for rank in range(2):
         original, converted = torch.load(tmp_path / f"rank{rank}.pt")
         assert original[0] != original[-1], "the model did not train"
