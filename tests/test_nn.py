@@ -493,6 +493,7 @@ def test_distributed_training_matches_unconverted(tmp_path, wrapper):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
+                process.join()
             pytest.fail(f"the {wrapper} workers did not finish within 300 s")
     for rank in range(2):
         original, converted = torch.load(tmp_path / f"rank{rank}.pt")
