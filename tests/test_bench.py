@@ -62,6 +62,11 @@ def test_attention_case_implementations_agree(mask):
         attention._FLEX.pop("fn")
         if flex_case is not None:
             attention._FLEX["fn"] = flex_case
+    if mask == "decode":  # the split keys' baseline: the Triton forward with num_splits=1
+        results["unsplit"] = implementations["unsplit"]()
+    else:
+        with pytest.raises(NotImplementedError, match="for decode"):
+            implementations["unsplit"]()
     for name in ("torch-flash", "torch-efficient", "torch-cudnn"):  # where a backend refuses: reported n/a
         try:
             results[name] = implementations[name]()

@@ -9,7 +9,8 @@ measured bf16 matmul rate. A baseline that cannot run a case is "n/a" with its r
 The ``decode`` case is a decoding step: one query per sequence against L cached keys (B * L =
 16k keys), forward only, reported in GB/s (the keys and values read) against the measured copy
 bandwidth: with few sequences it has too few programs to fill the GPU unless the keys are split
-between programs (configs.forward_splits).
+between programs (configs.forward_splits). Its "unsplit" baseline is the same forward with one
+program per query block: the speedup over it is the split keys' gain.
 
     python -m fasttransformer bench attention [--quick] [--mask causal] [--head-dim 128] ...
 """
@@ -26,7 +27,8 @@ from fasttransformer.ops import scaled_dot_product_attention
 
 TOKENS, HIDDEN = 16384, 2048
 MASKS = ("none", "causal", "padding", "document", "window", "causal+padding", "decode")
-IMPLEMENTATIONS = ("fasttransformer", "torch-flash", "torch-efficient", "torch-cudnn", "torch-math", "flex", "naive")
+IMPLEMENTATIONS = ("fasttransformer", "torch-flash", "torch-efficient", "torch-cudnn", "torch-math", "flex", "naive",
+                   "unsplit")  # unsplit: decode only, fasttransformer's forward with num_splits=1
 WINDOW = 256
 BACKWARD_FLOP_RATIO = 2.5
 
@@ -101,11 +103,20 @@ class Case:
     def implementations(self) -> Dict[str, Callable]:
         return {"fasttransformer": self.ours, "torch-flash": self.sdpa("FLASH_ATTENTION"),
                 "torch-efficient": self.sdpa("EFFICIENT_ATTENTION"), "torch-cudnn": self.sdpa("CUDNN_ATTENTION"),
-                "torch-math": self.sdpa("MATH"), "flex": self.flex(), "naive": self.naive}
+                "torch-math": self.sdpa("MATH"), "flex": self.flex(), "naive": self.naive, "unsplit": self.unsplit}
 
     def ours(self):
         return scaled_dot_product_attention(self.q, self.k, self.v, backend=self.backend, dropout_p=self.dropout_p,
                                             **self.ours_kwargs)
+
+    def unsplit(self):
+        """Decode only: the Triton forward with one program per query block (num_splits=1), the
+        baseline of the split keys that configs.forward_splits chooses for ``ours``."""
+        if self.mask != "decode" or self.dropout_p or self.backend != "triton":
+            raise NotImplementedError("the unsplit forward is timed for decode, without dropout, on the Triton "
+                                      "backend only")
+        from fasttransformer.kernels.attention_forward import attention_forward
+        return attention_forward(self.q, self.k, self.v, num_splits=1)[0]
 
     def sdpa(self, backend: str):
         from torch.nn.attention import SDPBackend, sdpa_kernel
