@@ -66,6 +66,7 @@ HOST_CASES = {  # name: (query (B, H, Lq, D), key/value length, masks, with a ba
     "decode": ((8, 8, 1, 64), 300, {}, False),
     "decode-key-padding": ((8, 8, 1, 64), 300, {"key_padding_mask": True}, False),
     "decode-causal-lower-right": ((8, 8, 1, 64), 300, {"lower_right": True}, False),
+    "decode-split-keys": ((1, 8, 1, 64), 4096, {"num_splits": 8}, False),  # configs.forward_splits made to say 8
     "train-step": ((2, 2, 16, 16), 16, {"is_causal": True}, True),
     "train-step-key-padding": ((2, 2, 16, 16), 16, {"key_padding_mask": True}, True),
 }
@@ -90,13 +91,17 @@ def test_attention_host_time(benchmark, monkeypatch, name):
     import fasttransformer.kernels.block_lists as block_list_kernels
     from fasttransformer.ops import scaled_dot_product_attention
 
-    for module, kernel in ((forward_kernels, "attention_forward_kernel"), (backward_kernels, "attention_delta_kernel"),
+    from fasttransformer.kernels import configs
+
+    for module, kernel in ((forward_kernels, "attention_forward_kernel"), (forward_kernels, "attention_combine_kernel"),
+                           (backward_kernels, "attention_delta_kernel"),
                            (backward_kernels, "attention_backward_dkdv_kernel"),
                            (backward_kernels, "attention_backward_dq_kernel"),
                            (block_list_kernels, "tile_classes_kernel"), (block_list_kernels, "block_lists_kernel")):
         monkeypatch.setattr(module, kernel, _NoKernel())
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # backend="triton" accepts CPU tensors (no kernel runs)
     shape, seqlen_k, masks, backward = HOST_CASES[name]
+    monkeypatch.setattr(configs, "forward_splits", lambda device, programs, key_tiles: masks.get("num_splits", 1))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     query = torch.randn(shape, device=device, requires_grad=backward)
