@@ -198,6 +198,7 @@ def test_render_readme_from_a_recorded_gpu_json(tmp_path):
     (["bench", "attention", "--head-dim", "512"], "--head-dim must be <= 256"),
     (["bench", "attention", "--seq-len", "0"], "--seq-len must be >= 1"),
     (["bench", "attention", "--dropout", "1.5"], r"--dropout must be in \[0, 1\)"),
+    (["bench", "attention", "--mask", "decode", "--bwd"], "a decoding step is forward only"),
     (["bench", "--device", "cuda"] if not torch.cuda.is_available() else ["bench", "--seq-len", "-1"],
      "no CUDA device here" if not torch.cuda.is_available() else "--seq-len must be >= 1"),
 ])

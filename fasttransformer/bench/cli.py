@@ -56,6 +56,8 @@ def run(args) -> dict:
         raise SystemExit(f"--head-dim must be <= 256 (the kernels' limit), got {args.head_dim}")
     if args.mask and (unknown := sorted(set(args.mask) - set(attention.MASKS))):
         raise SystemExit(f"--mask {unknown[0]!r} is not one of {', '.join(attention.MASKS)}")
+    if args.bwd and args.mask and set(args.mask) == {"decode"}:
+        raise SystemExit("--bwd with --mask decode times nothing: a decoding step is forward only")
     if not 0.0 <= args.dropout < 1.0:
         raise SystemExit(f"--dropout must be in [0, 1), got {args.dropout}")
     label = torch.cuda.get_device_name().split()[-1].lower() if device == "cuda" else "cpu"
