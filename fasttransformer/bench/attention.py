@@ -7,7 +7,7 @@ Shapes (issue 3): B * L = 16k tokens, 2048 hidden (H = 2048 / D), D in {64, 128}
 (QK^T and PV), backward 2.5x that (FlashAttention's convention); TFLOP/s are reported against the
 measured bf16 matmul rate. A baseline that cannot run a case is "n/a" with its reason.
 The ``decode`` case is a decoding step: one query per sequence against L cached keys (B * L =
-16k keys), forward only, reported in GB/s (the keys and values read) against the measured copy
+16k keys), forward only, reported in GB/s (K, V and Q read, O written) against the measured copy
 bandwidth: with few sequences it has too few programs to fill the GPU unless the keys are split
 between programs (configs.forward_splits). Its "unsplit" baseline is the same forward with one
 program per query block: the speedup over it is the split keys' gain.
@@ -272,8 +272,8 @@ def markdown(record: dict) -> str:
              f"B*L = {record['tokens']} tokens, hidden {record['hidden']}, {record['dtype']}"
              + (f", dropout {record['dropout_p']}" if record.get("dropout_p") else "") + ". Measured bf16 matmul: "
              f"{ceil['matmul_tflops']:.0f} TFLOP/s. TFLOP/s count visible (query, key) pairs only; speedup = "
-             "baseline time / fasttransformer time. decode: one query per sequence, L keys; GB/s of the keys, "
-             f"values and queries read (measured copy: {ceil['copy_gbps']:.0f} GB/s).", ""]
+             "baseline time / fasttransformer time. decode: one query per sequence, L keys; GB/s of K, V and Q "
+             f"read and O written (measured copy: {ceil['copy_gbps']:.0f} GB/s).", ""]
     baselines = [name for name in IMPLEMENTATIONS if name != "fasttransformer"]
     lines.append("| mask | D | L | mode | visible | fasttransformer TFLOP/s (% of matmul) | "
                  + " | ".join(f"vs {name}" for name in baselines) + " |")
