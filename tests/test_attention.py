@@ -211,6 +211,47 @@ def test_split_keys_backward_and_dropout():
             attention_forward(q, k, v, num_splits=bad)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_split_keys_random_cases_match_unsplit(seed):
+    """Random shapes, GQA, mask combinations, dtypes, split counts and dropout: the split forward
+    gives the unsplit result (up to summation order) and the same +inf rows, and its lse serves
+    the backward as the unsplit one does."""
+    import random
+
+    rng = random.Random(seed)
+    for case in range(5):
+        kv_heads, group = rng.randint(1, 2), rng.randint(1, 3)
+        batch, seqlen_q = rng.randint(1, 3), rng.choice([1, 2, 5, 17, 70])
+        seqlen_k, head_dim = rng.randint(1, 420), rng.choice([8, 24, 40, 64])
+        masks = [kind for kind in ("causal", "lower_right", "padding", "bool", "float", "window") if rng.random() < 0.3]
+        if "lower_right" in masks and "causal" in masks:
+            masks.remove("causal")
+        if "float" in masks and "bool" in masks:
+            masks.remove("bool")
+        dtype, num_splits = rng.choice([torch.float32, torch.float16]), rng.randint(2, 9)
+        torch.manual_seed(seed * 100 + case)
+        q, k, v, kernel_args, _, _ = make_case(batch, kv_heads * group, kv_heads, seqlen_q, seqlen_k, head_dim, masks,
+                                               dtype)
+        if rng.random() < 0.3:
+            kernel_args.update(dropout_p=0.2, seed=torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=DEVICE))
+        with poisoned_allocations(DEVICE):
+            unsplit_out, unsplit_lse = attention_forward(q, k, v, num_splits=1, **kernel_args)
+            out, lse = attention_forward(q, k, v, num_splits=num_splits, **kernel_args)
+        what = (batch, kv_heads * group, kv_heads, seqlen_q, seqlen_k, head_dim, masks, dtype, num_splits)
+        assert torch.equal(torch.isinf(lse), torch.isinf(unsplit_lse)), what
+        seen = torch.isfinite(unsplit_lse)
+        assert (lse[seen] - unsplit_lse[seen]).abs().max() < 1e-4 if seen.any() else True, what
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+        assert (out.float() - unsplit_out.float()).abs().max() < tolerance, what
+        if "dropout_p" not in kernel_args:
+            grad_out = torch.randn_like(q)
+            grads = attention_backward(grad_out, q, k, v, out, lse, **kernel_args)[:3]
+            unsplit_grads = attention_backward(grad_out, q, k, v, unsplit_out, unsplit_lse, **kernel_args)[:3]
+            for grad, unsplit_grad in zip(grads, unsplit_grads):
+                scale = max(1.0, unsplit_grad.abs().max().item())  # seen: 1e-3 in float16, 5e-7 in float32
+                assert (grad.float() - unsplit_grad.float()).abs().max() < 4 * tolerance * scale, what
+
+
 def test_forward_splits_heuristic(monkeypatch):
     """One wave at most (SMs // programs), at least MIN_TILES_PER_SPLIT key tiles per split,
     and never off CUDA."""
