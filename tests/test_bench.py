@@ -128,6 +128,22 @@ def test_attention_sweep_rows_small():
     assert "| causal | 16 | 64 | bwd |" in attention.markdown(record)
 
 
+def test_attention_sweep_checkpoints_partial_records(tmp_path):
+    """After every case but the last, the sweep hands the record so far to ``checkpoint`` marked
+    partial (the CLI writes it: a sweep stopped at a deadline keeps what it timed); its table
+    says so. The finished record is not marked."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    partials = []
+    record = attention.sweep(device, masks=("none", "causal"), head_dims=(16,), seqlens=(64,), modes=("fwd",),
+                             dtype=torch.float32, tokens=128, hidden=32, implementations=("torch-math",),
+                             checkpoint=lambda partial: partials.append(json.loads(json.dumps(partial))))
+    assert [partial["partial"] for partial in partials] == ["1 of 2 cases"]
+    assert [row["mask"] for row in partials[0]["results"]] == ["none"]
+    assert "Partial record: the run stopped after 1 of 2 cases." in attention.markdown(partials[0])
+    assert "partial" not in record and len(record["results"]) == 2
+    assert "Partial record" not in attention.markdown(record)
+
+
 def test_attention_sweep_decode_rows():
     """A decoding step (one query per sequence): forward rows only, its bytes and GB/s."""
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -188,11 +188,13 @@ SKIPPED_WITHOUT_GPU = ("no CUDA GPU: the Triton kernels run on the CPU only unde
 
 def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=None, modes=None,
           dtype=torch.bfloat16, progress=None, tokens=TOKENS, hidden=HIDDEN, implementations=IMPLEMENTATIONS,
-          dropout_p: float = 0.0) -> dict:
+          dropout_p: float = 0.0, checkpoint=None) -> dict:
     """Every (mask, D, L, implementation, mode); the record holds a row per case and mode, and a
     "bwd" row (fwd+bwd time minus fwd time) when both were timed. Meant for CUDA (the CLI skips
     it elsewhere); on the CPU it runs too, for the tests, with small ``tokens``/``hidden``.
-    ``dropout_p``: every implementation applies it (FlexAttention, which has none, is n/a)."""
+    ``dropout_p``: every implementation applies it (FlexAttention, which has none, is n/a).
+    ``checkpoint(record)`` is called after each case with the record so far, marked
+    ``"partial": "<done> of <total> cases"``: a run stopped midway (a deadline) keeps what it timed."""
     cuda = device == "cuda"
     masks = masks or (("none", "causal", "padding", "document", "decode") if quick else MASKS)
     head_dims = head_dims or ((128,) if quick else (64, 128))
@@ -239,6 +241,8 @@ def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=
                                        for name, value in row["gbps"].items()}
             row["speedup"] = {name: ms / ours for name, ms in row["times_ms"].items()} if ours else {}
             record["results"].append(row)
+        if checkpoint and index + 1 < len(cases):
+            checkpoint({**record, "partial": f"{index + 1} of {len(cases)} cases"})
         if progress:
             progress(index + 1, len(cases), row)
         del case
@@ -274,6 +278,8 @@ def markdown(record: dict) -> str:
              f"{ceil['matmul_tflops']:.0f} TFLOP/s. TFLOP/s count visible (query, key) pairs only; speedup = "
              "baseline time / fasttransformer time. decode: one query per sequence, L keys; GB/s of K, V and Q "
              f"read and O written (measured copy: {ceil['copy_gbps']:.0f} GB/s).", ""]
+    if record.get("partial"):
+        lines[-1:-1] = ["", f"Partial record: the run stopped after {record['partial']}."]
     baselines = [name for name in IMPLEMENTATIONS if name != "fasttransformer"]
     lines.append("| mask | D | L | mode | visible | fasttransformer TFLOP/s (% of matmul) | "
                  + " | ".join(f"vs {name}" for name in baselines) + " |")

@@ -73,7 +73,9 @@ def run(args) -> dict:
             record = attention.sweep(device, args.quick, masks=args.mask, head_dims=args.head_dim,
                                      seqlens=args.seq_len, modes=("fwd",) if args.fwd else ("fwd+bwd",) if args.bwd
                                      else None, dtype=DTYPES[args.dtype], progress=_progress(),
-                                     dropout_p=args.dropout)
+                                     dropout_p=args.dropout,
+                                     checkpoint=lambda partial: common.write_results(
+                                         str(out), "attention", partial, attention.markdown(partial)))
         else:
             record = modules[subject].sweep(device, args.quick)
         text = modules[subject].markdown(record)
