@@ -83,7 +83,8 @@ def attention_rows(record):
         ours = row["tflops"].get("fasttransformer")
         figure = f"{ours:.0f} ({row['fraction_of_matmul']['fasttransformer']:.0%})" if ours else "n/a"
         if ours and row["mask"] == "decode":  # a decoding step is bound by the bytes read
-            figure = f"{row['gbps']['fasttransformer']:.0f} GB/s ({row['fraction_of_copy']['fasttransformer']:.0%} of copy)"
+            figure = (f"{row['gbps']['fasttransformer']:.0f} GB/s "
+                      f"({row['fraction_of_copy']['fasttransformer']:.0%} of copy)")
         cells = [row["mask"], str(row["head_dim"]), str(row["seqlen"]), row["mode"], figure]
         cells += [f"{row['speedup'][name]:.2f}x" if name in row.get("speedup", {}) else "n/a" for name in baselines]
         lines.append("| " + " | ".join(cells) + " |")

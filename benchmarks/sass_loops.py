@@ -4,10 +4,11 @@
 
 Compiles the forward, dK/dV and dQ kernels ahead of time (``fasttransformer.kernels.aot``: the
 table's config for the arch, bf16, the runtime specialisation of contiguous inputs) with no mask,
-causal, and key padding (the tile lists), and the forward with split keys, disassembles each cubin with the cuobjdump Triton ships,
-and counts the instructions of every loop: from a backward branch's target to the branch (an
-outer loop's count includes its inner loops). A static figure, not a timing: it shows what a
-change to a kernel's loop body does to the work per tile before a GPU times it.
+causal, and key padding (the tile lists), and the forward with split keys; disassembles each
+cubin with the cuobjdump Triton ships, and counts the instructions of every loop: from a
+backward branch's target to the branch (an outer loop's count includes its inner loops). A
+static figure, not a timing: it shows what a change to a kernel's loop body does to the work
+per tile before a GPU times it.
 """
 from __future__ import annotations
 

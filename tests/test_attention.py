@@ -726,8 +726,9 @@ def test_kernels_compile_for_sm80_and_sm90_with_their_matrix_instructions(aot_re
 def test_attention_configs_do_not_spill(aot_reports):
     """No register spills (stack bytes from cuobjdump) in any config of the table, with every
     mask on, without and with dropout (dropout's own entries), split keys or not, for both
-    archs and dtypes, nor in the delta pre-pass and the split keys' merge. The compile mirrors the JIT's runtime specialisation (aot.py):
-    without it, the report described kernels that never run, and spilled."""
+    archs and dtypes, nor in the delta pre-pass and the split keys' merge. The compile mirrors
+    the JIT's runtime specialisation (aot.py): without it, the report described kernels that
+    never run, and spilled."""
     spilling = [report for report in aot_reports if report["stack_bytes"]]
     assert not spilling, spilling
     # The block-list builder's kernels (block_lists.py) are compiled too, for both archs.
@@ -1203,8 +1204,8 @@ def op_calls(draw):
 def test_op_random_combinations_match_the_reference(call):
     """Random combinations of shapes, layouts (strided inputs, broadcast, expanded and transposed
     masks), GQA, every mask option, scale, dtype and split keys (forced), through the public op
-    (backend="triton"), forward and backward (a float mask's gradient too), against the float64 reference given one
-    dense mask built here from the documented semantics. This hunts combination bugs (a mask
+    (backend="triton"), forward and backward (a float mask's gradient too), against the float64
+    reference given one dense mask built here from the documented semantics. This hunts combination bugs (a mask
     misread, a stride ignored): errors of the size of the output, far above the floor used here,
     the rounding of the float32 scores (|S| eps, which grows with the logits: scale 1.7 makes
     them large) times the output or gradient scale. The ulp-level rule on curated cases is
@@ -1380,16 +1381,17 @@ def test_cuda_100_reruns_are_bitwise_equal(masks):
 
 @pytest.mark.cuda
 @needs_cuda
-def test_cuda_decode_split_keys_match_unsplit_and_capture_in_a_graph():
+def test_cuda_decode_split_keys_match_unsplit_and_capture_in_a_graph(monkeypatch):
     """A decoding step that the heuristic splits (B x Hq = 8 programs, 8k keys) gives the unsplit
     result up to rounding, and captures in a CUDA graph (the partials come from torch's
     caching allocator; the SM count is read once, before capture)."""
-    from fasttransformer.kernels import configs
+    import fasttransformer.kernels.attention_forward as forward_kernels
 
+    merges = record_launches(monkeypatch, forward_kernels, "attention_combine_kernel")
     q, k, v, kernel_args, allowed, bias = make_case(1, 8, 2, 1, 8192, 128, ["lower_right", "padding"], torch.bfloat16)
-    assert configs.forward_splits(q.device, 8, 8192 // 64) > 1
     with torch.no_grad():
         out, lse = attention_forward(q, k, v, **kernel_args)
+        assert len(merges) == 1 and merges[0][1:] == (8, 1)  # the heuristic split it: one merge, (blocks, H, B)
         unsplit_out, unsplit_lse = attention_forward(q, k, v, num_splits=1, **kernel_args)
         assert (out.float() - unsplit_out.float()).abs().max() < 1e-2 and torch.allclose(lse, unsplit_lse, atol=1e-4)
         ref = reference_attention(q.double(), k.double(), v.double(), allowed, bias)

@@ -128,7 +128,7 @@ def test_attention_sweep_rows_small():
     assert "| causal | 16 | 64 | bwd |" in attention.markdown(record)
 
 
-def test_attention_sweep_checkpoints_partial_records(tmp_path):
+def test_attention_sweep_checkpoints_partial_records():
     """After every case but the last, the sweep hands the record so far to ``checkpoint`` marked
     partial (the CLI writes it: a sweep stopped at a deadline keeps what it timed); its table
     says so. The finished record is not marked."""

@@ -287,7 +287,8 @@ def markdown(record: dict) -> str:
     for row in record["results"]:
         ours = row["tflops"].get("fasttransformer")
         if ours and row["mask"] == "decode":  # bound by the bytes read
-            figure = f"{row['gbps']['fasttransformer']:.0f} GB/s ({row['fraction_of_copy']['fasttransformer']:.0%} of copy)"
+            figure = (f"{row['gbps']['fasttransformer']:.0f} GB/s "
+                      f"({row['fraction_of_copy']['fasttransformer']:.0%} of copy)")
         elif ours:
             figure = f"{ours:.0f} ({row['fraction_of_matmul']['fasttransformer']:.0%})"
         else:
