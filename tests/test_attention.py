@@ -694,16 +694,20 @@ def test_kernels_compile_for_sm80_and_sm90_with_their_matrix_instructions(aot_re
     from fasttransformer.kernels import configs
     kinds = {"attention_forward_kernel": "forward", "attention_backward_dkdv_kernel": "dkdv",
              "attention_backward_dq_kernel": "dq"}
-    for kernel in ("attention_delta_kernel", "attention_combine_kernel"):
+    for kernel in ("attention_delta_kernel", "attention_combine_kernel"):  # with int64 offsets or not
         reports = [report for report in aot_reports if report["kernel"] == kernel]
-        assert {(report["arch"], report["head_dim"], report["dtype"]) for report in reports} == {
-            (arch, head_dim, dtype) for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32))
-            for (arch, head_dim) in table}, kernel
+        tables = (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32))
+        assert {(report["arch"], report["head_dim"], report["dtype"], report["options"].get("INT64_OFFSETS", False))
+                for report in reports} == {(arch, head_dim, dtype, int64) for dtype, table in tables
+                                           for (arch, head_dim) in table for int64 in (False, True)}, kernel
     split = {(report["arch"], report["head_dim"], report["dtype"], report["options"].get("DROPOUT", False))
              for report in aot_reports if report["options"].get("SPLIT_KEYS")}
     assert split == {(arch, head_dim, dtype, dropout) for dropout in (False, True)
                      for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32))
                      for (arch, head_dim) in table}
+    int64 = {(report["kernel"], report["arch"], report["head_dim"]) for report in aot_reports
+             if report["kernel"] in kinds and report["options"].get("INT64_OFFSETS")}
+    assert int64 == {(kernel, arch, head_dim) for kernel in kinds for (arch, head_dim) in configs.FORWARD}
     aot_reports = [report for report in aot_reports if report["kernel"] in kinds]  # delta, combine: no products
     assert {(kinds[report["kernel"]], report["arch"], report["head_dim"], report["dtype"]) for report in aot_reports} == {
         (kind, arch, head_dim, dtype) for kind in kinds.values()
@@ -1068,6 +1072,91 @@ def test_op_grids_stay_within_cuda_limits(monkeypatch, batch, heads):
     for name, launches in grids.items():
         for grid in launches:
             assert len(grid) <= 3 and grid[0] < 2 ** 31 and all(size <= 65535 for size in grid[1:]), (name, grid)
+
+
+SEQUENCE_STRIDE = 2 ** 30 + 2 ** 20  # elements: fits in int32 (Triton passes it as one), and 2x it does not
+
+
+class FarApart:
+    """Places (3, ...) tensors with their sequences SEQUENCE_STRIDE elements apart, so that
+    sequence 2 starts past 2**31 elements, in one buffer per dtype (only the pages written are
+    resident). Sequence 0 starts 2**31 elements in: where an offset computed in int32 wraps,
+    it lands inside the buffer, on poison (NaN, or the negated bool mask), and the test fails
+    instead of the process."""
+
+    def __init__(self, device):
+        self.device, self.buffers, self.used = device, {}, {}
+
+    def __call__(self, values):
+        dtype = values.dtype
+        if dtype not in self.buffers:
+            self.buffers[dtype] = torch.empty(2 ** 31 + 2 * SEQUENCE_STRIDE + 2 ** 20, dtype=dtype, device=self.device)
+            self.used[dtype] = 0
+        start = 2 ** 31 + self.used[dtype]
+        self.used[dtype] += values[0].numel()
+        strides = (SEQUENCE_STRIDE, *values[0].contiguous().stride())
+        placed = self.buffers[dtype].as_strided(values.shape, strides, start)
+        placed.copy_(values)
+        wrapped = start + 2 * SEQUENCE_STRIDE - 2 ** 32
+        poison = ~values[2] if dtype == torch.bool else torch.full_like(values[2], float("nan"))
+        self.buffers[dtype].as_strided(values.shape[1:], strides[1:], wrapped).copy_(poison)
+        return placed
+
+
+def test_int64_offsets_only_past_int32():
+    """The int64-offset kernels run only for a tensor in a storage of 2**31 elements or more (the
+    usual kernels have fewer registers); the storage, not the view, decides."""
+    from fasttransformer.kernels.attention_forward import int64_offsets
+
+    q, k = torch.randn(4, 8, 33, 64), torch.randn(4, 2, 700, 64).transpose(1, 2)
+    assert not int64_offsets(q, k, None, torch.ones(4, 1, 1, 700, dtype=torch.bool).expand(4, 8, 33, 700))
+    assert not int64_offsets(torch.empty(2 ** 31 - 1, dtype=torch.bool))  # only written pages are resident: none
+    large = torch.empty(2 ** 31, dtype=torch.uint8)
+    assert int64_offsets(q, large.view(torch.bool)[:10])
+    assert int64_offsets(large.view(torch.float16)[:10]) is False  # 2**30 float16 elements
+    assert int64_offsets(None, torch.empty(2 ** 31, dtype=torch.float16)[:4].view(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("masks", ["causal+bool+padding", "float"])
+def test_op_offsets_past_int32(masks):
+    """Inputs of more than 2**31 elements (a KV cache of B = 64, Hk = 8, Lk = 32k, D = 128) whose
+    strides fit in int32: the kernels' batch and head offsets (batch * stride_kb) are then
+    computed in int64 (INT64_OFFSETS). In int32 they wrapped, read out of bounds, and gave NaN
+    here (a segfault when the buffer started at sequence 0). q, k, v and every mask are read in
+    place through their strides (the backward copies q, k and v, whose gradients it
+    allocates, but not the masks)."""
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype = 3, 2, 1, 5, 40, 16, torch.float16
+    place = FarApart(DEVICE)
+    q, k, v = (place(torch.randn(batch, h, length, head_dim, dtype=dtype, device=DEVICE))
+               for h, length in ((heads, seqlen_q), (kv_heads, seqlen_k), (kv_heads, seqlen_k)))
+    kwargs, allowed, bias = {"enable_gqa": True}, torch.ones(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool), None
+    if "causal" in masks:
+        kwargs["is_causal"] = True
+        allowed &= causal_bool(seqlen_q, seqlen_k, 0)
+    if "bool" in masks:
+        mask = torch.rand(batch, 1, seqlen_q, seqlen_k) < 0.7
+        kwargs["attn_mask"] = place(mask.to(DEVICE))
+        allowed &= mask
+    if "padding" in masks:
+        padding = torch.rand(batch, seqlen_k) < 0.3
+        padding[:, 0] = False
+        kwargs["key_padding_mask"] = place(padding.to(DEVICE))
+        allowed &= ~padding[:, None, None, :]
+    if "float" in masks:
+        bias = torch.randn(batch, heads, seqlen_q, seqlen_k, dtype=dtype, device=DEVICE)
+        kwargs["attn_mask"] = place(bias).requires_grad_()
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    with poisoned_allocations(DEVICE):
+        out = scaled_dot_product_attention(*leaves, **kwargs, backend="triton")
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+    assert_matches_reference(q, k, v, allowed, bias, grad_out, out, [leaf.grad for leaf in leaves])
+    if bias is not None:
+        ref_bias = bias.double().requires_grad_()
+        reference_attention(q.double(), k.double(), v.double(), allowed, ref_bias).backward(grad_out.double())
+        base_bias = bias.clone().requires_grad_()
+        reference_attention(q.detach(), k.detach(), v.detach(), allowed, base_bias).backward(grad_out)
+        assert_within_torch_error(kwargs["attn_mask"].grad, ref_bias.grad, base_bias.grad, 3.0, "dbias")
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])

@@ -21,9 +21,9 @@ MATRIX_INSTRUCTIONS = ("wgmma.mma_async", "mma.sync")
 # Worst-case options (every mask on): what a config must survive without spilling. Dropout's
 # configs (configs.DROPOUT_OVERRIDES) are compiled with it on as well.
 WORST_CASE = {"CAUSAL": True, "WINDOW": True, "MASK_KIND": 1, "HAS_KEY_PADDING": True, "SPARSE": True,
-              "DROPOUT": False, "POSITIVE_SCALE": True, "SPLIT_KEYS": False}
+              "DROPOUT": False, "POSITIVE_SCALE": True, "SPLIT_KEYS": False, "INT64_OFFSETS": False}
 NO_MASK = {"CAUSAL": False, "WINDOW": False, "MASK_KIND": 0, "HAS_KEY_PADDING": False, "SPARSE": False,
-           "DROPOUT": False, "POSITIVE_SCALE": True, "SPLIT_KEYS": False}
+           "DROPOUT": False, "POSITIVE_SCALE": True, "SPLIT_KEYS": False, "INT64_OFFSETS": False}
 COMBINE_CONFIG = (16, 0, 4, 1)  # attention_forward.COMBINE_BLOCK_M rows, 4 warps
 
 
@@ -113,7 +113,8 @@ def _jobs():
     """Every (kernel, arch, D, config, options, dtype) the table (configs.py) can launch: the
     worst-case mask options for each kernel, plus the maskless, float-mask and split-key
     forward, in bf16 and in float32; the same with dropout on, with dropout's configs; the
-    backward's delta pre-pass and the split keys' merge."""
+    three kernels' int64-offset variant (inputs of 2**31 elements or more) in bf16, without
+    dropout; the backward's delta pre-pass and the split keys' merge, with int64 offsets or not."""
     import torch
 
     from fasttransformer.kernels import configs
@@ -130,9 +131,15 @@ def _jobs():
                 dkdv, dq = configs.backward_configs(device, torch_dtype, head_dim, True, dropout)
                 jobs.append(("dkdv", arch, head_dim, tuple(dkdv), extra, dtype))
                 jobs.append(("dq", arch, head_dim, tuple(dq), {"MASK_KIND": 2, "BIAS_GRAD": True, **extra}, dtype))
+                if dtype == "bf16" and not dropout:
+                    jobs += [("forward", arch, head_dim, tuple(config), {"INT64_OFFSETS": True}, dtype),
+                             ("dkdv", arch, head_dim, tuple(dkdv), {"INT64_OFFSETS": True}, dtype),
+                             ("dq", arch, head_dim, tuple(dq), {"MASK_KIND": 2, "BIAS_GRAD": True,
+                                                                "INT64_OFFSETS": True}, dtype)]
             block_m, _, num_warps = configs.delta_config(head_dim)
-            jobs.append(("delta", arch, head_dim, (block_m, 0, num_warps, 1), {}, dtype))
-            jobs.append(("combine", arch, head_dim, COMBINE_CONFIG, {}, dtype))
+            for options in ({}, {"INT64_OFFSETS": True}):
+                jobs.append(("delta", arch, head_dim, (block_m, 0, num_warps, 1), options, dtype))
+                jobs.append(("combine", arch, head_dim, COMBINE_CONFIG, options, dtype))
     return jobs + _list_jobs(jobs)
 
 

@@ -33,8 +33,8 @@ import triton.language as tl
 
 from fasttransformer.kernels.attention_forward import (LOG2E, MASK_BOOL, cdiv, dot_precision, dropout_arguments,
                                                        dropout_keep, effective_dropout_p, interior_keys,
-                                                       interior_queries, key_range, list_segments, mask_arguments,
-                                                       segment_range, tile_scores)
+                                                       int64_offsets, interior_queries, key_range, list_segments,
+                                                       mask_arguments, segment_range, tile_scores)
 
 
 @triton.jit
@@ -105,9 +105,11 @@ def attention_backward_dkdv_kernel(
     scale, scale_log2, causal_offset, window_left, window_right, dropout_threshold, dropout_scale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n, kv_head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # grid (blocks, kv heads, batch)
+    if INT64_OFFSETS:  # see attention_forward.int64_offsets
+        kv_head, batch = kv_head.to(tl.int64), batch.to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -232,11 +234,14 @@ def attention_backward_dq_kernel(
     scale, scale_log2, causal_offset, window_left, window_right, dropout_threshold, dropout_scale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # grid (blocks, heads, batch)
     pid_bh = batch * num_heads + head
     kv_head = head // kv_group
+    if INT64_OFFSETS:  # see attention_forward.int64_offsets
+        batch, head, kv_head = batch.to(tl.int64), head.to(tl.int64), kv_head.to(tl.int64)
     start_m = pid_m * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -309,10 +314,12 @@ def attention_delta_kernel(Out, DO, Delta,
                            stride_ob, stride_oh, stride_om, stride_od,
                            stride_dob, stride_doh, stride_dom, stride_dod,
                            num_heads, seqlen_q, head_dim,
-                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                           INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta = rowsum(dO * O) in float32 into a contiguous (B, Hq, Lq): one read of each input
     (torch's ``(dO.float() * O.float()).sum(-1)`` writes and reads float32 copies)."""
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # grid (blocks, heads, batch)
+    if INT64_OFFSETS:  # see attention_forward.int64_offsets
+        head, batch = head.to(tl.int64), batch.to(tl.int64)
     pid_bh = batch * num_heads + head
     o_block = tl.make_block_ptr(Out + batch * stride_ob + head * stride_oh, shape=(seqlen_q, head_dim),
                                 strides=(stride_om, stride_od), offsets=(pid_m * BLOCK_M, 0),
@@ -334,7 +341,7 @@ def attention_delta(grad_out, out):
     block_m, block_d, num_warps = delta_config(head_dim)
     attention_delta_kernel[(cdiv(seqlen_q, block_m), heads, batch)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seqlen_q, head_dim,
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps)
+        INT64_OFFSETS=int64_offsets(out, grad_out), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps)
     return delta
 
 
@@ -396,6 +403,7 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     constants = dict(CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
                      HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=by_query is not None, DROPOUT=dropout,
                      DOT_PRECISION=dot_precision(query),
+                     INT64_OFFSETS=int64_offsets(query, key, value, grad_out, dq, dk, dv, mask, padding),
                      BLOCK_D=head_dim_bucket(head_dim))
     strides = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mask_strides, *padding_strides)
     scalars = (scale, scale * LOG2E, causal_offset or 0, window_left, window_right, dropout_threshold, dropout_scale)

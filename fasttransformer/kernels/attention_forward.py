@@ -262,7 +262,7 @@ def attention_forward_kernel(
     dropout_scale,          # 1 / (1 - the rounded dropout_p); 0 when everything drops
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    POSITIVE_SCALE: tl.constexpr, SPLIT_KEYS: tl.constexpr,
+    POSITIVE_SCALE: tl.constexpr, SPLIT_KEYS: tl.constexpr, INT64_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # grid (blocks, heads, batch)
@@ -272,6 +272,8 @@ def attention_forward_kernel(
         pid_m = pid_m // num_splits
     pid_bh = batch * num_heads + head
     kv_head = head // kv_group
+    if INT64_OFFSETS:  # see int64_offsets
+        batch, head, kv_head = batch.to(tl.int64), head.to(tl.int64), kv_head.to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -364,11 +366,13 @@ def attention_combine_kernel(Partial, PartialLse, Out, Lse,
                              stride_pb, stride_ph, stride_ps, stride_pm, stride_pd,
                              stride_ob, stride_oh, stride_om, stride_od,
                              num_heads, num_splits, seqlen_q, head_dim,
-                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                             INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Merges the forward's key splits: out = sum_s w_s out_s / sum_s w_s with w_s = 2^lse_s
     (each partial out_s is normalised by its own sum), lse = log(sum_s w_s); a row that no split
     saw gets zeros and lse +inf, as from the unsplit kernel. Grid (query blocks, heads, batch)."""
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if INT64_OFFSETS:  # see int64_offsets
+        head, batch = head.to(tl.int64), batch.to(tl.int64)
     pid_bh = batch * num_heads + head
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -411,6 +415,23 @@ def mask_arguments(attn_mask, key_padding_mask, shape, placeholder):
     if key_padding_mask is None:
         return mask_kind, mask, mask_strides, placeholder, (0, 0)
     return mask_kind, mask, mask_strides, key_padding_mask.view(torch.uint8), key_padding_mask.stride()
+
+
+INT32_ELEMENTS = 2 ** 31
+
+
+def int64_offsets(*tensors) -> bool:
+    """Whether the kernels need int64 (batch, head) offsets (their INT64_OFFSETS): whether any of
+    ``tensors`` (None skipped) lies in a storage of 2**31 elements or more, such as a KV cache of
+    B = 64, Hk = 8, Lk = 32k, D = 128. Every offset into a tensor is below its storage's size,
+    so below that they cannot wrap in int32; above it ``batch * stride_kb`` can, although each
+    stride fits in int32 (Triton then passes it as int32), and read out of bounds. The flag
+    keeps the usual kernels as they were: int64 indices cost registers (always on, +905 over
+    the 269 AOT jobs, up to +69 in one, and an 8-byte spill).
+    Conservative for a small view of a large storage (the int64 variant then runs; correct).
+    A storage's size costs ~0.4 us of host time a tensor; the exact span, 1.5 us."""
+    return any(tensor is not None and tensor.untyped_storage().nbytes() >= INT32_ELEMENTS * tensor.element_size()
+               for tensor in tensors)
 
 
 def dot_precision(query) -> str:
@@ -526,6 +547,8 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     counts, index, list_strides = list_arguments(lists, query)
     dropout, seed, dropout_threshold, dropout_scale = dropout_arguments(dropout_p, seed, query)
     window_left, window_right = window if window is not None else (0, 0)
+    # Not the split keys' partial results: one wave of programs' (at most SMs x block_m x D).
+    wide = int64_offsets(query, key, value, mask, padding)
     query_blocks = cdiv(seqlen_q, block_m)
     if num_splits is None:
         visible_keys = seqlen_k  # an upper bound on what one query block sees
@@ -550,13 +573,13 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
         CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
         HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=lists is not None, DROPOUT=dropout,
         DOT_PRECISION=dot_precision(query), POSITIVE_SCALE=scale > 0 and mask_kind != MASK_FLOAT,
-        SPLIT_KEYS=num_splits > 1,
+        SPLIT_KEYS=num_splits > 1, INT64_OFFSETS=wide,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim_bucket(head_dim), num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         attention_combine_kernel[(cdiv(seqlen_q, COMBINE_BLOCK_M), heads, batch)](
             target, target_lse, out, lse, *target.stride()[:3], *target.stride()[3:], *out.stride(),
-            heads, num_splits, seqlen_q, head_dim,
+            heads, num_splits, seqlen_q, head_dim, INT64_OFFSETS=wide,
             BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=head_dim_bucket(head_dim), num_warps=4,
         )
     return out, lse
