@@ -900,6 +900,31 @@ def test_op_dropout_torch_backend_is_reproducible_under_a_seed():
     assert torch.equal(*runs)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "auto"])
+def test_op_autocast_computes_in_the_autocast_dtype(backend):
+    """Under torch.autocast the floating inputs, the float mask too, are cast to the autocast
+    dtype, as torch's SDPA does, whichever backend runs (the Triton kernels returned float32
+    here, torch bfloat16); float64 inputs are left alone; the gradients reach the float32 leaves."""
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float16  # the interpreter multiplies bfloat16 as raw bits
+    device_type = torch.device(DEVICE).type
+    q, k, v = (torch.randn(2, 4, length, 24, device=DEVICE, requires_grad=True) for length in (19, 33, 33))
+    bias = torch.randn(19, 33, device=DEVICE, requires_grad=True)
+    with torch.autocast(device_type, dtype=dtype):
+        out = scaled_dot_product_attention(q, k, v, attn_mask=bias, backend=backend)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        doubles = [t.detach().double() for t in (q, k, v)]
+        assert scaled_dot_product_attention(*doubles, backend="torch" if backend == "triton" else backend).dtype == \
+            torch.float64
+    assert out.dtype == expected.dtype == dtype
+    cast = [t.detach().to(dtype) for t in (q, k, v, bias)]
+    allowed = torch.ones(2, 4, 19, 33, dtype=torch.bool)
+    reference_out = reference_attention(*[t.double() for t in cast[:3]], allowed, cast[3].double())
+    assert_within_torch_error(out, reference_out, expected, 2.0, "output")
+    out.float().sum().backward()
+    assert all(leaf.grad is not None and leaf.grad.dtype == torch.float32 and leaf.grad.abs().sum() > 0
+               for leaf in (q, k, v, bias))
+
+
 BIAS_SHAPES = {"Lk": lambda b, h, m, n: (n,), "Lq,Lk": lambda b, h, m, n: (m, n), "B,1,Lq,Lk": lambda b, h, m, n: (b, 1, m, n),
                "1,H,1,Lk": lambda b, h, m, n: (1, h, 1, n), "B,H,Lq,Lk": lambda b, h, m, n: (b, h, m, n)}
 

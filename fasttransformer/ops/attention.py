@@ -64,7 +64,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     dimensions; the Triton backward computes it through a float32 ``(B', Hq, Lq, Lk)`` buffer,
     B' sequences at a time, as many as fit in 1 GiB (at least one); all B with dropout).
     The Triton path has no second derivative: differentiating its gradients raises.
+
+    Under ``torch.autocast`` for the inputs' device, every backend computes in the autocast
+    dtype, as torch's SDPA does: the floating inputs (the float ``attn_mask`` too) but float64
+    ones are cast to it first, and the output has it.
     """
+    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     spec = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                      key_padding_mask, window_size, backend)
     reason = _triton_unsupported(query, spec)
@@ -88,6 +93,21 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             return _EagerAttention.apply(*args)[0]
         return _launch_forward(*args)[0]
     return torch.ops.fasttransformer.attention_forward(*args)[0]
+
+
+def _autocast(*tensors):
+    """The tensors as torch's autocast hands them to its SDPA (in its lower-precision list):
+    when autocast is on for the query's device, every floating tensor but float64 is cast to
+    the autocast dtype. Unchanged otherwise (non-tensors too: validation names them)."""
+    query = tensors[0]
+    if not isinstance(query, torch.Tensor) or not torch.is_autocast_enabled(query.device.type):
+        return tensors
+    from torch.nn.attention.bias import CausalBias
+
+    dtype = torch.get_autocast_dtype(query.device.type)
+    return tuple(tensor.to(dtype) if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+                 and tensor.dtype != torch.float64 and not isinstance(tensor, CausalBias) else tensor
+                 for tensor in tensors)
 
 
 def _eager(*tensors) -> bool:
