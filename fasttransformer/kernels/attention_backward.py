@@ -403,7 +403,8 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     constants = dict(CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
                      HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=by_query is not None, DROPOUT=dropout,
                      DOT_PRECISION=dot_precision(query),
-                     INT64_OFFSETS=int64_offsets(query, key, value, grad_out, dq, dk, dv, mask, padding),
+                     # dq, dk, dv: empty_like their inputs (no larger storages)
+                     INT64_OFFSETS=int64_offsets(query, key, value, grad_out, mask, padding),
                      BLOCK_D=head_dim_bucket(head_dim))
     strides = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mask_strides, *padding_strides)
     scalars = (scale, scale * LOG2E, causal_offset or 0, window_left, window_right, dropout_threshold, dropout_scale)

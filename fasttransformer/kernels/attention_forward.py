@@ -547,7 +547,8 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     counts, index, list_strides = list_arguments(lists, query)
     dropout, seed, dropout_threshold, dropout_scale = dropout_arguments(dropout_p, seed, query)
     window_left, window_right = window if window is not None else (0, 0)
-    # Not the split keys' partial results: one wave of programs' (at most SMs x block_m x D).
+    # The split keys' partial results are left out: forward_splits keeps them to one wave of
+    # programs (SMs x block_m x D floats at most).
     wide = int64_offsets(query, key, value, mask, padding)
     query_blocks = cdiv(seqlen_q, block_m)
     if num_splits is None:
