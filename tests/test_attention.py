@@ -915,11 +915,15 @@ def test_op_autocast_computes_in_the_autocast_dtype(backend):
         doubles = [t.detach().double() for t in (q, k, v)]
         assert scaled_dot_product_attention(*doubles, backend="torch" if backend == "triton" else backend).dtype == \
             torch.float64
-    assert out.dtype == expected.dtype == dtype
+        causal = scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(19, 33), backend=backend)
+    assert out.dtype == expected.dtype == causal.dtype == dtype
     cast = [t.detach().to(dtype) for t in (q, k, v, bias)]
     allowed = torch.ones(2, 4, 19, 33, dtype=torch.bool)
     reference_out = reference_attention(*[t.double() for t in cast[:3]], allowed, cast[3].double())
     assert_within_torch_error(out, reference_out, expected, 2.0, "output")
+    lower_right = causal_bool(19, 33, 33 - 19).expand(2, 4, 19, 33)
+    assert_within_torch_error(causal, reference_attention(*[t.double() for t in cast[:3]], lower_right, None),
+                              reference_attention(*cast[:3], lower_right, None), 2.0, "causal output")
     out.float().sum().backward()
     assert all(leaf.grad is not None and leaf.grad.dtype == torch.float32 and leaf.grad.abs().sum() > 0
                for leaf in (q, k, v, bias))
@@ -1178,7 +1182,7 @@ def test_op_offsets_past_int32(masks):
     assert_matches_reference(q, k, v, allowed, bias, grad_out, out, [leaf.grad for leaf in leaves])
     if bias is not None:
         ref_bias = bias.double().requires_grad_()
-        reference_attention(q.double(), k.double(), v.double(), allowed, ref_bias).backward(grad_out.double())
+        reference_attention(*[t.detach().double() for t in (q, k, v)], allowed, ref_bias).backward(grad_out.double())
         base_bias = bias.clone().requires_grad_()
         reference_attention(q.detach(), k.detach(), v.detach(), allowed, base_bias).backward(grad_out)
         assert_within_torch_error(kwargs["attn_mask"].grad, ref_bias.grad, base_bias.grad, 3.0, "dbias")

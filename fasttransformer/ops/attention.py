@@ -105,6 +105,7 @@ def _autocast(*tensors):
     from torch.nn.attention.bias import CausalBias
 
     dtype = torch.get_autocast_dtype(query.device.type)
+    # Not a causal bias: it holds no values, and its .to() returns one without its variant.
     return tuple(tensor.to(dtype) if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
                  and tensor.dtype != torch.float64 and not isinstance(tensor, CausalBias) else tensor
                  for tensor in tensors)
