@@ -8,6 +8,7 @@ compared only where torch is finite; ours must be finite everywhere.
 import copy
 import functools
 import io
+import warnings
 
 import pytest
 import torch
@@ -208,6 +209,82 @@ def test_decoder_layer_matches_torch(kind, batch_first, norm_first):
     kwargs = {"tgt_mask": tgt_mask, "memory_mask": memory_mask, "tgt_key_padding_mask": tgt_padding,
               "memory_key_padding_mask": memory_padding, "tgt_is_causal": is_causal}
     assert_same(*run_both(torch_layer, ours, [tgt, memory], kwargs))
+
+
+def left_aligned_padding(batch, seqlen):
+    """True = padding, at the end of each sequence; the last sequence is fully padded."""
+    lengths = torch.randint(1, seqlen, (batch,))
+    lengths[-1] = 0
+    return torch.arange(seqlen)[None, :] >= lengths[:, None]
+
+
+# (case, torch takes its nested-tensor path): it then returns zeros at the padded positions
+NESTED_CASES = [("eval-no-grad", True), ("not-left-aligned", False), ("training", False), ("grad", False),
+                ("with-mask", False), ("nested-off", False), ("odd-heads", False), ("fastpath-off", False),
+                ("float-padding", True)]
+
+
+@pytest.mark.parametrize("case,nested", NESTED_CASES, ids=[case for case, _ in NESTED_CASES])
+def test_encoder_padded_positions_as_torch_gives_them(case, nested):
+    """torch.nn.TransformerEncoder's nested-tensor path (eval, no gradient, left-aligned padding,
+    ...) returns zeros at the padded positions, before its final norm; its other paths compute
+    them. Every position, padded ones included, must match torch's on each path."""
+    batch, seqlen, heads = 4, 9, 3 if case == "odd-heads" else 4
+    layer = torch.nn.TransformerEncoderLayer(D_MODEL, heads, 40, dropout=0.0, batch_first=True).double()
+    norm = torch.nn.LayerNorm(D_MODEL, dtype=torch.float64)
+    torch.nn.init.normal_(norm.bias)  # the padded positions then come out as torch's norm(0) = bias
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's advice on its nested-tensor path
+        torch_encoder = torch.nn.TransformerEncoder(layer, 2, norm=norm, enable_nested_tensor=case != "nested-off")
+        ours = ft.nn.TransformerEncoder(copy.deepcopy(layer), 2, norm=copy.deepcopy(norm),
+                                        enable_nested_tensor=case != "nested-off")
+    ours.load_state_dict(torch_encoder.state_dict(), strict=True)
+    for module in (torch_encoder, ours):
+        module.train(case == "training")
+    src = torch.randn(batch, seqlen, D_MODEL, dtype=torch.float64)
+    padding = left_aligned_padding(batch, seqlen)
+    if case == "not-left-aligned":
+        padding[0, 0] = True
+    if case == "with-mask":  # torch's layer then gives NaN everywhere, not only in the padded sequence
+        padding[-1, 0] = False
+    # bool (True = not allowed) with key 0 allowed: torch 2.13's layer fast path gives NaN for a float one
+    if case == "float-padding":
+        padding = torch.zeros(padding.shape, dtype=torch.float64).masked_fill(padding, float("-inf"))
+    mask = None
+    if case == "with-mask":
+        mask = torch.rand(seqlen, seqlen) < 0.3
+        mask[:, 0] = False
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(case != "fastpath-off")
+    try:
+        with torch.set_grad_enabled(case == "grad"):
+            expected = torch_encoder(src, mask=mask, src_key_padding_mask=padding)
+            out = ours(src, mask=mask, src_key_padding_mask=padding)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    padded = padding.bool() if padding.dtype == torch.bool else padding != 0
+    torch_zeroed = torch.allclose(expected[padded], norm.bias.expand(int(padded.sum()), -1))
+    assert torch_zeroed == nested, "the case does not take the torch path it names"
+    assert torch.isfinite(out).all()
+    finite = torch.isfinite(expected).all(-1)  # torch's computed fully padded sequence is NaN
+    assert finite[:-1].all()
+    torch.testing.assert_close(out[finite], expected[finite], atol=1e-10, rtol=1e-10)
+
+
+def test_transformer_memory_padding_as_torch_gives_it():
+    """Without a memory_key_padding_mask the decoder attends to the encoder's padded positions:
+    in eval without gradients torch's encoder gives norm(0) there, so ours must too."""
+    torch_model, ours = make_transformers(nhead=4)
+    torch.nn.init.normal_(torch_model.encoder.norm.bias)
+    ours.load_state_dict(torch_model.state_dict())
+    torch_model.eval(), ours.eval()
+    (src, tgt), _ = transformer_inputs()
+    padding = left_aligned_padding(src.shape[0], src.shape[1])
+    padding[-1, 0] = False  # torch's layers give NaN for a fully padded sequence: not compared here
+    with torch.no_grad():
+        expected = torch_model(src, tgt, src_key_padding_mask=padding)
+        out = ours(src, tgt, src_key_padding_mask=padding)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
 
 
 def make_transformers(dtype=torch.float64, device="cpu", **config):

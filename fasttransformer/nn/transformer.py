@@ -4,7 +4,8 @@ Each class subclasses its torch.nn namesake and replaces only ``forward``: the c
 parameters, ``state_dict`` keys, defaults and ``extra_repr`` are torch's own, so weights load
 both ways with ``strict=True``. The forwards hand the masks to the attention op as they are
 (a key-padding mask stays a ``(B, Lk)`` mask, a causal mask becomes ``is_causal``), without
-torch's fast paths that convert them into dense float masks or nested tensors.
+torch's fast paths that convert them into dense float masks or nested tensors (the encoder
+still returns the padded positions as torch's nested path does: zeros).
 """
 from __future__ import annotations
 
@@ -92,20 +93,55 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
 
 class TransformerEncoder(torch.nn.TransformerEncoder):
     """``torch.nn.TransformerEncoder`` (same arguments; torch.nn layers given to it are converted).
-    Never converts inputs to nested tensors: padding is skipped inside the attention kernels."""
+
+    Never converts inputs to nested tensors: padding is skipped inside the attention kernels.
+    Where torch would take its nested-tensor path (``enable_nested_tensor`` and its layer
+    conditions, eval mode, no gradient, a ``src_key_padding_mask`` with the padding at the end
+    and no ``mask``), the padded positions come out as torch gives them there: zeros before the
+    final ``norm``. Elsewhere they are computed, as on torch's other paths.
+    """
 
     def __init__(self, encoder_layer, num_layers, norm=None, enable_nested_tensor=True, mask_check=True):
-        super().__init__(encoder_layer, num_layers, norm, enable_nested_tensor=False, mask_check=mask_check)
-        self.enable_nested_tensor = enable_nested_tensor  # kept for state and repr; has no effect
+        with warnings.catch_warnings():  # torch's advice on its nested-tensor path, which is replaced
+            warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
+            super().__init__(encoder_layer, num_layers, norm, enable_nested_tensor=enable_nested_tensor,
+                             mask_check=mask_check)
         convert(self.layers)
 
     def forward(self, src: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 src_key_padding_mask: Optional[torch.Tensor] = None, is_causal: Optional[bool] = None) -> torch.Tensor:
         seq_dim = 1 if self.layers[0].self_attn.batch_first and src.dim() == 3 else 0
         is_causal = _detect_is_causal_mask(mask, is_causal, src.shape[seq_dim])
+        zero_padding = self._torch_zeroes_padding(src, mask, src_key_padding_mask)
         for layer in self.layers:
             src = layer(src, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
+        if zero_padding is not None:
+            src = src.masked_fill(zero_padding[..., None], 0.0)
         return self.norm(src) if self.norm is not None else src
+
+    def _torch_zeroes_padding(self, src, mask, src_key_padding_mask) -> Optional[torch.Tensor]:
+        """The padded positions ``(B, L)`` when torch's own forward would run its nested-tensor
+        path, which returns zeros there (its conditions, in its order); else None."""
+        if (src_key_padding_mask is None or not torch.backends.mha.get_fastpath_enabled()
+                or not getattr(self, "use_nested_tensor", False) or self.layers[0].training or src.dim() != 3
+                or src.is_nested or mask is not None or torch.is_autocast_enabled()):
+            return None
+        if self.mask_check and torch.compiler.is_compiling():
+            return None
+        first = self.layers[0]
+        weights = (src, first.self_attn.in_proj_weight, first.self_attn.in_proj_bias, first.self_attn.out_proj.weight,
+                   first.self_attn.out_proj.bias, first.norm1.weight, first.norm1.bias, first.norm2.weight,
+                   first.norm2.bias, first.linear1.weight, first.linear1.bias, first.linear2.weight, first.linear2.bias)
+        if (torch.overrides.has_torch_function(weights)
+                or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in weights))):
+            return None
+        # torch canonicalises the mask to float (0 = keep) and keeps the zeros: a nonzero is padding
+        padded = src_key_padding_mask if src_key_padding_mask.dtype == torch.bool else src_key_padding_mask != 0
+        if tuple(padded.shape) != tuple(src.shape[:2]):
+            return None  # torch's layers reject it; let ours say why
+        if self.mask_check and not bool((padded[:, :-1] <= padded[:, 1:]).all()):  # torch syncs here too
+            return None  # not left-aligned: torch computes every position
+        return padded
 
 
 class TransformerDecoder(torch.nn.TransformerDecoder):
