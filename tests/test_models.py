@@ -94,6 +94,10 @@ def test_generate_rejects_bad_arguments():
         model.generate(src, -1, 1, 2)
     with pytest.raises(ValueError, match="eos_id 23 is outside"):
         model.generate(src, 4, 1, VOCAB_TGT)
+    learned = Seq2SeqTransformer(VOCAB_SRC, VOCAB_TGT, **{**CONFIG, "max_positions": 6}).eval()
+    assert learned.generate(src, 6, 1, 2).shape[1] <= 6  # positions 0 ... 5
+    with pytest.raises(ValueError, match="max_new_tokens 7 needs 7 target positions"):  # before any step runs
+        learned.generate(src, 7, 1, 2)
 
 
 def test_demo_runs_end_to_end(capsys):

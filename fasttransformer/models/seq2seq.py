@@ -82,6 +82,10 @@ class Seq2SeqTransformer(torch.nn.Module):
         for name, token in (("bos_id", bos_id), ("eos_id", eos_id)):
             if not 0 <= token < vocab:
                 raise ValueError(f"{name} {token} is outside [0, tgt_vocab_size = {vocab})")
+        positions = self.tgt_embed.pos_weight
+        if positions is not None and max_new_tokens > positions.shape[0]:  # step t reads position t
+            raise ValueError(f"max_new_tokens {max_new_tokens} needs {max_new_tokens} target positions, but the "
+                             f"learned positions stop at max_positions = {positions.shape[0]}")
         batch = src_ids.shape[0]
         memory, src_padding = self.encode(src_ids)
         cache = DecoderCache(len(self.transformer.decoder.layers), capacity=max_new_tokens + 1)
