@@ -1032,6 +1032,26 @@ def test_op_rows_without_keys_are_zero_with_zero_gradients(backend):
     assert (q.grad[no_key.to(q.device)] == 0).all()
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter says it
+def test_op_float_mask_at_float32_min_acts_as_minus_inf():
+    """The documented limit of a float attn_mask: values at or below about -2.4e38 (such as
+    torch.finfo(float32).min) overflow the kernels' base-2 scaling to -inf. A row with some
+    larger value is unchanged (those keys' weights are 0 either way); a row of only such values
+    gives zeros, where torch's math gives the mean of the values."""
+    q, k, v = (torch.randn(2, 2, n, 16, device=DEVICE) for n in (6, 9, 9))
+    lowest = torch.finfo(torch.float32).min
+    bias = torch.randn(2, 1, 6, 9, device=DEVICE).masked_fill(torch.rand(2, 1, 6, 9, device=DEVICE) < 0.5, lowest)
+    bias[:, :, :, 0] = 0.5  # every row sees key 0
+    bias[1, :, 2] = lowest  # but this one, which sees only float32's min
+    out = scaled_dot_product_attention(q, k, v, attn_mask=bias, backend="triton")
+    expected = scaled_dot_product_attention(q, k, v, attn_mask=bias, backend="torch")
+    assert torch.allclose(expected[1, :, 2], v[1].mean(1), atol=1e-5)  # uniform weights
+    assert (out[1, :, 2] == 0).all()
+    others = torch.ones(2, 6, dtype=torch.bool, device=DEVICE)
+    others[1, 2] = False
+    torch.testing.assert_close(out.transpose(1, 2)[others], expected.transpose(1, 2)[others], atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("shapes", [((0, 2, 5, 16), (0, 2, 7, 16)), ((2, 0, 5, 16), (2, 0, 7, 16)),
                                     ((2, 2, 0, 16), (2, 2, 7, 16)), ((2, 2, 5, 16), (2, 2, 0, 16))],

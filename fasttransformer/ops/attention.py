@@ -44,7 +44,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         convention).
       * ``window_size``: ``w`` (the w keys before the query and itself) or ``(left, right)``,
         relative to the causal alignment in use (top-left when there is none).
-    A query that sees no key gets zeros and zero gradients, never NaN.
+    A query that sees no key gets zeros and zero gradients, never NaN. In the Triton kernels a
+    float mask value at or below about -2.4e38 (``torch.finfo(torch.float32).min``) acts as
+    -inf (its base-2 scaling overflows): a row of only such values gives zeros there, where
+    torch's math gives the mean of the values.
 
     ``backend``: ``"triton"`` (the fused kernels; on CPU tensors only under
     ``TRITON_INTERPRET=1``, set before triton is imported), ``"torch"`` (torch's SDPA, masks
