@@ -465,6 +465,22 @@ def test_compile_fullgraph_matches_eager(device):
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
+def test_export_on_triton_kernels_matches_eager(monkeypatch):
+    """torch.export.export of a whole model: the attention is the custom op in the exported graph
+    (its fake implementation gives the shapes), and the exported program computes what eager does."""
+    monkeypatch.setattr(ft.nn.attention, "scaled_dot_product_attention",
+                        functools.partial(ft.ops.scaled_dot_product_attention, backend="triton"))
+    device = "cuda" if HAS_CUDA else "cpu"
+    _, model = make_transformers(dtype=torch.float32, device=device, nhead=4)
+    model.eval()
+    (src, tgt), kwargs = transformer_inputs(dtype=torch.float32, device=device)
+    kwargs["tgt_is_causal"] = True
+    program = torch.export.export(model, (src, tgt), kwargs)
+    launches = [node for node in program.graph.nodes if "fasttransformer.attention_forward" in str(node.target)]
+    assert len(launches) == 6  # 2 encoder, 2 decoder self- and 2 cross-attention layers
+    torch.testing.assert_close(program.module()(src, tgt, **kwargs), model(src, tgt, **kwargs), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_kv_cache_equals_full_recomputation(device):
     layer = ft.nn.TransformerDecoderLayer(D_MODEL, NHEAD, 40, dropout=0.0, batch_first=True).double().to(device)
