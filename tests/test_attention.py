@@ -705,9 +705,15 @@ def test_kernels_compile_for_sm80_and_sm90_with_their_matrix_instructions(aot_re
     assert split == {(arch, head_dim, dtype, dropout) for dropout in (False, True)
                      for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32))
                      for (arch, head_dim) in table}
-    int64 = {(report["kernel"], report["arch"], report["head_dim"]) for report in aot_reports
-             if report["kernel"] in kinds and report["options"].get("INT64_OFFSETS")}
-    assert int64 == {(kernel, arch, head_dim) for kernel in kinds for (arch, head_dim) in configs.FORWARD}
+    int64 = {(report["kernel"], report["arch"], report["head_dim"], report["dtype"],
+              report["options"].get("DROPOUT", False), report["options"].get("MASK_KIND"))
+             for report in aot_reports if report["kernel"] in kinds and report["options"].get("INT64_OFFSETS")}
+    assert int64 == {(kernel, arch, head_dim, dtype, dropout, mask_kind) for dropout in (False, True)
+                     for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32))
+                     for (arch, head_dim) in table
+                     for kernel, mask_kind in (("attention_forward_kernel", None), ("attention_forward_kernel", 2),
+                                               ("attention_backward_dkdv_kernel", None),
+                                               ("attention_backward_dq_kernel", 2))}
     aot_reports = [report for report in aot_reports if report["kernel"] in kinds]  # delta, combine: no products
     assert {(kinds[report["kernel"]], report["arch"], report["head_dim"], report["dtype"]) for report in aot_reports} == {
         (kind, arch, head_dim, dtype) for kind in kinds.values()

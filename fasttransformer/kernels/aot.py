@@ -113,8 +113,9 @@ def _jobs():
     """Every (kernel, arch, D, config, options, dtype) the table (configs.py) can launch: the
     worst-case mask options for each kernel, plus the maskless, float-mask and split-key
     forward, in bf16 and in float32; the same with dropout on, with dropout's configs; the
-    three kernels' int64-offset variant (inputs of 2**31 elements or more) in bf16, without
-    dropout; the backward's delta pre-pass and the split keys' merge, with int64 offsets or not."""
+    int64-offset variants (inputs of 2**31 elements or more) of the worst-case and float-mask
+    forward and of both backward kernels, in both dtypes, with and without dropout; the
+    backward's delta pre-pass and the split keys' merge, with int64 offsets or not."""
     import torch
 
     from fasttransformer.kernels import configs
@@ -131,11 +132,12 @@ def _jobs():
                 dkdv, dq = configs.backward_configs(device, torch_dtype, head_dim, True, dropout)
                 jobs.append(("dkdv", arch, head_dim, tuple(dkdv), extra, dtype))
                 jobs.append(("dq", arch, head_dim, tuple(dq), {"MASK_KIND": 2, "BIAS_GRAD": True, **extra}, dtype))
-                if dtype == "bf16" and not dropout:
-                    jobs += [("forward", arch, head_dim, tuple(config), {"INT64_OFFSETS": True}, dtype),
-                             ("dkdv", arch, head_dim, tuple(dkdv), {"INT64_OFFSETS": True}, dtype),
-                             ("dq", arch, head_dim, tuple(dq), {"MASK_KIND": 2, "BIAS_GRAD": True,
-                                                                "INT64_OFFSETS": True}, dtype)]
+                int64 = {"INT64_OFFSETS": True, **extra}
+                jobs += [("forward", arch, head_dim, tuple(config), int64, dtype),
+                         ("forward", arch, head_dim, tuple(config), {"MASK_KIND": 2, "POSITIVE_SCALE": False, **int64},
+                          dtype),
+                         ("dkdv", arch, head_dim, tuple(dkdv), int64, dtype),
+                         ("dq", arch, head_dim, tuple(dq), {"MASK_KIND": 2, "BIAS_GRAD": True, **int64}, dtype)]
             block_m, _, num_warps = configs.delta_config(head_dim)
             for options in ({}, {"INT64_OFFSETS": True}):
                 jobs.append(("delta", arch, head_dim, (block_m, 0, num_warps, 1), options, dtype))

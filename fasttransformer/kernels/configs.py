@@ -65,6 +65,7 @@ BACKWARD_DQ_FP32[(90, 32)] = Config(64, 16, 4, 1)
 # keeping wgmma on sm_90 where the entry had it; sweep of 2026-11-23 over 400 candidates,
 # untimed like the rest. Keys: (kernel, "2-byte" or "fp32", arch, head-dim bucket).
 DROPOUT_OVERRIDES = {
+    ("dkdv", "2-byte", 80, 32): Config(32, 64, 8, 2),  # (32, 128, 8, 2): 255 registers, 8 bytes spilled with int64
     ("dkdv", "2-byte", 80, 128): Config(64, 32, 8, 1),
     ("dq", "2-byte", 80, 64): Config(128, 32, 8, 1),  # since the interior-tile split: 24 bytes at 2 stages
     ("dq", "2-byte", 80, 128): Config(32, 64, 8, 2),  # and 8 bytes at (64, 32, 8, 2)
