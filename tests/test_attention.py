@@ -4,6 +4,7 @@ On a machine without a GPU they run under Triton's interpreter on CPU tensors (c
 TRITON_INTERPRET=1), in float32 and float16: triton 3.6's interpreter multiplies bfloat16 dot
 operands as raw bits, so bfloat16 is covered only on CUDA (make gpu-check)."""
 import contextlib
+import functools
 import math
 
 import pytest
@@ -713,7 +714,14 @@ def test_kernels_compile_for_sm80_and_sm90_with_their_matrix_instructions(aot_re
                      for (arch, head_dim) in table
                      for kernel, mask_kind in (("attention_forward_kernel", None), ("attention_forward_kernel", 2),
                                                ("attention_backward_dkdv_kernel", None),
+                                               ("attention_backward_dq_kernel", None),
                                                ("attention_backward_dq_kernel", 2))}
+    # the dQ kernel with the boolean mask (WORST_CASE) and with the float mask's gradient, in every variant
+    dq = {(report["arch"], report["head_dim"], report["dtype"], report["options"].get("MASK_KIND"))
+          for report in aot_reports if report["kernel"] == "attention_backward_dq_kernel"}
+    assert dq == {(arch, head_dim, dtype, mask_kind) for mask_kind in (None, 2)
+                  for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32))
+                  for (arch, head_dim) in table}
     aot_reports = [report for report in aot_reports if report["kernel"] in kinds]  # delta, combine: no products
     assert {(kinds[report["kernel"]], report["arch"], report["head_dim"], report["dtype"]) for report in aot_reports} == {
         (kind, arch, head_dim, dtype) for kind in kinds.values()
@@ -1173,7 +1181,7 @@ def test_int64_offsets_only_past_int32():
 
 
 @pytest.mark.parametrize("masks", ["causal+bool+padding", "float"])
-def test_op_offsets_past_int32(masks):
+def test_op_offsets_past_int32(masks, monkeypatch):
     """Inputs of more than 2**31 elements (a KV cache of B = 64, Hk = 8, Lk = 32k, D = 128) whose
     strides fit in int32: the kernels' batch and head offsets (batch * stride_kb) are then
     computed in int64 (INT64_OFFSETS). In int32 they wrapped, read out of bounds, and gave NaN
@@ -1201,10 +1209,16 @@ def test_op_offsets_past_int32(masks):
         bias = torch.randn(batch, heads, seqlen_q, seqlen_k, dtype=dtype, device=DEVICE)
         kwargs["attn_mask"] = place(bias).requires_grad_()
     leaves = [t.requires_grad_() for t in (q, k, v)]
+    from fasttransformer.kernels import configs
+    lookups = []  # the launchers ask for the int64 variants' configs (configs.INT64_OVERRIDES)
+    for name in ("forward_config", "backward_configs"):
+        monkeypatch.setattr(configs, name, functools.partial(
+            lambda lookup, *args, **kw: lookups.append(kw.get("int64")) or lookup(*args, **kw), getattr(configs, name)))
     with poisoned_allocations(DEVICE):
         out = scaled_dot_product_attention(*leaves, **kwargs, backend="triton")
         grad_out = torch.randn_like(out)
         out.backward(grad_out)
+    assert lookups == [True, True]
     assert_matches_reference(q, k, v, allowed, bias, grad_out, out, [leaf.grad for leaf in leaves])
     if bias is not None:
         ref_bias = bias.double().requires_grad_()

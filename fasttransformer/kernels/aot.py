@@ -112,8 +112,9 @@ def compile_kernel(kernel, arch: int, head_dim: int, config, dtype: str = "bf16"
 def _jobs():
     """Every (kernel, arch, D, config, options, dtype) the table (configs.py) can launch: the
     worst-case mask options for each kernel, plus the maskless, float-mask and split-key
-    forward, in bf16 and in float32; the same with dropout on, with dropout's configs; the
-    int64-offset variants (inputs of 2**31 elements or more) of the worst-case and float-mask
+    forward, in bf16 and in float32; the same with dropout on, with dropout's configs; the dQ
+    kernel with the boolean mask and with the float mask's gradient; the int64-offset variants
+    (inputs of 2**31 elements or more, with their configs) of the worst-case and float-mask
     forward and of both backward kernels, in both dtypes, with and without dropout; the
     backward's delta pre-pass and the split keys' merge, with int64 offsets or not."""
     import torch
@@ -124,20 +125,18 @@ def _jobs():
         for (arch, head_dim) in (configs.FORWARD_FP32 if dtype == "fp32" else configs.FORWARD):
             device = _FakeDevice(arch)
             for dropout in (False, True):
-                extra = {"DROPOUT": True} if dropout else {}
-                config = configs.forward_config(device, torch_dtype, head_dim, True, dropout)
-                for options in ({}, {"MASK_KIND": 2, "POSITIVE_SCALE": False}, {"SPLIT_KEYS": True}) + (
-                        () if dropout else (NO_MASK,)):
-                    jobs.append(("forward", arch, head_dim, tuple(config), {**options, **extra}, dtype))
-                dkdv, dq = configs.backward_configs(device, torch_dtype, head_dim, True, dropout)
-                jobs.append(("dkdv", arch, head_dim, tuple(dkdv), extra, dtype))
-                jobs.append(("dq", arch, head_dim, tuple(dq), {"MASK_KIND": 2, "BIAS_GRAD": True, **extra}, dtype))
-                int64 = {"INT64_OFFSETS": True, **extra}
-                jobs += [("forward", arch, head_dim, tuple(config), int64, dtype),
-                         ("forward", arch, head_dim, tuple(config), {"MASK_KIND": 2, "POSITIVE_SCALE": False, **int64},
-                          dtype),
-                         ("dkdv", arch, head_dim, tuple(dkdv), int64, dtype),
-                         ("dq", arch, head_dim, tuple(dq), {"MASK_KIND": 2, "BIAS_GRAD": True, **int64}, dtype)]
+                for int64 in (False, True):
+                    extra = {**({"DROPOUT": True} if dropout else {}), **({"INT64_OFFSETS": True} if int64 else {})}
+                    config = configs.forward_config(device, torch_dtype, head_dim, True, dropout, int64)
+                    forward_options = ({}, {"MASK_KIND": 2, "POSITIVE_SCALE": False})
+                    if not int64:
+                        forward_options += ({"SPLIT_KEYS": True},) + (() if dropout else (NO_MASK,))
+                    for options in forward_options:
+                        jobs.append(("forward", arch, head_dim, tuple(config), {**options, **extra}, dtype))
+                    dkdv, dq = configs.backward_configs(device, torch_dtype, head_dim, True, dropout, int64)
+                    jobs.append(("dkdv", arch, head_dim, tuple(dkdv), extra, dtype))
+                    for options in ({}, {"MASK_KIND": 2, "BIAS_GRAD": True}):  # bool mask, float mask and its grad
+                        jobs.append(("dq", arch, head_dim, tuple(dq), {**options, **extra}, dtype))
             block_m, _, num_warps = configs.delta_config(head_dim)
             for options in ({}, {"INT64_OFFSETS": True}):
                 jobs.append(("delta", arch, head_dim, (block_m, 0, num_warps, 1), options, dtype))
@@ -151,7 +150,11 @@ def _list_jobs(attention_jobs):
     row, broadcast over the queries, or absent, and every coarsening factor the backward's
     pairs of configs need: one classification at the smaller tiles serves both."""
     from fasttransformer.kernels.block_lists import CLASS_COLUMNS, CLASS_ROWS, LIST_TILES
-    by_key = {(arch, head_dim, dtype, str(options)): config for name, arch, head_dim, config, options, dtype
+
+    def variant(options):  # what picks a kernel's config besides (arch, D, dtype)
+        return tuple(sorted((key, value) for key, value in options.items() if key in ("DROPOUT", "INT64_OFFSETS")))
+
+    by_key = {(arch, head_dim, dtype, variant(options)): config for name, arch, head_dim, config, options, dtype
               in attention_jobs if name == "dkdv"}
     tiles, factors = set(), set()
     for name, arch, head_dim, config, options, dtype in attention_jobs:
@@ -159,8 +162,7 @@ def _list_jobs(attention_jobs):
             tiles.add((arch, config[0], config[1]))
             factors.add((arch, 1, 1, False))
         elif name == "dq":
-            dkdv = by_key[(arch, head_dim, dtype, str({key: value for key, value in options.items()
-                                                          if key == "DROPOUT"}))]
+            dkdv = by_key[(arch, head_dim, dtype, variant(options))]
             fine_m, fine_n = min(dkdv[0], config[0]), min(dkdv[1], config[1])
             tiles.add((arch, fine_m, fine_n))
             factors.add((arch, dkdv[1] // fine_n, dkdv[0] // fine_m, True))  # lists by key: transposed

@@ -373,10 +373,6 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     group = heads // kv_heads if kv_heads else 1  # query heads per key head (no heads: nothing to launch)
     overrides = {name: value for name, value in (("block_m", block_m), ("block_n", block_n),
                                                   ("num_warps", num_warps), ("num_stages", num_stages)) if value}
-    table = backward_configs(query.device, query.dtype, head_dim, causal_offset is not None,
-                             dropout=effective_dropout_p(dropout_p) > 0)
-    dkdv_config, dq_config = (given or config._replace(**overrides)
-                              for given, config in zip((dkdv_config, dq_config), table))
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     delta = attention_delta(grad_out, out)  # (B, Hq, Lq) float32
     lse = lse.contiguous()
@@ -391,6 +387,11 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     value, dv = like(value)
     shape = (batch, heads, seqlen_q, seqlen_k)
     mask_kind, mask, mask_strides, padding, padding_strides = mask_arguments(attn_mask, key_padding_mask, shape, query)
+    wide = int64_offsets(query, key, value, grad_out, mask, padding)  # dq, dk, dv: empty_like these (no larger)
+    table = backward_configs(query.device, query.dtype, head_dim, causal_offset is not None,
+                             dropout=effective_dropout_p(dropout_p) > 0, int64=wide)
+    dkdv_config, dq_config = (given or config._replace(**overrides)
+                              for given, config in zip((dkdv_config, dq_config), table))
     by_query = by_key = None
     if uses_block_lists(attn_mask, key_padding_mask):
         # One classification at the smaller tiles, coarsened exactly for each kernel's tiles.
@@ -402,9 +403,7 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     dropout, seed, dropout_threshold, dropout_scale = dropout_arguments(dropout_p, seed, query)
     constants = dict(CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
                      HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=by_query is not None, DROPOUT=dropout,
-                     DOT_PRECISION=dot_precision(query),
-                     # dq, dk, dv: empty_like their inputs (no larger storages)
-                     INT64_OFFSETS=int64_offsets(query, key, value, grad_out, mask, padding),
+                     DOT_PRECISION=dot_precision(query), INT64_OFFSETS=wide,
                      BLOCK_D=head_dim_bucket(head_dim))
     strides = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mask_strides, *padding_strides)
     scalars = (scale, scale * LOG2E, causal_offset or 0, window_left, window_right, dropout_threshold, dropout_scale)

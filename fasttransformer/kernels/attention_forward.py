@@ -531,15 +531,18 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
         raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
     batch, heads, seqlen_q, head_dim = query.shape
     kv_heads, seqlen_k = key.shape[1], key.shape[2]
+    shape = (batch, heads, seqlen_q, seqlen_k)
+    mask_kind, mask, mask_strides, padding, padding_strides = mask_arguments(attn_mask, key_padding_mask, shape, query)
+    # The split keys' partial results are left out: forward_splits keeps them to one wave of
+    # programs (SMs x block_m x D floats at most).
+    wide = int64_offsets(query, key, value, mask, padding)
     config = forward_config(query.device, query.dtype, head_dim, causal_offset is not None,
-                            dropout=effective_dropout_p(dropout_p) > 0)
+                            dropout=effective_dropout_p(dropout_p) > 0, int64=wide)
     block_m, block_n = block_m or config.block_m, block_n or config.block_n
     num_warps, num_stages = num_warps or config.num_warps, num_stages or config.num_stages
     out = torch.empty_like(query)
     lse = torch.empty(batch, heads, seqlen_q, device=query.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    shape = (batch, heads, seqlen_q, seqlen_k)
-    mask_kind, mask, mask_strides, padding, padding_strides = mask_arguments(attn_mask, key_padding_mask, shape, query)
     lists = None
     if uses_block_lists(attn_mask, key_padding_mask):
         lists, = build_block_lists(attn_mask if mask_kind == MASK_BOOL else None, key_padding_mask, shape,
@@ -547,9 +550,6 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     counts, index, list_strides = list_arguments(lists, query)
     dropout, seed, dropout_threshold, dropout_scale = dropout_arguments(dropout_p, seed, query)
     window_left, window_right = window if window is not None else (0, 0)
-    # The split keys' partial results are left out: forward_splits keeps them to one wave of
-    # programs (SMs x block_m x D floats at most).
-    wide = int64_offsets(query, key, value, mask, padding)
     query_blocks = cdiv(seqlen_q, block_m)
     if num_splits is None:
         visible_keys = seqlen_k  # an upper bound on what one query block sees

@@ -65,7 +65,6 @@ BACKWARD_DQ_FP32[(90, 32)] = Config(64, 16, 4, 1)
 # keeping wgmma on sm_90 where the entry had it; sweep of 2026-11-23 over 400 candidates,
 # untimed like the rest. Keys: (kernel, "2-byte" or "fp32", arch, head-dim bucket).
 DROPOUT_OVERRIDES = {
-    ("dkdv", "2-byte", 80, 32): Config(32, 64, 8, 2),  # (32, 128, 8, 2): 255 registers, 8 bytes spilled with int64
     ("dkdv", "2-byte", 80, 128): Config(64, 32, 8, 1),
     ("dq", "2-byte", 80, 64): Config(128, 32, 8, 1),  # since the interior-tile split: 24 bytes at 2 stages
     ("dq", "2-byte", 80, 128): Config(32, 64, 8, 2),  # and 8 bytes at (64, 32, 8, 2)
@@ -75,6 +74,15 @@ DROPOUT_OVERRIDES = {
     ("dq", "2-byte", 90, 256): Config(128, 16, 8, 2),
     ("forward", "fp32", 80, 32): Config(64, 32, 8, 2),
     ("forward", "fp32", 90, 64): Config(64, 32, 8, 2),
+}
+
+# The int64-offset variants (inputs of 2**31 elements or more, attention_forward.int64_offsets)
+# of the entries above that spill take these instead; the usual variants keep theirs. Keys:
+# (kernel, "2-byte" or "fp32", arch, head-dim bucket, dropout). AOT check of 2026-12-02: the
+# nearest config without a spill in every variant of the kernel (masks, dropout, offsets).
+INT64_OVERRIDES = {
+    ("dkdv", "2-byte", 80, 32, True): Config(32, 64, 8, 2),  # (32, 128, 8, 2): 8 bytes spilled at 255 registers
+    ("dq", "2-byte", 80, 32, False): Config(128, 32, 8, 1),  # 2 stages: 16 bytes at 128, with a bool mask
 }
 
 # Triton's interpreter (CPU tensors): the tile sizes only change the interpreter's speed. The
@@ -95,7 +103,7 @@ def _arch(device) -> int:
     return 90 if major >= 9 else 80  # sm_80's entries for Ampere and Ada (sm_86, sm_89) too
 
 
-def _lookup(kernel, tables, device, dtype, head_dim, interpreter: Config, dropout: bool) -> Config:
+def _lookup(kernel, tables, device, dtype, head_dim, interpreter: Config, dropout: bool, int64: bool) -> Config:
     """tables: (2-byte dtypes' table, float32's table)."""
     if not hasattr(device, "arch"):
         device = torch.device(device)
@@ -103,23 +111,27 @@ def _lookup(kernel, tables, device, dtype, head_dim, interpreter: Config, dropou
         return interpreter
     key = (_arch(device), head_dim_bucket(head_dim))
     table = tables[1] if dtype == torch.float32 else tables[0]
-    if dropout:
-        override = DROPOUT_OVERRIDES.get((kernel, "fp32" if dtype == torch.float32 else "2-byte", *key))
-        if override is not None:
-            return override
+    kind = "fp32" if dtype == torch.float32 else "2-byte"
+    if int64 and (kernel, kind, *key, dropout) in INT64_OVERRIDES:
+        return INT64_OVERRIDES[(kernel, kind, *key, dropout)]
+    if dropout and (kernel, kind, *key) in DROPOUT_OVERRIDES:
+        return DROPOUT_OVERRIDES[(kernel, kind, *key)]
     return table[key]
 
 
-def forward_config(device, dtype, head_dim: int, causal: bool, dropout: bool = False) -> Config:
+def forward_config(device, dtype, head_dim: int, causal: bool, dropout: bool = False, int64: bool = False) -> Config:
     """The forward kernel's config. ``causal`` is part of the key for the table to come; no
-    entry differs by it yet (no GPU timing has shown a reason)."""
-    return _lookup("forward", (FORWARD, FORWARD_FP32), device, dtype, head_dim, INTERPRETER, dropout)
+    entry differs by it yet (no GPU timing has shown a reason). ``int64``: the launch uses the
+    int64-offset variant."""
+    return _lookup("forward", (FORWARD, FORWARD_FP32), device, dtype, head_dim, INTERPRETER, dropout, int64)
 
 
-def backward_configs(device, dtype, head_dim: int, causal: bool, dropout: bool = False) -> Tuple[Config, Config]:
+def backward_configs(device, dtype, head_dim: int, causal: bool, dropout: bool = False,
+                     int64: bool = False) -> Tuple[Config, Config]:
     """(dK/dV kernel config, dQ kernel config)."""
-    return (_lookup("dkdv", (BACKWARD_DKDV, BACKWARD_DKDV_FP32), device, dtype, head_dim, INTERPRETER_DKDV, dropout),
-            _lookup("dq", (BACKWARD_DQ, BACKWARD_DQ_FP32), device, dtype, head_dim, INTERPRETER_DQ, dropout))
+    return (_lookup("dkdv", (BACKWARD_DKDV, BACKWARD_DKDV_FP32), device, dtype, head_dim, INTERPRETER_DKDV, dropout,
+                    int64),
+            _lookup("dq", (BACKWARD_DQ, BACKWARD_DQ_FP32), device, dtype, head_dim, INTERPRETER_DQ, dropout, int64))
 
 
 # Split keys (flash-decoding): a call with fewer forward programs than the GPU has SMs (a
