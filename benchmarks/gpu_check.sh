@@ -54,7 +54,8 @@ if [[ $steps == *" tests "* ]]; then
   # interpreter), ~1.2 s each to compile (the AOT check's rate), over 10 minutes in one process.
   # The shards share the GPU and Triton's on-disk cache. Each shard is a process of its
   # own, so a kernel fault on the GPU ends one shard, not the others. Their logs are appended to
-  # gpu-check.log in order (only 8 files come back from the device machine).
+  # gpu-check.log in order (only 8 files come back from the device machine). The ahead-of-time
+  # compile check (marker aot: 493 compiles on the CPU, the same on any machine) is CI's: left out.
   shards=${TEST_SHARDS:-8}
   shard_logs=$(mktemp -d)
   left=$(( ${DEADLINE_S:-570} - SECONDS ))
@@ -63,7 +64,8 @@ if [[ $steps == *" tests "* ]]; then
   pids=()
   for ((shard = 0; shard < shards; shard++)); do
     FASTTRANSFORMER_TEST_SHARD=$shard/$shards timeout -s INT -k 15 "$left" \
-      $PY -m pytest tests -q -rs -p no:cacheprovider --maxfail=20 --durations=5 > "$shard_logs/$shard.log" 2>&1 &
+      $PY -m pytest tests -q -rs -p no:cacheprovider --maxfail=20 --durations=5 -m "not aot" \
+      > "$shard_logs/$shard.log" 2>&1 &
     pids+=($!)
   done
   for ((shard = 0; shard < shards; shard++)); do

@@ -686,6 +686,7 @@ def aot_reports():
 
 
 @pytest.mark.slow
+@pytest.mark.aot
 def test_kernels_compile_for_sm80_and_sm90_with_their_matrix_instructions(aot_reports):
     """Every config of the table (configs.py), bf16 and float32, both archs, compiles and runs
     its products on the tensor cores: wgmma on sm_90 (mma.sync on sm_80). One exception, by
@@ -741,6 +742,7 @@ def test_kernels_compile_for_sm80_and_sm90_with_their_matrix_instructions(aot_re
 
 
 @pytest.mark.slow
+@pytest.mark.aot
 def test_attention_configs_do_not_spill(aot_reports):
     """No register spills (stack bytes from cuobjdump) in any config of the table, with every
     mask on, without and with dropout (dropout's own entries), split keys or not, for both
