@@ -501,6 +501,42 @@ def test_kv_cache_equals_full_recomputation(device):
         decoder(tgt[:, :1], memory, tgt_is_causal=True, cache=cache)
 
 
+def test_kv_cache_on_triton_kernels_equals_full_recomputation(monkeypatch):
+    """Decoding with a cache on the Triton kernels (on the GPU when there is one, else under the
+    interpreter): the keys and values are views of the cache's capacity buffer (their batch and
+    head strides span unused positions), new queries see the cached keys lower-right aligned,
+    and the target padding mask covers every cached key. Chunks: a prompt, one token, several."""
+    calls = []
+
+    def triton_attention(*args, **kwargs):
+        calls.append(args[1].stride())
+        return ft.ops.scaled_dot_product_attention(*args, **kwargs, backend="triton")
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    layer = ft.nn.TransformerDecoderLayer(D_MODEL, NHEAD, 40, dropout=0.0, batch_first=True).to(device)
+    decoder = ft.nn.TransformerDecoder(layer, 2).eval()
+    tgt = torch.randn(3, 9, D_MODEL, device=device)
+    memory = torch.randn(3, 5, D_MODEL, device=device)
+    memory_padding = torch.zeros(3, 5, dtype=torch.bool, device=device)
+    memory_padding[1, 3:] = True
+    tgt_padding = torch.zeros(3, 9, dtype=torch.bool, device=device)
+    tgt_padding[2, :2] = True  # left padding: the first two positions of the last sequence
+    kwargs = {"memory_key_padding_mask": memory_padding, "tgt_is_causal": True}
+    with torch.no_grad():  # on torch's kernels, in float64
+        reference = copy.deepcopy(decoder).double()(tgt.double(), memory.double(), tgt_key_padding_mask=tgt_padding,
+                                                    **kwargs)
+    monkeypatch.setattr(ft.nn.attention, "scaled_dot_product_attention", triton_attention)
+    with torch.no_grad():
+        full = decoder(tgt, memory, tgt_key_padding_mask=tgt_padding, **kwargs)
+        cache = ft.nn.DecoderCache(2, capacity=12)
+        pieces = [decoder(tgt[:, start:stop], memory, tgt_key_padding_mask=tgt_padding[:, :stop], cache=cache, **kwargs)
+                  for start, stop in ((0, 4), (4, 5), (5, 9))]
+    capacity_strides = [stride for stride in calls[len(calls) // 2:] if stride[1] == 12 * (D_MODEL // NHEAD)]
+    assert capacity_strides, "no call read the cache's buffer"
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=2e-5, rtol=2e-5)
+    assert (torch.cat(pieces, dim=1).double() - reference).abs().max() < 1e-4
+
+
 def test_bad_inputs_name_the_argument():
     mha = ft.nn.MultiheadAttention(D_MODEL, NHEAD, batch_first=True)
     x = torch.randn(2, 5, D_MODEL)
