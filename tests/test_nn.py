@@ -537,6 +537,42 @@ def test_kv_cache_on_triton_kernels_equals_full_recomputation(monkeypatch):
     assert (torch.cat(pieces, dim=1).double() - reference).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decoder_only_kv_cache_equals_full_recomputation(monkeypatch, backend):
+    """A decoder-only model (causal encoder layers, pre- and post-norm) decoding with a
+    DecoderCache: a prompt, one token, then several, with left padding, give what the whole
+    sequence gives at once. torch's kernels in float64 (exact), the Triton kernels in float32
+    (on the GPU when there is one, else under the interpreter) against the float64 result."""
+    device = "cuda" if HAS_CUDA and backend == "triton" else "cpu"
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    layers = [ft.nn.TransformerEncoderLayer(D_MODEL, NHEAD, 40, dropout=0.0, batch_first=True, norm_first=norm_first)
+              for norm_first in (False, True)]
+    stack = ft.nn.TransformerEncoder(layers[0], 2, norm=torch.nn.LayerNorm(D_MODEL), enable_nested_tensor=False)
+    stack.layers[1] = layers[1]
+    stack = stack.to(device, torch.float64).eval()
+    x = torch.randn(3, 9, D_MODEL, dtype=torch.float64, device=device)
+    padding = torch.zeros(3, 9, dtype=torch.bool, device=device)
+    padding[1, :3] = True  # left padding
+    with torch.no_grad():
+        reference = stack(x, src_key_padding_mask=padding, is_causal=True)
+    if backend == "triton":
+        monkeypatch.setattr(ft.nn.attention, "scaled_dot_product_attention",
+                            functools.partial(ft.ops.scaled_dot_product_attention, backend="triton"))
+    stack, x = stack.to(dtype), x.to(dtype)
+    cache = ft.nn.DecoderCache(2, capacity=10)
+    with torch.no_grad():
+        pieces = [stack(x[:, start:stop], src_key_padding_mask=padding[:, :stop], is_causal=True, cache=cache)
+                  for start, stop in ((0, 4), (4, 5), (5, 9))]
+    assert cache.length == 9
+    out = torch.cat(pieces, dim=1)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(out.double(), reference, atol=tolerance, rtol=tolerance)
+    with pytest.raises(ValueError, match="cache has 2 layers, the stack 1"):
+        ft.nn.TransformerEncoder(layers[0], 1)(x[:, :1], is_causal=True, cache=ft.nn.DecoderCache(2, 4))
+    with pytest.raises(TypeError, match="cache must be a fasttransformer.nn.DecoderCache"):
+        stack(x[:, :1], is_causal=True, cache=[ft.nn.KVCache(4)])
+
+
 def test_bad_inputs_name_the_argument():
     mha = ft.nn.MultiheadAttention(D_MODEL, NHEAD, batch_first=True)
     x = torch.randn(2, 5, D_MODEL)

@@ -23,6 +23,10 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
 
     ``is_causal=True`` makes the self-attention causal; ``src_mask`` may then be omitted (torch
     requires it); when given it is trusted to be causal, as torch does.
+
+    ``forward(..., cache=KVCache(capacity))`` decodes incrementally, as in a decoder-only model
+    built of encoder layers: ``src`` holds only the new positions, ``is_causal`` aligns them with
+    the last cached keys, and ``src_key_padding_mask`` covers every cached position.
     """
 
     def __init__(self, *args, **kwargs):
@@ -30,10 +34,11 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         self.self_attn.__class__ = MultiheadAttention
 
     def forward(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
-                src_key_padding_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+                src_key_padding_mask: Optional[torch.Tensor] = None, is_causal: bool = False, *,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
         def self_attention(x):
             x = self.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
-                               need_weights=False, is_causal=is_causal)[0]
+                               need_weights=False, is_causal=is_causal, cache=cache)[0]
             return self.dropout1(x)
 
         x = src
@@ -99,6 +104,10 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
     conditions, eval mode, no gradient, a ``src_key_padding_mask`` with the padding at the end
     and no ``mask``), the padded positions come out as torch gives them there: zeros before the
     final ``norm``. Elsewhere they are computed, as on torch's other paths.
+
+    ``forward(..., cache=DecoderCache(num_layers, capacity))`` decodes incrementally (a
+    decoder-only model: causal encoder layers), one :class:`KVCache` per layer
+    (``cache.self_attn``; its ``cross_attn`` is unused): see :class:`TransformerEncoderLayer`.
     """
 
     def __init__(self, encoder_layer, num_layers, norm=None, enable_nested_tensor=True, mask_check=True):
@@ -109,12 +118,17 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
         convert(self.layers)
 
     def forward(self, src: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                src_key_padding_mask: Optional[torch.Tensor] = None, is_causal: Optional[bool] = None) -> torch.Tensor:
+                src_key_padding_mask: Optional[torch.Tensor] = None, is_causal: Optional[bool] = None, *,
+                cache: Optional["DecoderCache"] = None) -> torch.Tensor:
         seq_dim = 1 if self.layers[0].self_attn.batch_first and src.dim() == 3 else 0
         is_causal = _detect_is_causal_mask(mask, is_causal, src.shape[seq_dim])
-        zero_padding = self._torch_zeroes_padding(src, mask, src_key_padding_mask)
-        for layer in self.layers:
-            src = layer(src, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
+        _check_cache(cache, self.layers)
+        # torch has no cache: with one, its nested path (which keeps src's positions only) has no match
+        zero_padding = self._torch_zeroes_padding(src, mask, src_key_padding_mask) if cache is None else None
+        for index, layer in enumerate(self.layers):
+            layer_cache = {"cache": cache.self_attn[index]} if cache is not None else {}
+            src = layer(src, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal,
+                        **layer_cache)
         if zero_padding is not None:
             src = src.masked_fill(zero_padding[..., None], 0.0)
         return self.norm(src) if self.norm is not None else src
@@ -160,8 +174,7 @@ class TransformerDecoder(torch.nn.TransformerDecoder):
                 memory_is_causal: bool = False, *, cache: Optional["DecoderCache"] = None) -> torch.Tensor:
         seq_dim = 1 if self.layers[0].self_attn.batch_first and tgt.dim() == 3 else 0
         tgt_is_causal = _detect_is_causal_mask(tgt_mask, tgt_is_causal, tgt.shape[seq_dim])
-        if cache is not None and len(cache.self_attn) != len(self.layers):
-            raise ValueError(f"cache has {len(cache.self_attn)} layers, the decoder {len(self.layers)}")
+        _check_cache(cache, self.layers)
         for index, layer in enumerate(self.layers):
             layer_cache = (cache.self_attn[index], cache.cross_attn[index]) if cache is not None else None
             tgt = layer(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
@@ -173,7 +186,8 @@ class TransformerDecoder(torch.nn.TransformerDecoder):
 
 class DecoderCache:
     """The :class:`KVCache` pair of every layer of a decoder: the self-attention keys and values of
-    up to ``capacity`` target positions, and the encoder memory projected once per layer."""
+    up to ``capacity`` target positions, and the encoder memory projected once per layer. A
+    :class:`TransformerEncoder` run as a decoder-only model uses the self-attention ones only."""
 
     def __init__(self, num_layers: int, capacity: int):
         self.self_attn: List[KVCache] = [KVCache(capacity) for _ in range(num_layers)]
@@ -183,6 +197,15 @@ class DecoderCache:
     def length(self) -> int:
         """Target positions held."""
         return self.self_attn[0].length if self.self_attn else 0
+
+
+def _check_cache(cache, layers) -> None:
+    if cache is None:
+        return
+    if not isinstance(cache, DecoderCache):
+        raise TypeError(f"cache must be a fasttransformer.nn.DecoderCache, got {type(cache).__name__}")
+    if len(cache.self_attn) != len(layers):
+        raise ValueError(f"cache has {len(cache.self_attn)} layers, the stack {len(layers)}")
 
 
 class Transformer(torch.nn.Transformer):
