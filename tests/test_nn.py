@@ -573,6 +573,33 @@ def test_decoder_only_kv_cache_equals_full_recomputation(monkeypatch, backend):
         stack(x[:, :1], is_causal=True, cache=[ft.nn.KVCache(4)])
 
 
+def test_self_attention_decoding_step_projects_q_k_v_in_one_matmul():
+    """With a cache, self-attention still projects q, k and v with one matmul (in_proj_weight):
+    a decoding step is launch-bound on a GPU, and the separate q and k/v projections cost one
+    more launch per layer and step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+                CountMatmuls.count += 1
+            return func(*args, **(kwargs or {}))
+
+    mha = ft.nn.MultiheadAttention(D_MODEL, NHEAD, batch_first=True).eval()
+    cache = ft.nn.KVCache(capacity=6)
+    x = torch.randn(2, 6, D_MODEL)
+    first, last = x[:, :5], x[:, 5:]  # self-attention: query, key and value are one tensor
+    with torch.no_grad():
+        prompt = mha(first, first, first, need_weights=False, is_causal=True, cache=cache)[0]
+        with CountMatmuls():
+            step = mha(last, last, last, need_weights=False, is_causal=True, cache=cache)[0]
+        full = mha(x, x, x, need_weights=False, is_causal=True)[0]
+    assert CountMatmuls.count == 2  # the q/k/v projection and out_proj (the attention is one SDPA op)
+    torch.testing.assert_close(torch.cat([prompt, step], 1), full, atol=1e-6, rtol=1e-6)
+
+
 def test_bad_inputs_name_the_argument():
     mha = ft.nn.MultiheadAttention(D_MODEL, NHEAD, batch_first=True)
     x = torch.randn(2, 5, D_MODEL)

@@ -181,9 +181,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         weight, bias, embed_dim = self.in_proj_weight, self.in_proj_bias, self.embed_dim
         biases = bias.split(embed_dim) if bias is not None else (None, None, None)
         reuse = cache is not None and cache.static and cache.key is not None
-        if self._qkv_same_embed_dim and query is key and key is value and cache is None:
+        if self._qkv_same_embed_dim and query is key and key is value and not reuse:
+            # self-attention, a decoding step's too: one matmul (and one launch) for q, k and v
             q, k, v = heads(F.linear(query, weight, bias)).chunk(3, dim=1)
-            return q, k, v
+            return (q, *update(k, v))
         if self._qkv_same_embed_dim:
             w_q, w_k, w_v = weight.split(embed_dim)
         else:
