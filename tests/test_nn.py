@@ -600,6 +600,23 @@ def test_self_attention_decoding_step_projects_q_k_v_in_one_matmul():
     torch.testing.assert_close(torch.cat([prompt, step], 1), full, atol=1e-6, rtol=1e-6)
 
 
+def test_kv_cache_rejects_other_sequences():
+    """A cache serves one batch of sequences: new keys of another batch size, head count, head
+    dim, dtype or device are an error naming the cache (the copy into its buffer would fail
+    with torch's shape message, or cast silently)."""
+    cache = ft.nn.KVCache(capacity=8)
+    cache.update(torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8))
+    for shape, dtype in (((3, 3, 1, 8), torch.float32), ((2, 1, 1, 8), torch.float32),
+                         ((2, 3, 1, 16), torch.float32), ((2, 3, 1, 8), torch.float64)):
+        with pytest.raises(ValueError, match="KVCache holds keys of"):
+            cache.update(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype))
+    with pytest.raises(ValueError, match="key and value of one shape"):
+        cache.update(torch.randn(2, 3, 1, 8), torch.randn(2, 3, 2, 8))
+    assert cache.length == 4
+    key, value = cache.update(torch.randn(2, 3, 1, 8), torch.randn(2, 3, 1, 8))
+    assert key.shape == value.shape == (2, 3, 5, 8)
+
+
 def test_bad_inputs_name_the_argument():
     mha = ft.nn.MultiheadAttention(D_MODEL, NHEAD, batch_first=True)
     x = torch.randn(2, 5, D_MODEL)

@@ -33,7 +33,15 @@ class KVCache:
         if self.static:
             self.key, self.value, self.length = key, value, key.shape[2]
             return key, value
+        if key.dim() != 4 or value.shape != key.shape:
+            raise ValueError(f"KVCache.update takes key and value of one shape (B, H, L_new, D), got "
+                             f"{tuple(key.shape)} and {tuple(value.shape)}")
         new_length = self.length + key.shape[2]
+        if self.key is not None and (key.shape[:2] + key.shape[3:] != self.key.shape[:2] + self.key.shape[3:]
+                                     or key.dtype != self.key.dtype or key.device != self.key.device):
+            raise ValueError(f"KVCache holds keys of (batch, heads, head_dim) = {_shape(self.key)}, {self.key.dtype} "
+                             f"on {self.key.device}, but the new ones are {_shape(key)}, {key.dtype} on {key.device}: "
+                             "a cache serves one batch of sequences (make a new one for another)")
         if new_length > self.capacity:
             raise RuntimeError(f"KVCache is full: {self.length} + {key.shape[2]} positions > capacity {self.capacity}")
         if self.key is None:
@@ -215,6 +223,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if key_padding_mask is not None:
             key_padding_mask = F.pad(key_padding_mask, (0, count), value=False)
         return k, v, attn_mask, key_padding_mask
+
+
+def _shape(tensor: torch.Tensor) -> Tuple[int, int, int]:
+    """(batch, heads, head_dim) of a (B, H, L, D) tensor."""
+    return (tensor.shape[0], tensor.shape[1], tensor.shape[3])
 
 
 def _restrict(attn_mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
