@@ -85,6 +85,43 @@ def test_generate_equals_full_recomputation(device):
     assert model.generate(src, 0, bos_id=1, eos_id=eos_id).shape == (6, 0)
 
 
+@pytest.mark.parametrize("bos_is_pad", [False, True], ids=["bos", "bos-is-pad"])
+def test_generate_with_pad_tokens_in_the_prefix_equals_full_recomputation(monkeypatch, bos_is_pad):
+    """generate leaves the target padding mask out until a sequence that goes on holds a pad
+    token (forward masks pad tokens as keys): a BOS equal to pad_id, or a pad emitted before the
+    sequence's end. Such sequences must still get forward's tokens, which here differ from what
+    the same model gives with pad keys left visible (so the test fails when the mask is lost)."""
+    torch.manual_seed(2)
+    model = Seq2SeqTransformer(VOCAB_SRC, VOCAB_TGT, **CONFIG, pad_id=PAD, tie_output=False).double().eval()
+    src = padded_ids(8, 9, VOCAB_SRC)
+    bos_id, eos_id = (PAD if bos_is_pad else 1), VOCAB_TGT - 1
+    decoder_forward = type(model.transformer.decoder).forward
+
+    def greedy(mask_pads):
+        def forward(self, *args, **kwargs):
+            if not mask_pads:
+                kwargs["tgt_key_padding_mask"] = None
+            return decoder_forward(self, *args, **kwargs)
+        with monkeypatch.context() as patch:
+            patch.setattr(type(model.transformer.decoder), "forward", forward)
+            return greedy_by_recomputation(model, src, 12, bos_id=bos_id, eos_id=eos_id)
+
+    weight = model.output_projection.weight
+    common = weight[greedy(True).flatten().mode().values.item()].detach().clone()
+    # pad_id's logit made a noisy copy of the most emitted token's: greedy then emits pads
+    # mid-sequence (the first noise whose pads change the tokens when left visible)
+    for seed in range(50):
+        noise = torch.randn(common.shape, generator=torch.Generator().manual_seed(seed), dtype=common.dtype)
+        with torch.no_grad():
+            weight[PAD] = common + 0.3 * noise
+        expected = greedy(True)
+        if not torch.equal(expected, greedy(False)):
+            break
+    else:
+        pytest.fail("pad keys never change the tokens: the case tests too little")
+    assert torch.equal(model.generate(src, 12, bos_id=bos_id, eos_id=eos_id), expected)
+
+
 def test_generate_rejects_bad_arguments():
     model = Seq2SeqTransformer(VOCAB_SRC, VOCAB_TGT, **CONFIG)
     src = padded_ids(2, 5, VOCAB_SRC)

@@ -92,15 +92,24 @@ class Seq2SeqTransformer(torch.nn.Module):
         tokens = torch.full((batch, max_new_tokens + 1), self.pad_id, dtype=src_ids.dtype, device=src_ids.device)
         tokens[:, 0] = bos_id
         finished = torch.zeros(batch, dtype=torch.bool, device=src_ids.device)
+        # The target padding mask (pad tokens are masked keys, as in forward) matters only once a
+        # sequence that goes on holds a pad token: the BOS itself, or a pad it emitted. Until then
+        # it is left out (the attention then skips its key-padding work); finished sequences'
+        # outputs are discarded.
+        pad_in_prefix = bos_id == self.pad_id
         for step in range(max_new_tokens):
             hidden = self.transformer.decoder(
                 # argmax ids are in range: no host synchronisation for the id check
                 self.tgt_embed(tokens[:, step:step + 1], start_pos=step, check_ids=False), memory,
-                tgt_key_padding_mask=tokens[:, :step + 1] == self.pad_id,
+                tgt_key_padding_mask=tokens[:, :step + 1] == self.pad_id if pad_in_prefix else None,
                 memory_key_padding_mask=src_padding, tgt_is_causal=True, cache=cache)
             next_token = self.output_projection(hidden[:, -1]).argmax(-1).to(tokens.dtype)
             tokens[:, step + 1] = next_token.masked_fill(finished, self.pad_id)
             finished |= next_token == eos_id
-            if bool(finished.all()):  # one host sync per step: stop when every sequence has ended
+            emitted_pad = ((next_token == self.pad_id) & ~finished).any()
+            # one host sync per step: stop when every sequence has ended
+            done, emitted_pad = torch.stack((finished.all(), emitted_pad)).tolist()
+            if done:
                 return tokens[:, 1:step + 2]
+            pad_in_prefix = pad_in_prefix or emitted_pad
         return tokens[:, 1:]
