@@ -106,10 +106,13 @@ class Seq2SeqTransformer(torch.nn.Module):
             next_token = self.output_projection(hidden[:, -1]).argmax(-1).to(tokens.dtype)
             tokens[:, step + 1] = next_token.masked_fill(finished, self.pad_id)
             finished |= next_token == eos_id
-            emitted_pad = ((next_token == self.pad_id) & ~finished).any()
-            # one host sync per step: stop when every sequence has ended
-            done, emitted_pad = torch.stack((finished.all(), emitted_pad)).tolist()
+            # one host sync per step: stop when every sequence has ended (and, until the mask is
+            # on, learn whether a sequence that goes on emitted a pad)
+            if pad_in_prefix:
+                done = bool(finished.all())
+            else:
+                emitted_pad = ((next_token == self.pad_id) & ~finished).any()
+                done, pad_in_prefix = torch.stack((finished.all(), emitted_pad)).tolist()
             if done:
                 return tokens[:, 1:step + 2]
-            pad_in_prefix = pad_in_prefix or emitted_pad
         return tokens[:, 1:]
