@@ -77,9 +77,11 @@ class TorchSeq2Seq(torch.nn.Module):
     def forward(self, src_ids, tgt_ids):
         causal = torch.nn.Transformer.generate_square_subsequent_mask(tgt_ids.shape[1], device=tgt_ids.device,
                                                                       dtype=torch.bool)
+        tgt_padding = tgt_ids == self.pad_id
+        tgt_padding[:, 0] = False  # the start token, which may be pad_id, is never padding
         out = self.transformer(self.src_embed(src_ids), self.tgt_embed(tgt_ids), tgt_mask=causal,
                                src_key_padding_mask=src_ids == self.pad_id,
-                               tgt_key_padding_mask=tgt_ids == self.pad_id,
+                               tgt_key_padding_mask=tgt_padding,
                                memory_key_padding_mask=src_ids == self.pad_id, tgt_is_causal=True)
         return self.output_projection(out)
 

@@ -253,7 +253,8 @@ class Transformer(nn.Module):
 class Seq2Seq(nn.Module):
     """The paper's translation model: scaled token embeddings plus the sinusoidal encoding,
     the Transformer, and a linear projection to the target vocabulary. Padding tokens
-    (``pad_id``) are masked as keys; the decoder's self-attention is causal."""
+    (``pad_id``) are masked as keys, except the first target token (the start token, which may be
+    ``pad_id``); the decoder's self-attention is causal."""
 
     def __init__(self, src_vocab_size, tgt_vocab_size, d_model=512, nhead=8, num_encoder_layers=6,
                  num_decoder_layers=6, dim_feedforward=2048, pad_id=0, device=None, dtype=None):
@@ -271,7 +272,8 @@ class Seq2Seq(nn.Module):
         src = token_positional_embedding(src_ids, self.src_embedding, scale=scale)
         tgt = token_positional_embedding(tgt_ids, self.tgt_embedding, scale=scale)
         memory = self.transformer.encode(src, src_key_padding_mask=src_ids == self.pad_id)
-        out = self.transformer.decode(tgt, memory, tgt_key_padding_mask=tgt_ids == self.pad_id,
+        tgt_padding = (tgt_ids == self.pad_id) & (torch.arange(tgt_ids.shape[1], device=tgt_ids.device) > 0)
+        out = self.transformer.decode(tgt, memory, tgt_key_padding_mask=tgt_padding,
                                       memory_key_padding_mask=src_ids == self.pad_id,
                                       tgt_is_causal=True)
         return self.output_projection(out)

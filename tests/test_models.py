@@ -40,6 +40,22 @@ def test_seq2seq_matches_torch_nn_model(tie_output):
     assert (ours.output_projection.weight is ours.tgt_embed.weight) == tie_output
 
 
+def test_seq2seq_start_token_equal_to_pad_id_is_a_key():
+    """T5's convention, the decoder starting from the pad token: that first token is no padding.
+    With no other pad in the targets, forward equals the decoder run without a target padding
+    mask (before, the start token was masked, and the first position saw no key)."""
+    torch.manual_seed(3)
+    model = Seq2SeqTransformer(VOCAB_SRC, VOCAB_TGT, **CONFIG, pad_id=PAD).double()
+    src, tgt = padded_ids(3, 11, VOCAB_SRC), torch.randint(3, VOCAB_TGT, (3, 6))
+    tgt[:, 0] = PAD
+    memory, src_padding = model.encode(src)
+    hidden = model.transformer.decoder(model.tgt_embed(tgt), memory, memory_key_padding_mask=src_padding,
+                                       tgt_is_causal=True)
+    torch.testing.assert_close(model(src, tgt), model.output_projection(hidden), atol=1e-12, rtol=1e-12)
+    tgt[1, 3:] = PAD  # later pads stay padding
+    assert torch.equal(model.target_padding(tgt), (tgt == PAD) & (torch.arange(6) > 0))
+
+
 def test_seq2seq_options():
     shared = Seq2SeqTransformer(VOCAB_SRC, VOCAB_SRC, **CONFIG, share_embeddings=True, max_positions=64)
     assert shared.src_embed is shared.tgt_embed and shared.src_embed.pos_weight.shape == (64, 32)
@@ -87,10 +103,10 @@ def test_generate_equals_full_recomputation(device):
 
 @pytest.mark.parametrize("bos_is_pad", [False, True], ids=["bos", "bos-is-pad"])
 def test_generate_with_pad_tokens_in_the_prefix_equals_full_recomputation(monkeypatch, bos_is_pad):
-    """generate leaves the target padding mask out until a sequence that goes on holds a pad
-    token (forward masks pad tokens as keys): a BOS equal to pad_id, or a pad emitted before the
-    sequence's end. Such sequences must still get forward's tokens, which here differ from what
-    the same model gives with pad keys left visible (so the test fails when the mask is lost)."""
+    """generate leaves the target padding mask out until a sequence that goes on has emitted a
+    pad token (forward masks pad tokens after the start token as keys). Such sequences must still
+    get forward's tokens, which here differ from what the same model gives with pad keys left
+    visible (so the test fails when the mask is lost); a start token equal to pad_id is none."""
     torch.manual_seed(2)
     model = Seq2SeqTransformer(VOCAB_SRC, VOCAB_TGT, **CONFIG, pad_id=PAD, tie_output=False).double().eval()
     src = padded_ids(8, 9, VOCAB_SRC)

@@ -170,7 +170,7 @@ def test_seq2seq_is_embeddings_transformer_and_projection():
     torch_model = torch.nn.Transformer(8, 2, 1, 1, 16, dropout=0.0, batch_first=True, dtype=F64)
     torch_model.load_state_dict(model.transformer.state_dict(), strict=True)
     src = torch.tensor([[5, 3, 2, 0], [7, 1, 0, 0]])
-    tgt = torch.tensor([[1, 4, 6], [1, 2, 0]])
+    tgt = torch.tensor([[1, 4, 6], [0, 2, 0]])  # a start token equal to pad_id is no padding
     logits = model(src, tgt)
     assert logits.shape == (2, 3, 13)
 
@@ -180,6 +180,7 @@ def test_seq2seq_is_embeddings_transformer_and_projection():
 
     hidden = torch_model(embed(src, model.src_embedding), embed(tgt, model.tgt_embedding),
                          tgt_mask=torch.ones(3, 3, dtype=torch.bool).triu(1),
-                         src_key_padding_mask=src == 0, tgt_key_padding_mask=tgt == 0,
+                         src_key_padding_mask=src == 0,
+                         tgt_key_padding_mask=torch.tensor([[False, False, False], [False, False, True]]),
                          memory_key_padding_mask=src == 0, tgt_is_causal=True)
     close(logits, model.output_projection(hidden))

@@ -18,7 +18,9 @@ class Seq2SeqTransformer(torch.nn.Module):
         src_vocab_size, tgt_vocab_size: vocabulary sizes.
         d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout: as
             ``torch.nn.Transformer``; ``dropout`` also applies to the embeddings.
-        pad_id: the padding token: padded source and target positions are masked as keys.
+        pad_id: the padding token: padded source and target positions are masked as keys, except
+            the first target position, the start token, which may be ``pad_id`` (T5's
+            convention: its decoder starts from the pad token).
         max_positions: ``None`` for the sinusoidal encoding, an int for learned positions.
         share_embeddings: one embedding table for source and target (needs equal vocabularies).
         tie_output: the output projection reuses the target embedding table (the paper's choice).
@@ -57,9 +59,17 @@ class Seq2SeqTransformer(torch.nn.Module):
         memory = self.transformer.encoder(self.src_embed(src_ids), src_key_padding_mask=padding, is_causal=False)
         return memory, padding
 
+    def target_padding(self, tgt_ids: torch.Tensor) -> torch.Tensor:
+        """The target padding mask ``(B, Lt)``: the pad tokens after the first position (the
+        start token is a key every position sees, also when it is ``pad_id``)."""
+        padding = tgt_ids == self.pad_id
+        padding[:, 0] = False
+        return padding
+
     def forward(self, src_ids: torch.Tensor, tgt_ids: torch.Tensor) -> torch.Tensor:
         memory, src_padding = self.encode(src_ids)
-        out = self.transformer.decoder(self.tgt_embed(tgt_ids), memory, tgt_key_padding_mask=tgt_ids == self.pad_id,
+        out = self.transformer.decoder(self.tgt_embed(tgt_ids), memory,
+                                       tgt_key_padding_mask=self.target_padding(tgt_ids),
                                        memory_key_padding_mask=src_padding, tgt_is_causal=True)
         return self.output_projection(out)
 
@@ -92,16 +102,15 @@ class Seq2SeqTransformer(torch.nn.Module):
         tokens = torch.full((batch, max_new_tokens + 1), self.pad_id, dtype=src_ids.dtype, device=src_ids.device)
         tokens[:, 0] = bos_id
         finished = torch.zeros(batch, dtype=torch.bool, device=src_ids.device)
-        # The target padding mask (pad tokens are masked keys, as in forward) matters only once a
-        # sequence that goes on holds a pad token: the BOS itself, or a pad it emitted. Until then
-        # it is left out (the attention then skips its key-padding work); finished sequences'
-        # outputs are discarded.
-        pad_in_prefix = bos_id == self.pad_id
+        # The target padding mask (pad tokens after the BOS are masked keys, as in forward) matters
+        # only once a sequence that goes on has emitted a pad token. Until then it is left out (the
+        # attention then skips its key-padding work); finished sequences' outputs are discarded.
+        pad_in_prefix = False
         for step in range(max_new_tokens):
             hidden = self.transformer.decoder(
                 # argmax ids are in range: no host synchronisation for the id check
                 self.tgt_embed(tokens[:, step:step + 1], start_pos=step, check_ids=False), memory,
-                tgt_key_padding_mask=tokens[:, :step + 1] == self.pad_id if pad_in_prefix else None,
+                tgt_key_padding_mask=self.target_padding(tokens[:, :step + 1]) if pad_in_prefix else None,
                 memory_key_padding_mask=src_padding, tgt_is_causal=True, cache=cache)
             next_token = self.output_projection(hidden[:, -1]).argmax(-1).to(tokens.dtype)
             tokens[:, step + 1] = next_token.masked_fill(finished, self.pad_id)
