@@ -1090,6 +1090,100 @@ def test_op_empty_dimensions(shapes, backend):
     assert float_mask.grad.shape == float_mask.shape and (float_mask.grad == 0).all()
 
 
+RANK_CASES = {  # rank: leading dims, heads, kv heads; the masks' shapes (the mask gradient summed back to them)
+    2: ((), (), (), {"bool": (29, 41), "float": (29, 41)}),
+    3: ((), (4,), (2,), {"bool": (1, 29, 41), "float": (41,)}),
+    5: ((2, 3), (4,), (2,), {"bool": (3, 1, 29, 41), "float": (2, 1, 1, 1, 41)}),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("masks", ["bool+padding+causal", "float"])
+@pytest.mark.parametrize("rank", list(RANK_CASES), ids=lambda rank: f"rank{rank}")
+def test_op_other_ranks_as_torch(rank, masks, backend):
+    """As torch's SDPA, inputs of rank 2 (Lq, D), 3 (Hq, Lq, D) and 5 (..., Hq, Lq, D) work
+    (GQA on dim -3), masks broadcast against the whole shape, key_padding_mask (..., Lk):
+    against the reference run on the same case written out in 4-D (dense masks), forward and
+    backward, the float mask's gradient summed back to its broadcast shape."""
+    lead, heads, kv_heads, mask_shapes = RANK_CASES[rank]
+    q = torch.randn(*lead, *heads, 29, 24, device=DEVICE)
+    k, v = (torch.randn(*lead, *kv_heads, 41, 24, device=DEVICE) for _ in range(2))
+    full = (*q.shape[:-1], 41)
+    batch = math.prod(lead)
+    kwargs, allowed, bias = {}, torch.ones(full, dtype=torch.bool), None
+    if masks == "float":
+        kwargs["attn_mask"] = torch.randn(mask_shapes["float"], device=DEVICE).requires_grad_()
+        bias = kwargs["attn_mask"].detach().cpu().expand(full)
+    else:
+        kwargs["attn_mask"] = torch.rand(mask_shapes["bool"]) < 0.7
+        padding = torch.rand(*lead, 41) < 0.3
+        padding[..., 0] = False
+        kwargs["key_padding_mask"], kwargs["is_causal"] = padding.to(DEVICE), True
+        allowed = allowed & kwargs["attn_mask"] & ~padding[..., None, None, :] & causal_bool(29, 41, 0)
+        kwargs["attn_mask"] = kwargs["attn_mask"].to(DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = scaled_dot_product_attention(*leaves, **kwargs, enable_gqa=True, backend=backend)
+    assert out.shape == q.shape
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+
+    def four_d(tensor):
+        return tensor.reshape(batch, -1, *tensor.shape[-2:])
+
+    q4, k4, v4 = (four_d(t) for t in (q, k, v))
+    grads = [four_d(leaf.grad) for leaf in leaves]
+    assert_matches_reference(q4, k4, v4, four_d(allowed), None if bias is None else four_d(bias), four_d(grad_out),
+                             four_d(out), grads)
+    if masks == "float":
+        runs = []
+        for cast in (torch.float64, torch.float32):
+            bias_leaf = four_d(bias).to(cast).requires_grad_()
+            leaves4 = [t.to(cast) for t in (q4, k4, v4)]
+            reference_attention(*leaves4, four_d(allowed), bias_leaf).backward(four_d(grad_out).to(cast))
+            runs.append(bias_leaf.grad.reshape(full).sum_to_size(mask_shapes["float"]))
+        assert kwargs["attn_mask"].grad.shape == mask_shapes["float"]
+        assert_within_torch_error(kwargs["attn_mask"].grad, *runs, 3.0, "mask gradient",
+                                  magnitude=runs[0].abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_op_value_head_dim_may_differ(backend):
+    """As torch's SDPA: value (B, Hk, Lk, Dv) with Dv != D gives (B, Hq, Lq, Dv). The kernels
+    take one head dim, so it goes to torch (backend="triton" refuses it: see the bad arguments)."""
+    q, k, v, kwargs, allowed, bias = make_case(2, 4, 2, 29, 41, 24, ["padding", "causal"], torch.float32)
+    v = torch.randn(2, 2, 41, 40, device=DEVICE)
+    kwargs = {"key_padding_mask": kwargs["key_padding_mask"], "is_causal": True}
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = scaled_dot_product_attention(*leaves, **kwargs, enable_gqa=True, backend=backend)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    assert out.shape == (2, 4, 29, 40)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = reference_attention(*ref_leaves, allowed, bias)
+    ref.backward(grad_out.double())
+    torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
+    for leaf, ref_leaf in zip(leaves, ref_leaves):
+        torch.testing.assert_close(leaf.grad, ref_leaf.grad.float(), atol=1e-5, rtol=1e-5)
+    empty = scaled_dot_product_attention(q, k[:, :, :0], v[:, :, :0], enable_gqa=True, backend=backend)
+    assert empty.shape == (2, 4, 29, 40) and (empty == 0).all()
+
+
+@pytest.mark.parametrize("masks", [{}, {"attn_mask": "float"}, {"key_padding_mask": True, "is_causal": True}])
+def test_op_meta_tensors_give_the_output_shape(masks):
+    """Meta tensors (shape inference, models built on the meta device) get the output's shape
+    and dtype, as torch's SDPA gives them (they go to torch; autocast has no meta device)."""
+    q, k, v = (torch.randn(2, 4, length, 24, device="meta", dtype=torch.float16) for length in (29, 41, 41))
+    kwargs = dict(masks)
+    if "attn_mask" in kwargs:
+        kwargs["attn_mask"] = torch.randn(29, 41, device="meta", dtype=torch.float16)
+    if "key_padding_mask" in kwargs:
+        kwargs["key_padding_mask"] = torch.zeros(2, 41, device="meta", dtype=torch.bool)
+    out = scaled_dot_product_attention(q, k, v, **kwargs)
+    assert out.device.type == "meta" and out.shape == q.shape and out.dtype == torch.float16
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run this call: tensors on meta"):
+        scaled_dot_product_attention(q, k, v, **kwargs, backend="triton")
+
+
 @pytest.mark.parametrize("batch,heads", [(7000, 10), (65535, 1), (65536, 1)], ids=["B7000-H10", "B65535", "B65536"])
 def test_op_grids_stay_within_cuda_limits(monkeypatch, batch, heads):
     """CUDA caps a grid's y and z at 65535 (x at 2**31 - 1). The attention kernels' grids are
@@ -1455,13 +1549,31 @@ def test_op_random_combinations_match_the_reference(call):
 
 
 @pytest.mark.parametrize("change,error,pattern", [
-    ({"query": torch.randn(2, 4, 29)}, ValueError, r"query must be \(batch, heads, seq_len, head_dim\)"),
+    ({"query": torch.randn(2, 4, 29)}, ValueError, "key is 4-D but query is 3-D: query, key and value must"),
+    ({"value": torch.randn(2, 41, 24)}, ValueError, "value is 3-D but query is 4-D"),
+    ({"query": torch.randn(24), "key": torch.randn(24), "value": torch.randn(24)}, ValueError, "at least 2-D"),
+    ({"query": torch.randn(3, 2, 4, 29, 24), "key": torch.randn(1, 2, 2, 41, 24),
+      "value": torch.randn(1, 2, 2, 41, 24)}, ValueError, r"key's leading dims \(1, 2\) differ from query's \(3, 2\)"),
+    ({"query": torch.randn(3, 2, 4, 29, 24), "key": torch.randn(3, 2, 2, 41, 24), "value": torch.randn(3, 2, 2, 41, 24),
+      "attn_mask": torch.ones(2, 3, 1, 1, 41, dtype=torch.bool)}, ValueError,
+     r"attn_mask of shape \(2, 3, 1, 1, 41\) does not broadcast to \(..., heads, Lq, Lk\) = \(3, 2, 4, 29, 41\)"),
+    ({"query": torch.randn(3, 2, 4, 29, 24), "key": torch.randn(3, 2, 2, 41, 24), "value": torch.randn(3, 2, 2, 41, 24),
+      "key_padding_mask": torch.zeros(6, 41, dtype=torch.bool)}, ValueError,
+     r"key_padding_mask must be \(..., Lk\) = \(3, 2, 41\) for 5-D inputs"),
+    ({"value": torch.randn(2, 2, 41, 16), "backend": "triton"}, RuntimeError,
+     "value's head dim 16 differs from query's and key's 24: the kernels take one head dim"),
+    ({"value": torch.randn(2, 2, 41, 0)}, ValueError, "value's head dim .* must be at least 1"),
+    ({"query": torch.randn(1, 1, 1, 24).expand(32768, 32768, 2, 24),  # 2**31 rows, in 24 numbers
+      "key": torch.randn(1, 1, 1, 24).expand(32768, 1, 3, 24),
+      "value": torch.randn(1, 1, 1, 24).expand(32768, 1, 3, 24),
+      "backend": "triton"}, RuntimeError,
+     r"batch \* heads \* Lq = 2147483648 >= 2\*\*31: the kernels index their float32 row statistics"),
     ({"query": torch.randn(2, 4, 29, 24).int()}, TypeError, "query must be float16, bfloat16, float32 or float64"),
     ({"key": torch.randn(2, 2, 41, 24, dtype=torch.float64)}, ValueError, "key is torch.float64 on cpu but query"),
     ({"query": torch.randn(2, 4, 29, 24).double(), "key": torch.randn(2, 2, 41, 24).double(),
       "value": torch.randn(2, 2, 41, 24).double(), "backend": "triton"}, RuntimeError,
      "float64 is not in the Triton kernels"),
-    ({"value": torch.randn(2, 2, 41, 16)}, ValueError, "head dims differ"),
+    ({"key": torch.randn(2, 2, 41, 16)}, ValueError, "head dims differ: query 24, key 16"),
     ({"query": torch.randn(2, 4, 29, 0), "key": torch.randn(2, 2, 41, 0), "value": torch.randn(2, 2, 41, 0)},
      ValueError, "query's head dim .* must be at least 1"),
     ({"enable_gqa": False}, ValueError, "pass enable_gqa=True"),

@@ -31,8 +31,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  backend="auto"):
     r"""``softmax(Q K^T * scale + mask) V``, as ``torch.nn.functional.scaled_dot_product_attention``.
 
-    Shapes: ``query (B, Hq, Lq, D)``, ``key``/``value (B, Hk, Lk, D)``; returns ``(B, Hq, Lq, D)``
-    in the query's dtype.
+    Shapes: ``query (B, Hq, Lq, D)``, ``key (B, Hk, Lk, D)``, ``value (B, Hk, Lk, Dv)``; returns
+    ``(B, Hq, Lq, Dv)`` in the query's dtype. As torch, other ranks work too, all three the same:
+    ``(..., Hq, Lq, D)`` with any leading dims (equal in the three, none broadcast), folded into
+    the batch; ``(Hq, Lq, D)`` and ``(Lq, D)``. ``key_padding_mask`` is then ``(..., Lk)``, the
+    leading dims (none for ranks 2 and 3) followed by Lk. ``Dv != D`` goes to torch (the kernels
+    take one head dim).
 
     Masks (they combine):
       * ``attn_mask``: bool (True = may attend) or float (added to the scores), broadcastable to
@@ -53,7 +57,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``TRITON_INTERPRET=1``, set before triton is imported), ``"torch"`` (torch's SDPA, masks
     merged into one), or ``"auto"``: Triton for CUDA tensors when the kernels support the case,
     torch otherwise; the reason is logged at DEBUG level by the ``fasttransformer`` logger. Not
-    in the kernels, so sent to torch by ``"auto"``: head dims above 256, a batch or query heads
+    in the kernels, so sent to torch by ``"auto"``: head dims above 256, ``Dv != D``, a batch or query heads
     above 65535, and float32 CUDA tensors with head dims above 64 (float32 runs as tf32x3
     products on CUDA).
 
@@ -73,6 +77,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ones are cast to it first, and the output has it.
     """
     query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
+    if (all(isinstance(tensor, torch.Tensor) for tensor in (query, key, value))
+            and any(tensor.dim() != 4 for tensor in (query, key, value))):
+        lead, query_rank = query.shape[:-3], query.dim()
+        query, key, value, attn_mask, key_padding_mask = _fold_to_4d(query, key, value, attn_mask, key_padding_mask)
+        out = scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                           key_padding_mask=key_padding_mask, window_size=window_size,
+                                           backend=backend)
+        return out.reshape(*lead, *out.shape[-3:]) if lead else out.reshape(out.shape[4 - query_rank:])
     spec = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                      key_padding_mask, window_size, backend)
     reason = _triton_unsupported(query, spec)
@@ -98,12 +110,59 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return torch.ops.fasttransformer.attention_forward(*args)[0]
 
 
+def _fold_to_4d(query, key, value, attn_mask, key_padding_mask):
+    """Inputs of rank 2, 3 or >= 5 (all three the same rank) as the (B, H, L, D) the rest takes:
+    rank >= 5 folds its leading dims into the batch, ranks 2 and 3 get size-1 batch (and heads).
+    Masks follow: ``attn_mask`` broadcast to ``(..., Hq, Lq, Lk)`` (folded: its leading dims are
+    expanded first, its last three stay broadcast), ``key_padding_mask (..., Lk)``."""
+    rank = query.dim()
+    for name, tensor in (("key", key), ("value", value)):
+        if tensor.dim() != rank:
+            raise ValueError(f"{name} is {tensor.dim()}-D but query is {rank}-D: query, key and value must have "
+                             "the same rank")
+    if rank < 2:
+        raise ValueError(f"query, key and value must be at least 2-D (..., seq_len, head_dim), got shape "
+                         f"{tuple(query.shape)}")
+    lead = query.shape[:-3]
+    for name, tensor in (("key", key), ("value", value)):
+        if tensor.shape[:-3] != lead:
+            raise ValueError(f"{name}'s leading dims {tuple(tensor.shape[:-3])} differ from query's {tuple(lead)} "
+                             f"(shapes {tuple(tensor.shape)} and {tuple(query.shape)}; they are not broadcast)")
+
+    from torch.nn.attention.bias import CausalBias
+
+    if isinstance(attn_mask, torch.Tensor) and not isinstance(attn_mask, CausalBias):
+        full = (*query.shape[:-1], key.shape[-2])
+        try:
+            broadcasts = attn_mask.dim() <= rank and torch.broadcast_shapes(attn_mask.shape, full) == full
+        except RuntimeError:
+            broadcasts = False
+        if not broadcasts:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"(..., heads, Lq, Lk) = {full}")
+        if rank >= 5:
+            attn_mask = attn_mask[(None,) * (rank - attn_mask.dim())]
+            attn_mask = attn_mask.expand(*lead, *attn_mask.shape[-3:]).reshape(-1, *attn_mask.shape[-3:])
+    if isinstance(key_padding_mask, torch.Tensor):
+        expected = (*lead, key.shape[-2])
+        if key_padding_mask.shape != expected:
+            raise ValueError(f"key_padding_mask must be (..., Lk) = {expected} for {rank}-D inputs, got "
+                             f"{tuple(key_padding_mask.shape)}")
+        key_padding_mask = key_padding_mask.reshape(-1, key.shape[-2])
+    if rank >= 5:
+        query, key, value = (tensor.reshape(-1, *tensor.shape[-3:]) for tensor in (query, key, value))
+    else:
+        query, key, value = (tensor[(None,) * (4 - rank)] for tensor in (query, key, value))
+    return query, key, value, attn_mask, key_padding_mask
+
+
 def _autocast(*tensors):
     """The tensors as torch's autocast hands them to its SDPA (in its lower-precision list):
     when autocast is on for the query's device, every floating tensor but float64 is cast to
     the autocast dtype. Unchanged otherwise (non-tensors too: validation names them)."""
     query = tensors[0]
-    if not isinstance(query, torch.Tensor) or not torch.is_autocast_enabled(query.device.type):
+    if (not isinstance(query, torch.Tensor) or not torch.amp.is_autocast_available(query.device.type)
+            or not torch.is_autocast_enabled(query.device.type)):  # meta tensors: no autocast
         return tensors
     from torch.nn.attention.bias import CausalBias
 
@@ -151,8 +210,10 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         raise ValueError(f"query's head dim (last dimension) must be at least 1, got shape {tuple(query.shape)}")
     if key.shape[0] != batch or value.shape[0] != batch:
         raise ValueError(f"batch sizes differ: query {batch}, key {key.shape[0]}, value {value.shape[0]}")
-    if key.shape[3] != head_dim or value.shape[3] != head_dim:
-        raise ValueError(f"head dims differ: query {head_dim}, key {key.shape[3]}, value {value.shape[3]}")
+    if key.shape[3] != head_dim:
+        raise ValueError(f"head dims differ: query {head_dim}, key {key.shape[3]}")
+    if value.shape[3] == 0 and head_dim:
+        raise ValueError(f"value's head dim (last dimension) must be at least 1, got shape {tuple(value.shape)}")
     if value.shape[1:3] != key.shape[1:3]:
         raise ValueError(f"value heads/length {tuple(value.shape[1:3])} differ from key's {tuple(key.shape[1:3])}")
     if kv_heads != heads and not (enable_gqa and kv_heads > 0 and heads % kv_heads == 0):
@@ -212,6 +273,7 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         window = (int(pair[0]), int(pair[1]))
     return {"attn_mask": attn_mask, "key_padding_mask": key_padding_mask, "causal_offset": causal_offset,
             "window": window, "dropout_p": float(dropout_p), "enable_gqa": bool(enable_gqa),
+            "value_head_dim": value.shape[3],
             "scale": 1.0 / math.sqrt(head_dim) if scale is None else float(scale)}
 
 
@@ -225,11 +287,17 @@ def _triton_unsupported(query, spec) -> Optional[str]:
         return "bfloat16 under Triton's interpreter multiplies raw bits (triton 3.6); use float16/float32 on CPU"
     if query.dtype == torch.float64:
         return "float64 is not in the Triton kernels (torch computes it)"
+    if spec["value_head_dim"] != query.shape[-1]:
+        return (f"value's head dim {spec['value_head_dim']} differs from query's and key's {query.shape[-1]}: "
+                "the kernels take one head dim")
     if query.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {query.shape[-1]} > {MAX_HEAD_DIM}"
     if max(query.shape[:2]) > MAX_GRID_YZ:
         return (f"batch {query.shape[0]} or heads {query.shape[1]} > {MAX_GRID_YZ}: the kernels' grid has one "
                 "program per (block, head, batch), and CUDA caps its y and z axes at 65535")
+    if query.shape[0] * query.shape[1] * query.shape[2] >= 2 ** 31:
+        return (f"batch * heads * Lq = {query.shape[0] * query.shape[1] * query.shape[2]} >= 2**31: the kernels "
+                "index their float32 row statistics (logsumexp) with int32 offsets")
     from fasttransformer.kernels.configs import MAX_FP32_HEAD_DIM
     if query.device.type == "cuda" and query.dtype == torch.float32 and query.shape[-1] > MAX_FP32_HEAD_DIM:
         return (f"float32 with head dim {query.shape[-1]} > {MAX_FP32_HEAD_DIM} on CUDA: the kernels' backward "
@@ -249,8 +317,8 @@ def _torch_attention(query, key, value, spec):
         # and 2.13's gives an empty float mask no gradient. Filled with zeros, not multiplied by
         # 0 (inf * 0 is NaN), so that every input gets a zero gradient.
         everything = torch.ones((), dtype=torch.bool, device=query.device)
-        out = query.masked_fill(everything, 0.0)
-        for tensor in (key, value, spec["attn_mask"]):
+        out = query.new_zeros(*query.shape[:3], value.shape[3])
+        for tensor in (query, key, value, spec["attn_mask"]):
             if tensor is not None and tensor.is_floating_point():
                 out = out + tensor.masked_fill(everything, 0.0).sum().to(out.dtype)
         return out
