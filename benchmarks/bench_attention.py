@@ -65,6 +65,8 @@ def test_attention(benchmark, case, impl, mode):
 HOST_CASES = {  # name: (query (B, H, Lq, D), key/value length, masks, with a backward)
     "decode": ((8, 8, 1, 64), 300, {}, False),
     "decode-key-padding": ((8, 8, 1, 64), 300, {"key_padding_mask": True}, False),
+    # a cross-attention step under a static KVCache: the padding mask's lists built once, then reused
+    "decode-key-padding-reused": ((8, 8, 1, 64), 300, {"key_padding_mask": True, "reuse": True}, False),
     "decode-causal-lower-right": ((8, 8, 1, 64), 300, {"lower_right": True}, False),
     "decode-split-keys": ((1, 8, 1, 64), 4096, {"num_splits": 8}, False),  # configs.forward_splits made to say 8
     "train-step": ((2, 2, 16, 16), 16, {"is_causal": True}, True),
@@ -90,6 +92,7 @@ def test_attention_host_time(benchmark, monkeypatch, name):
     import fasttransformer.kernels.attention_forward as forward_kernels
     import fasttransformer.kernels.block_lists as block_list_kernels
     from fasttransformer.ops import scaled_dot_product_attention
+    from fasttransformer.ops.attention import reusing_block_lists
 
     from fasttransformer.kernels import configs
 
@@ -113,8 +116,14 @@ def test_attention_host_time(benchmark, monkeypatch, name):
         kwargs["attn_mask"] = causal_lower_right(shape[2], seqlen_k)
     grad = torch.randn(shape, device=device)
 
+    store = {}
+
     def call():
-        out = scaled_dot_product_attention(query, key, value, backend="triton", **kwargs)
+        if masks.get("reuse"):
+            with reusing_block_lists(store):
+                out = scaled_dot_product_attention(query, key, value, backend="triton", **kwargs)
+        else:
+            out = scaled_dot_product_attention(query, key, value, backend="triton", **kwargs)
         if backward:
             query.grad = key.grad = value.grad = None
             out.backward(grad)

@@ -566,6 +566,45 @@ def test_block_list_builder_matches_the_torch_definition(name):
         assert PARTIAL in seen and (FULL in seen or EMPTY in seen), seen  # the case tests something
 
 
+def test_block_list_store_reuses_only_unchanged_masks(monkeypatch):
+    """With a store, build_block_lists gives back the lists it built for the same mask tensors
+    (a new view of the same values too), launching nothing, and builds new ones for another
+    mask (equal values included: it is not compared), a mask written in place, another shape or
+    tiles, and always for inference tensors (no version to vouch for them)."""
+    import fasttransformer.kernels.block_lists as block_list_kernels
+
+    builds = []
+    build = block_list_kernels._build_block_lists
+    monkeypatch.setattr(block_list_kernels, "_build_block_lists", lambda *args: builds.append(args) or build(*args))
+    shape, tiles, store = (3, 2, 1, 70), [(16, 16, False)], {}
+    padding = torch.rand(3, 70, device=DEVICE) < 0.4
+    padding[:, 40:] = True  # EMPTY tiles: the lists differ from the no-padding ones
+
+    def lists(key_padding_mask=padding, attn_mask=None, shape=shape, tiles=tiles):
+        built = build_block_lists(attn_mask, key_padding_mask, shape, tiles, store=store)
+        expected = block_lists(tile_classes(attn_mask, key_padding_mask, shape, *tiles[0][:2]), shape[0], shape[1])
+        assert_same_lists(built[0], expected)
+        return built
+
+    first = lists()
+    assert lists() is first and lists(padding[:, :]) is first and len(builds) == 1
+    lists(padding.clone())
+    assert len(builds) == 2
+    again = lists()  # the clone's entry replaced padding's: built again, then kept
+    assert lists() is again and len(builds) == 3
+    padding[:, 40:] = False  # written in place: new lists, and they follow the new values
+    lists()
+    assert len(builds) == 4
+    lists(shape=(3, 2, 2, 70)), lists(tiles=[(32, 16, False)])
+    assert len(builds) == 6
+    mask = torch.rand(1, 1, 1, 70, device=DEVICE) < 0.5
+    assert lists(None, mask) is lists(None, mask) and len(builds) == 7
+    with torch.inference_mode():
+        frozen = torch.rand(3, 70, device=DEVICE) < 0.4
+    lists(frozen), lists(frozen)
+    assert len(builds) == 9
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("masks", ["document", "document+padding", "document+lower_right", "padding+window"])
 def test_tile_skipping_forward_and_backward(masks, dtype):

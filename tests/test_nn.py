@@ -5,6 +5,7 @@ shows), and in float32 under the accuracy rule against the float64 result. Rows 
 turns into NaN (a query with no visible key, in its need_weights / inference paths) are
 compared only where torch is finite; ours must be finite everywhere.
 """
+import contextlib
 import copy
 import functools
 import io
@@ -535,6 +536,43 @@ def test_kv_cache_on_triton_kernels_equals_full_recomputation(monkeypatch):
     assert capacity_strides, "no call read the cache's buffer"
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=2e-5, rtol=2e-5)
     assert (torch.cat(pieces, dim=1).double() - reference).abs().max() < 1e-4
+
+
+def test_decoding_builds_the_memory_padding_lists_once(monkeypatch):
+    """On the Triton kernels, a DecoderCache's cross-attention builds the tile lists of the memory
+    padding mask once for every layer and step (they are the same), and gives the outputs that
+    building them at every call gives, bit for bit. A new memory padding mask (a new batch) gets
+    its own lists."""
+    import fasttransformer.kernels.block_lists as block_list_kernels
+
+    builds = []
+    build = block_list_kernels._build_block_lists
+    monkeypatch.setattr(block_list_kernels, "_build_block_lists", lambda *args: builds.append(args) or build(*args))
+    monkeypatch.setattr(ft.nn.attention, "scaled_dot_product_attention",
+                        functools.partial(ft.ops.scaled_dot_product_attention, backend="triton"))
+    device = "cuda" if HAS_CUDA else "cpu"
+    layer = ft.nn.TransformerDecoderLayer(D_MODEL, NHEAD, 40, dropout=0.0, batch_first=True).to(device)
+    decoder = ft.nn.TransformerDecoder(layer, 3).eval()
+    tgt = torch.randn(3, 5, D_MODEL, device=device)
+    memory = torch.randn(3, 40, D_MODEL, device=device)
+    memory_padding = torch.zeros(3, 40, dtype=torch.bool, device=device)
+    memory_padding[0, 20:], memory_padding[2, 7:] = True, True
+
+    def decode(padding):
+        cache = ft.nn.DecoderCache(3, capacity=5)
+        with torch.no_grad():
+            return torch.cat([decoder(tgt[:, step:step + 1], memory, memory_key_padding_mask=padding,
+                                      tgt_is_causal=True, cache=cache) for step in range(5)], dim=1)
+
+    reused = decode(memory_padding)
+    assert len(builds) == 1, f"{len(builds)} builds for 3 layers x 5 steps"
+    with monkeypatch.context() as patch:  # built at every call
+        patch.setattr(ft.nn.attention, "reusing_block_lists", lambda store: contextlib.nullcontext())
+        assert torch.equal(decode(memory_padding), reused) and len(builds) == 1 + 3 * 5
+    other = memory_padding.clone()
+    other[1, 30:] = True
+    changed = decode(other)
+    assert len(builds) == 1 + 3 * 5 + 1 and not torch.equal(changed[1], reused[1])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -508,7 +508,7 @@ def list_arguments(lists, placeholder):
 
 def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=None, scale=None,
                       causal_offset=None, window=None, dropout_p=0.0, seed=None, block_m=None, block_n=None,
-                      num_warps=None, num_stages=None, num_splits=None):
+                      num_warps=None, num_stages=None, num_splits=None, block_list_store=None):
     """Launches the kernel on already validated ``(B, H, L, D)`` tensors.
 
     attn_mask: bool (True = may attend) or float, already broadcastable to (B, Hq, Lq, Lk)
@@ -521,7 +521,8 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     table (configs.py). num_splits: programs per query block, each over a contiguous share of
     its key tiles, merged by ``attention_combine_kernel`` (flash-decoding); None lets
     ``configs.forward_splits`` choose (more than 1 only on CUDA, when the call has too few
-    programs to fill the GPU: a decoding step).
+    programs to fill the GPU: a decoding step). block_list_store: a dict in which the tile
+    lists of the boolean masks are kept and reused (``block_lists.build_block_lists``).
     Returns (out (B, Hq, Lq, D) in the query's dtype, lse (B, Hq, Lq) float32).
     """
     from fasttransformer.kernels.block_lists import build_block_lists
@@ -546,7 +547,7 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     lists = None
     if uses_block_lists(attn_mask, key_padding_mask):
         lists, = build_block_lists(attn_mask if mask_kind == MASK_BOOL else None, key_padding_mask, shape,
-                                   [(block_m, block_n, False)], causal_offset, window)
+                                   [(block_m, block_n, False)], causal_offset, window, store=block_list_store)
     counts, index, list_strides = list_arguments(lists, query)
     dropout, seed, dropout_threshold, dropout_scale = dropout_arguments(dropout_p, seed, query)
     window_left, window_right = window if window is not None else (0, 0)

@@ -262,15 +262,48 @@ def block_lists_kernel(Classes, Counts, Indices, fine_rows, fine_cols, stride_fr
 CLASS_COLUMNS, CLASS_ROWS, LIST_TILES = 512, 8, 128  # mask elements per program row / per load; list chunk
 
 
+def _unchanged_mark(tensor: Optional[torch.Tensor]):
+    """What identifies ``tensor``'s values while it lives: its storage, view and version (every
+    in-place write, through any view, bumps the version). False for an inference tensor, which
+    has no version: its values cannot be vouched for."""
+    if tensor is None:
+        return None
+    if tensor.is_inference():
+        return False
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
+            tensor._version)
+
+
 def build_block_lists(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], shape,
                       tiles: Sequence[Tuple[int, int, bool]], causal_offset: Optional[int] = None,
-                      window: Optional[Tuple[int, int]] = None) -> List[BlockLists]:
+                      window: Optional[Tuple[int, int]] = None, store: Optional[dict] = None) -> List[BlockLists]:
     """The kernels' lists for each ``(block_m, block_n, by_key)`` in ``tiles``: what
     ``block_lists(coarsen(tile_classes(...)), by_key)`` gives (slots past the counts aside),
     from one classification at the smallest tiles (each size a power of two), by launches.
 
     attn_mask: bool (True = may attend) broadcastable to ``shape = (B, H, Lq, Lk)``, or None;
-    key_padding_mask: bool ``(B, Lk)``, True = padding, or None (not both None)."""
+    key_padding_mask: bool ``(B, Lk)``, True = padding, or None (not both None).
+
+    ``store``: a dict that keeps the lists built for each (shape, tiles, causal_offset, window)
+    with the masks they came from, and gives them back, with no launch, to a later call with
+    the same masks unchanged (the same storage and view, not written since: ``_unchanged_mark``;
+    the entry holds the masks, so their storage cannot be freed and reused meanwhile). A
+    decoding step's cross-attention passes its cache's store: every layer and step has the same
+    memory padding mask."""
+    key = marks = None
+    if store is not None:
+        key = (tuple(shape), tuple(tiles), causal_offset, window)
+        marks = (_unchanged_mark(attn_mask), _unchanged_mark(key_padding_mask))
+        entry = store.get(key)
+        if entry is not None and False not in marks and entry[0] == marks:
+            return entry[2]
+    lists = _build_block_lists(attn_mask, key_padding_mask, shape, tiles, causal_offset, window)
+    if store is not None and False not in marks:
+        store[key] = (marks, (attn_mask, key_padding_mask), lists)
+    return lists
+
+
+def _build_block_lists(attn_mask, key_padding_mask, shape, tiles, causal_offset, window) -> List[BlockLists]:
     batch, heads, seqlen_q, seqlen_k = shape
     device = (attn_mask if attn_mask is not None else key_padding_mask).device
     block_m, block_n = min(tile[0] for tile in tiles), min(tile[1] for tile in tiles)

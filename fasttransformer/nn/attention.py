@@ -2,13 +2,14 @@
 and ``KVCache``, the keys and values one attention layer keeps across decoding steps."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from fasttransformer.ops.attention import scaled_dot_product_attention
+from fasttransformer.ops.attention import reusing_block_lists, scaled_dot_product_attention
 
 
 class KVCache:
@@ -17,13 +18,17 @@ class KVCache:
     ``static=False`` (self-attention): every call appends the new tokens' keys and values, in
     place, to a buffer of ``capacity`` positions allocated on the first call.
     ``static=True`` (cross-attention): the first call projects the key/value inputs (the encoder
-    memory) once; later calls reuse them and ignore their key/value arguments.
+    memory) once; later calls reuse them and ignore their key/value arguments. The tile lists
+    the Triton kernels build for its ``key_padding_mask`` are kept too (``block_lists``, which
+    :class:`DecoderCache` shares between its layers), and reused while the same mask tensor
+    comes unchanged; another mask, or one written in place, gets new ones.
     """
 
     def __init__(self, capacity: Optional[int] = None, static: bool = False):
         if not static and (capacity is None or capacity < 1):
             raise ValueError(f"a self-attention KVCache needs a capacity >= 1, got {capacity!r}")
         self.capacity, self.static = capacity, static
+        self.block_lists: dict = {}  # static: reusing_block_lists's store
         self.key: Optional[torch.Tensor] = None
         self.value: Optional[torch.Tensor] = None
         self.length = 0
@@ -130,9 +135,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if average_attn_weights:
                 weights = weights.mean(dim=1)
         else:
-            out = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                               is_causal=causal_offset is not None,
-                                               key_padding_mask=key_padding_mask)
+            static = cache is not None and cache.static and key_padding_mask is not None
+            reuse = (reusing_block_lists(cache.block_lists) if static and not torch.compiler.is_compiling()
+                     else contextlib.nullcontext())
+            with reuse:
+                out = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                   is_causal=causal_offset is not None,
+                                                   key_padding_mask=key_padding_mask)
         out = self.out_proj(out.transpose(1, 2).flatten(2))  # (B, Lq, E)
         if not batched:
             return out.squeeze(0), weights.squeeze(0) if weights is not None else None

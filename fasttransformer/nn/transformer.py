@@ -192,6 +192,9 @@ class DecoderCache:
     def __init__(self, num_layers: int, capacity: int):
         self.self_attn: List[KVCache] = [KVCache(capacity) for _ in range(num_layers)]
         self.cross_attn: List[KVCache] = [KVCache(static=True) for _ in range(num_layers)]
+        shared: dict = {}  # every layer sees the same memory padding mask: its tile lists are built once
+        for cache in self.cross_attn:
+            cache.block_lists = shared
 
     @property
     def length(self) -> int:

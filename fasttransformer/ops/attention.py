@@ -9,6 +9,8 @@ once and dispatches.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import numbers
@@ -364,6 +366,25 @@ def _torch_attention(query, key, value, spec):
 
 # --- the launches and their autograd formula: the custom ops' and the eager path's ------------------
 
+_BLOCK_LIST_STORE: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("block_list_store", default=None)
+
+
+@contextlib.contextmanager
+def reusing_block_lists(store: dict):
+    """Inside it, the Triton forward keeps the tile lists it builds for boolean masks in
+    ``store`` and takes them back, without a launch, for a later call with the same mask
+    tensors, unchanged since (same storage and view, no in-place write; not for inference
+    tensors, which keep no version), and the same shapes and tiles
+    (``kernels.block_lists.build_block_lists``). A static (cross-attention) KVCache holds one:
+    the memory padding mask's lists are then built once per generation, not once per layer
+    and step."""
+    token = _BLOCK_LIST_STORE.set(store)
+    try:
+        yield
+    finally:
+        _BLOCK_LIST_STORE.reset(token)
+
+
 def _launch_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                     scale: float, causal_offset: Optional[int],
@@ -373,7 +394,7 @@ def _launch_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     from fasttransformer.kernels.attention_forward import attention_forward
     out, lse = attention_forward(query, key, value, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                                  scale=scale, causal_offset=causal_offset, window=tuple(window) if window else None,
-                                 dropout_p=dropout_p, seed=seed)
+                                 dropout_p=dropout_p, seed=seed, block_list_store=_BLOCK_LIST_STORE.get())
     return out, lse
 
 
