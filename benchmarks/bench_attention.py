@@ -4,7 +4,8 @@ attention runs the sweep and writes JSON, Markdown and plots).
     pytest benchmarks/bench_attention.py --benchmark-json=FILE [--benchmark-compare]
 
 CUDA: the quick sweep's cases (bf16, D=128, L in {1k, 8k}, 16k tokens, 2048 hidden; decode: one
-query per sequence against L keys, forward only), the Triton
+query per sequence against L keys, forward only; decode-gqa: the same with 4 query heads per
+key head), the Triton
 kernels against torch SDPA with each backend forced, FlexAttention (compiled) and the naive
 implementation. CPU: a small float32 case, where backend="auto" hands the call to torch's SDPA, so
 it times what fasttransformer's dispatch (validation, mask merging) adds to torch's own call.
@@ -13,10 +14,10 @@ A baseline that cannot run a case is skipped with its reason ("n/a: ...").
 import pytest
 import torch
 
-from fasttransformer.bench.attention import IMPLEMENTATIONS, Case, _reason
+from fasttransformer.bench.attention import DECODE_MASKS, IMPLEMENTATIONS, Case, _reason
 
 BENCH_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-MASKS = ("none", "causal", "padding", "document", "decode")
+MASKS = ("none", "causal", "padding", "document", "decode", "decode-gqa")
 SHAPES = {  # device: (dtype, tokens, hidden, head_dim, seqlens)
     "cuda": (torch.bfloat16, 16384, 2048, 128, (1024, 8192)),
     "cpu": (torch.float32, 2048, 256, 64, (256,)),
@@ -41,7 +42,7 @@ def case(request):
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_attention(benchmark, case, impl, mode):
-    if case.mask == "decode" and mode != "fwd":
+    if case.mask in DECODE_MASKS and mode != "fwd":
         pytest.skip("a decoding step has no backward")
     fn = case.implementations()[impl]
     synchronize = torch.cuda.synchronize if case.device == "cuda" else (lambda: None)
@@ -69,6 +70,10 @@ HOST_CASES = {  # name: (query (B, H, Lq, D), key/value length, masks, with a ba
     "decode-key-padding-reused": ((8, 8, 1, 64), 300, {"key_padding_mask": True, "reuse": True}, False),
     "decode-causal-lower-right": ((8, 8, 1, 64), 300, {"lower_right": True}, False),
     "decode-split-keys": ((1, 8, 1, 64), 4096, {"num_splits": 8}, False),  # configs.forward_splits made to say 8
+    # GQA, 4 query heads per key head: each key head's query heads packed into one program's rows
+    # (attention_forward.gqa_packing), and the same step unpacked, one program per query head
+    "decode-gqa": ((8, 8, 1, 64), 300, {"kv_heads": 2}, False),
+    "decode-gqa-unpacked": ((8, 8, 1, 64), 300, {"kv_heads": 2, "unpacked": True}, False),
     "train-step": ((2, 2, 16, 16), 16, {"is_causal": True}, True),
     "train-step-key-padding": ((2, 2, 16, 16), 16, {"key_padding_mask": True}, True),
 }
@@ -105,11 +110,15 @@ def test_attention_host_time(benchmark, monkeypatch, name):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # backend="triton" accepts CPU tensors (no kernel runs)
     shape, seqlen_k, masks, backward = HOST_CASES[name]
     monkeypatch.setattr(configs, "forward_splits", lambda device, programs, key_tiles: masks.get("num_splits", 1))
+    if masks.get("unpacked"):
+        monkeypatch.setattr(forward_kernels, "gqa_packing", lambda *args: None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     query = torch.randn(shape, device=device, requires_grad=backward)
-    key, value = (torch.randn(*shape[:2], seqlen_k, shape[3], device=device, requires_grad=backward) for _ in range(2))
-    kwargs = {"is_causal": masks.get("is_causal", False)}
+    kv_heads = masks.get("kv_heads", shape[1])
+    key, value = (torch.randn(shape[0], kv_heads, seqlen_k, shape[3], device=device, requires_grad=backward)
+                  for _ in range(2))
+    kwargs = {"is_causal": masks.get("is_causal", False), "enable_gqa": kv_heads != shape[1]}
     if masks.get("key_padding_mask"):
         kwargs["key_padding_mask"] = torch.rand(shape[0], seqlen_k, device=device) < 0.2
     if masks.get("lower_right"):

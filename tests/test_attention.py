@@ -253,6 +253,107 @@ def test_split_keys_random_cases_match_unsplit(seed):
                 assert (grad.float() - unsplit_grad.float()).abs().max() < 4 * tolerance * scale, what
 
 
+class LaunchSpy:
+    """Stands in for a kernel: records each launch's grid and (num_heads, kv_group, seqlen_q,
+    the query's 4 strides) arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            named = dict(zip(self.kernel.arg_names, args))
+            rows = tuple(named[name] for name in ("num_heads", "kv_group", "seqlen_q", "stride_qb", "stride_qh",
+                                                  "stride_qm", "stride_qd"))
+            self.launches.append((grid, rows))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+GQA_DECODE_CASES = {  # kernel arguments of a decoding step; Lk = 150
+    "none": {}, "padding": {"key_padding_mask": True}, "bool-per-head": {"attn_mask": (2, 6, 1, 150)},
+    "float": {"attn_mask": (1, 150)}, "lower-right": {"causal_offset": 149}, "top-left": {"causal_offset": 0},
+    "causal-mid": {"causal_offset": 70}, "window": {"causal_offset": 149, "window": (40, 0)},
+    "window-not-causal": {"window": (3, 60)}, "padding+bool+causal": {"key_padding_mask": True,
+                                                                     "attn_mask": (2, 1, 1, 150), "causal_offset": 90},
+    "window+padding+bool": {"causal_offset": 149, "window": (40, 0), "key_padding_mask": True,
+                            "attn_mask": (2, 6, 1, 150)},  # the masks sliced to the window's keys
+}
+
+
+@pytest.mark.parametrize("num_splits", [None, 3], ids=["unsplit", "split-3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", GQA_DECODE_CASES)
+def test_gqa_decoding_step_packs_each_groups_query_heads(monkeypatch, case, dtype, num_splits):
+    """One query per (batch, query head), 3 query heads per key head: one program per key head
+    computes its 3 query heads as rows (read through a (B, Lq, Hq, D) layout's strides), with
+    the causal / window bounds as a key range, split keys or not. The result: the reference's
+    within the rule, and the unpacked launch's (up to the summation order, which the window's
+    key range shifts)."""
+    from fasttransformer.kernels import attention_forward as forward_module
+    batch, heads, kv_heads, seqlen_k, head_dim = 2, 6, 2, 150, 32
+    # (B, Lq, Hq, D) with its rows padded: the packed rows read through strides of their own
+    q = torch.randn(batch, 1, heads, head_dim + 8, device=DEVICE, dtype=dtype)[..., :head_dim].transpose(1, 2)
+    k, v = (torch.randn(batch, kv_heads, seqlen_k, head_dim, device=DEVICE, dtype=dtype) for _ in range(2))
+    kernel_args, allowed, bias = {}, torch.ones(batch, heads, 1, seqlen_k, dtype=torch.bool), None
+    for name, value in GQA_DECODE_CASES[case].items():
+        if name == "key_padding_mask":
+            padding = torch.rand(batch, seqlen_k) < 0.4
+            padding[0] = True  # sequence 0 sees no key: zeros, lse +inf
+            kernel_args[name], allowed = padding.to(DEVICE), allowed & ~padding[:, None, None, :]
+        elif name == "attn_mask" and len(value) == 4:
+            mask = torch.rand(value) < 0.6  # each query head its own mask when value[1] = heads
+            kernel_args[name], allowed = mask.to(DEVICE), allowed & mask
+        elif name == "attn_mask":
+            bias = torch.randn(value, dtype=dtype)
+            bias[0, :40] = float("-inf")
+            kernel_args[name] = bias.to(DEVICE)
+        else:
+            kernel_args[name] = value
+    offset = kernel_args.get("causal_offset")
+    if offset is not None:
+        allowed &= causal_bool(1, seqlen_k, offset)
+    if "window" in kernel_args:
+        allowed &= window_bool(1, seqlen_k, offset or 0, *kernel_args["window"])
+    spy = LaunchSpy(forward_module.attention_forward_kernel)
+    monkeypatch.setattr(forward_module, "attention_forward_kernel", spy)
+    with poisoned_allocations(DEVICE):
+        out, lse = attention_forward(q, k, v, num_splits=num_splits, **kernel_args)
+        unpacked_out, unpacked_lse = attention_forward(q, k, v, pack_gqa=False, num_splits=num_splits, **kernel_args)
+    (packed_grid, packed_rows), (unpacked_grid, unpacked_rows) = spy.launches
+    group = heads // kv_heads  # the query read as its view (B, Hk, group, D)
+    assert packed_grid[1:] == (kv_heads, batch) and packed_rows == (kv_heads, 1, group,
+                                                                    *q.view(batch, kv_heads, group, head_dim).stride())
+    assert unpacked_grid[1:] == (heads, batch) and unpacked_rows == (heads, group, 1, *q.stride())
+    assert out.shape == q.shape and lse.shape == (batch, heads, 1)
+    ref = reference_attention(q.double(), k.double(), v.double(), allowed, bias)
+    assert_within_torch_error(out, ref, reference_attention(q, k, v, allowed, bias), 2.0, "packed output")
+    no_key = ~allowed.any(-1).to(lse.device)
+    assert torch.equal(torch.isinf(lse), no_key) and torch.equal(torch.isinf(unpacked_lse), no_key)
+    assert (out[no_key] == 0).all()
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-3
+    assert (out.float() - unpacked_out.float()).abs().max() <= tolerance
+    assert (lse[~no_key] - unpacked_lse[~no_key]).abs().max() <= 1e-5 if (~no_key).any() else True
+
+
+def test_gqa_packing_applies_to_grouped_decoding_steps_only():
+    """gqa_packing: a key range for one query per head with a group of 2 or more, no dropout;
+    None for other calls, and for a query that its bounds leave without keys."""
+    from fasttransformer.kernels.attention_forward import gqa_packing
+
+    def pack(heads=4, kv_heads=2, seqlen_q=1, seqlen_k=100, causal_offset=None, window=None, dropout_p=0.0):
+        return gqa_packing(heads, kv_heads, seqlen_q, seqlen_k, causal_offset, window, dropout_p)
+    assert pack() == (0, 100) and pack(kv_heads=1) == (0, 100)
+    assert pack(causal_offset=99) == (0, 100) and pack(causal_offset=0) == (0, 1)
+    assert pack(causal_offset=150) == (0, 100)
+    assert pack(causal_offset=99, window=(10, 0)) == (89, 100) and pack(window=(5, 20)) == (0, 21)
+    assert pack(causal_offset=50, window=(10, 3)) == (40, 51)  # causal: no key past the offset
+    for other in ({"kv_heads": 4}, {"seqlen_q": 2}, {"dropout_p": 0.1}, {"causal_offset": -1},
+                  {"causal_offset": 99, "window": (0, 0), "seqlen_k": 99}, {"seqlen_k": 0}, {"kv_heads": 0}):
+        assert pack(**other) is None, other
+    assert pack(dropout_p=2 ** -18) == (0, 100)  # rounds to p = 0: the kernels apply no dropout
+
+
 def test_forward_splits_heuristic(monkeypatch):
     """One wave at most (SMs // programs), at least MIN_TILES_PER_SPLIT key tiles per split,
     and never off CUDA."""

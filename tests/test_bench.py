@@ -62,11 +62,17 @@ def test_attention_case_implementations_agree(mask):
         attention._FLEX.pop("fn")
         if flex_case is not None:
             attention._FLEX["fn"] = flex_case
-    if mask == "decode":  # the split keys' baseline: the Triton forward with num_splits=1
+    if mask in attention.DECODE_MASKS:  # the split keys' baseline: the Triton forward with num_splits=1
         results["unsplit"] = implementations["unsplit"]()
     else:
         with pytest.raises(NotImplementedError, match="for decode"):
             implementations["unsplit"]()
+    if mask == "decode-gqa":  # the packing's baseline: one program per query head
+        assert (case.heads, case.kv_heads) == (2, 1) and case.k.shape[1] == 1
+        results["unpacked"] = implementations["unpacked"]()
+    else:
+        with pytest.raises(NotImplementedError, match="for decode-gqa"):
+            implementations["unpacked"]()
     for name in ("torch-flash", "torch-efficient", "torch-cudnn"):  # where a backend refuses: reported n/a
         try:
             results[name] = implementations[name]()
@@ -157,6 +163,20 @@ def test_attention_sweep_decode_rows():
     assert "% of copy)" in attention.markdown(record)
 
 
+def test_attention_sweep_gqa_decode_rows():
+    """A GQA decoding step: K and V have a quarter of the query heads, and its bytes count them so."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = attention.sweep(device, masks=("decode-gqa",), head_dims=(16,), seqlens=(64,), dtype=torch.float32,
+                             tokens=128, hidden=128, implementations=("fasttransformer", "unpacked", "torch-math"))
+    row, = record["results"]
+    assert (row["mode"], row["seqlen_q"], row["batch"], row["heads"], row["kv_heads"]) == ("fwd", 1, 2, 8, 2)
+    assert row["flops"] == attention.flops(2 * 8 * 64, 16, "fwd")
+    assert row["bytes"] == 2 * (2 * 8 * 16 + 2 * 2 * 64 * 16) * 4  # Q and O of 8 heads, K and V of 2
+    assert row["bytes"] == attention.bytes_moved(2, 8, 64, 16, 4, "fwd", seqlen_q=1, kv_heads=2)
+    assert {"fasttransformer", "unpacked", "torch-math"} <= row["times_ms"].keys()
+    assert "| decode-gqa | 16 | 64 | fwd | 100% |" in attention.markdown(record)
+
+
 def test_attention_sweep_with_dropout():
     """--dropout reaches the implementations that have dropout (their outputs then differ from
     the dropout-free naive one) and FlexAttention, which has none, is n/a with the reason."""
@@ -215,6 +235,7 @@ def test_render_readme_from_a_recorded_gpu_json(tmp_path):
     (["bench", "attention", "--seq-len", "0"], "--seq-len must be >= 1"),
     (["bench", "attention", "--dropout", "1.5"], r"--dropout must be in \[0, 1\)"),
     (["bench", "attention", "--mask", "decode", "--bwd"], "a decoding step is forward only"),
+    (["bench", "attention", "--mask", "decode", "--mask", "decode-gqa", "--bwd"], "a decoding step is forward only"),
     (["bench", "--device", "cuda"] if not torch.cuda.is_available() else ["bench", "--seq-len", "-1"],
      "no CUDA device here" if not torch.cuda.is_available() else "--seq-len must be >= 1"),
 ])
@@ -331,7 +352,7 @@ def test_pytest_benchmark_suites_collect_and_record(tmp_path):
     ours = {(b["extra_info"]["mask"], b["extra_info"]["mode"]): b for b in benchmarks
             if b["extra_info"]["impl"] == "fasttransformer"}
     assert sorted(ours) == sorted([(mask, mode) for mask in ("none", "causal", "padding", "document")
-                                   for mode in ("fwd", "fwd+bwd")] + [("decode", "fwd")])  # decode: forward only
+                                   for mode in ("fwd", "fwd+bwd")] + [("decode", "fwd"), ("decode-gqa", "fwd")])
     assert all(b["stats"]["median"] > 0 and b["extra_info"]["visible_pairs"] > 0 for b in ours.values())
 
 

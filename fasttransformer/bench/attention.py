@@ -10,7 +10,10 @@ The ``decode`` case is a decoding step: one query per sequence against L cached 
 16k keys), forward only, reported in GB/s (K, V and Q read, O written) against the measured copy
 bandwidth: with few sequences it has too few programs to fill the GPU unless the keys are split
 between programs (configs.forward_splits). Its "unsplit" baseline is the same forward with one
-program per query block: the speedup over it is the split keys' gain.
+program per query block: the speedup over it is the split keys' gain. ``decode-gqa`` is the same
+step with grouped keys (Hq / Hk = GQA_GROUP, as Llama's 32 / 8), and its "unpacked" baseline the
+Triton forward with one program per query head instead of one per key head (``pack_gqa=False``):
+the speedup over it is the packing's gain.
 
     python -m fasttransformer bench attention [--quick] [--mask causal] [--head-dim 128] ...
 """
@@ -26,9 +29,12 @@ from fasttransformer.bench import common
 from fasttransformer.ops import scaled_dot_product_attention
 
 TOKENS, HIDDEN = 16384, 2048
-MASKS = ("none", "causal", "padding", "document", "window", "causal+padding", "decode")
+MASKS = ("none", "causal", "padding", "document", "window", "causal+padding", "decode", "decode-gqa")
+DECODE_MASKS = ("decode", "decode-gqa")  # one query per sequence: forward only, bound by the bytes read
 IMPLEMENTATIONS = ("fasttransformer", "torch-flash", "torch-efficient", "torch-cudnn", "torch-math", "flex", "naive",
-                   "unsplit")  # unsplit: decode only, fasttransformer's forward with num_splits=1
+                   "unsplit",    # decoding: fasttransformer's forward with num_splits=1
+                   "unpacked")   # decode-gqa: fasttransformer's forward with pack_gqa=False
+GQA_GROUP = 4
 WINDOW = 256
 BACKWARD_FLOP_RATIO = 2.5
 
@@ -42,11 +48,12 @@ def flops(visible_pairs: int, head_dim: int, mode: str) -> float:
 
 
 def bytes_moved(batch: int, heads: int, seqlen: int, head_dim: int, itemsize: int, mode: str,
-                seqlen_q: Optional[int] = None) -> int:
+                seqlen_q: Optional[int] = None, kv_heads: Optional[int] = None) -> int:
     """The minimum traffic of a fused kernel: read Q, K, V and write O (forward); the backward
-    reads Q, K, V, O, dO and writes dQ, dK, dV. ``seqlen_q``: the queries' length (default L)."""
-    keys = batch * heads * seqlen * head_dim * itemsize
-    queries = keys if seqlen_q is None else batch * heads * seqlen_q * head_dim * itemsize
+    reads Q, K, V, O, dO and writes dQ, dK, dV. ``seqlen_q``: the queries' length (default L);
+    ``kv_heads``: the keys' and values' heads (default ``heads``; GQA: fewer)."""
+    keys = batch * (heads if kv_heads is None else kv_heads) * seqlen * head_dim * itemsize
+    queries = batch * heads * (seqlen if seqlen_q is None else seqlen_q) * head_dim * itemsize
     return {"fwd": 2 * (queries + keys), "bwd": 4 * (queries + keys), "fwd+bwd": 6 * (queries + keys)}[mode]
 
 
@@ -59,8 +66,13 @@ class Case:
         self.backend = backend  # fasttransformer's: "auto" on the CPU times its dispatch to torch
         self.dropout_p = dropout_p  # every implementation that has dropout applies it (each its own masks)
         self.batch, self.heads = max(1, tokens // seqlen), hidden // head_dim
-        self.seqlen_q = 1 if mask == "decode" else seqlen  # decode: one new token per sequence
-        shape = (self.batch, self.heads, seqlen, head_dim)
+        self.seqlen_q = 1 if mask in DECODE_MASKS else seqlen  # decode: one new token per sequence
+        self.kv_heads = self.heads
+        if mask == "decode-gqa":  # GQA_GROUP query heads per key head (fewer where there are fewer heads)
+            self.kv_heads = max(1, self.heads // GQA_GROUP)
+            while self.heads % self.kv_heads:
+                self.kv_heads -= 1
+        shape = (self.batch, self.kv_heads, seqlen, head_dim)
         query_shape = (self.batch, self.heads, self.seqlen_q, head_dim)
         self.q, self.k, self.v = (torch.randn(size, device=device, dtype=dtype, requires_grad=True)
                                   for size in (query_shape, shape, shape))
@@ -91,6 +103,8 @@ class Case:
             self.document = document
         if self.allowed is not None:
             self.torch_kwargs["attn_mask"] = self.allowed
+        if self.kv_heads != self.heads:
+            self.ours_kwargs["enable_gqa"] = self.torch_kwargs["enable_gqa"] = True
         if mask == "causal":
             self.torch_kwargs = {"is_causal": True}  # torch's own fast causal path, not a dense mask
         if mask == "causal":  # the convention (../shared/GPU.md): half the square
@@ -103,7 +117,8 @@ class Case:
     def implementations(self) -> Dict[str, Callable]:
         return {"fasttransformer": self.ours, "torch-flash": self.sdpa("FLASH_ATTENTION"),
                 "torch-efficient": self.sdpa("EFFICIENT_ATTENTION"), "torch-cudnn": self.sdpa("CUDNN_ATTENTION"),
-                "torch-math": self.sdpa("MATH"), "flex": self.flex(), "naive": self.naive, "unsplit": self.unsplit}
+                "torch-math": self.sdpa("MATH"), "flex": self.flex(), "naive": self.naive, "unsplit": self.unsplit,
+                "unpacked": self.unpacked}
 
     def ours(self):
         return scaled_dot_product_attention(self.q, self.k, self.v, backend=self.backend, dropout_p=self.dropout_p,
@@ -112,11 +127,20 @@ class Case:
     def unsplit(self):
         """Decode only: the Triton forward with one program per query block (num_splits=1), the
         baseline of the split keys that configs.forward_splits chooses for ``ours``."""
-        if self.mask != "decode" or self.dropout_p or self.backend != "triton":
+        if self.mask not in DECODE_MASKS or self.dropout_p or self.backend != "triton":
             raise NotImplementedError("the unsplit forward is timed for decode, without dropout, on the Triton "
                                       "backend only")
         from fasttransformer.kernels.attention_forward import attention_forward
         return attention_forward(self.q, self.k, self.v, num_splits=1)[0]
+
+    def unpacked(self):
+        """decode-gqa only: the Triton forward with one program per query head (pack_gqa=False),
+        the baseline of the packed GQA decoding step that ``ours`` runs."""
+        if self.mask != "decode-gqa" or self.dropout_p or self.backend != "triton":
+            raise NotImplementedError("the unpacked forward is timed for decode-gqa, without dropout, on the "
+                                      "Triton backend only")
+        from fasttransformer.kernels.attention_forward import attention_forward
+        return attention_forward(self.q, self.k, self.v, pack_gqa=False)[0]
 
     def sdpa(self, backend: str):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -141,6 +165,7 @@ class Case:
         mask_mods = {
             "none": None,
             "decode": None,
+            "decode-gqa": None,
             "causal": lambda b, h, q, k: k <= q,
             "window": lambda b, h, q, k: (k <= q) & (k > q - window),
             "padding": lambda b, h, q, k: ~padding[b, k],
@@ -153,16 +178,19 @@ class Case:
             batch = None if self.mask in ("causal", "window") else self.batch
             block_mask = create_block_mask(mask_mod, batch, None, seqlen, seqlen, device=self.device)
         compiled = _compiled_flex_attention(flex_attention)
-        return lambda: compiled(self.q, self.k, self.v, block_mask=block_mask)
+        gqa = self.kv_heads != self.heads
+        return lambda: compiled(self.q, self.k, self.v, block_mask=block_mask, enable_gqa=gqa)
 
     def naive(self):
-        scores = (self.q @ self.k.transpose(-2, -1)) * self.head_dim ** -0.5
+        group = self.heads // self.kv_heads
+        k, v = self.k.repeat_interleave(group, 1), self.v.repeat_interleave(group, 1)
+        scores = (self.q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
         if self.allowed is not None:
             scores = scores.masked_fill(~self.allowed, float("-inf"))
         probabilities = torch.softmax(scores.float(), dim=-1).to(self.dtype)
         if self.dropout_p:  # no dropout launch in the dropout-free sweep
             probabilities = F.dropout(probabilities, self.dropout_p)
-        return probabilities @ self.v
+        return probabilities @ v
 
     def run(self, fn, mode: str):
         """One call of ``fn`` in ``mode``: forward (no autograd graph) or forward + backward."""
@@ -196,7 +224,7 @@ def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=
     ``checkpoint(record)`` is called after each case with the record so far, marked
     ``"partial": "<done> of <total> cases"``: a run stopped midway (a deadline) keeps what it timed."""
     cuda = device == "cuda"
-    masks = masks or (("none", "causal", "padding", "document", "decode") if quick else MASKS)
+    masks = masks or (("none", "causal", "padding", "document", "decode", "decode-gqa") if quick else MASKS)
     head_dims = head_dims or ((128,) if quick else (64, 128))
     seqlens = seqlens or ((1024, 8192) if quick else (512, 1024, 2048, 4096, 8192, 16384))
     modes = modes or ("fwd", "fwd+bwd")
@@ -209,7 +237,7 @@ def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=
         case = Case(mask, seqlen, head_dim, device, dtype, tokens, hidden, dropout_p)
         by_mode = {}
         for mode in modes:
-            if mask == "decode" and mode != "fwd":  # a decoding step has no backward
+            if mask in DECODE_MASKS and mode != "fwd":  # a decoding step has no backward
                 continue
             row = _row(case, mode)
             for name, fn in case.implementations().items():
@@ -254,10 +282,11 @@ def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=
 def _row(case: Case, mode: str) -> dict:
     seqlen, seqlen_q = case.seqlen, case.seqlen_q
     return {"mask": case.mask, "head_dim": case.head_dim, "seqlen": seqlen, "seqlen_q": seqlen_q, "batch": case.batch,
-            "heads": case.heads, "mode": mode,
+            "heads": case.heads, "kv_heads": case.kv_heads, "mode": mode,
             "visible_fraction": case.visible_pairs / (case.batch * case.heads * seqlen_q * seqlen),
             "flops": flops(case.visible_pairs, case.head_dim, mode),
-            "bytes": bytes_moved(case.batch, case.heads, seqlen, case.head_dim, case.q.element_size(), mode, seqlen_q),
+            "bytes": bytes_moved(case.batch, case.heads, seqlen, case.head_dim, case.q.element_size(), mode, seqlen_q,
+                                 case.kv_heads),
             "times_ms": {}, "peak_mib": {}, "not_run": {}}
 
 
@@ -276,7 +305,8 @@ def markdown(record: dict) -> str:
              f"B*L = {record['tokens']} tokens, hidden {record['hidden']}, {record['dtype']}"
              + (f", dropout {record['dropout_p']}" if record.get("dropout_p") else "") + ". Measured bf16 matmul: "
              f"{ceil['matmul_tflops']:.0f} TFLOP/s. TFLOP/s count visible (query, key) pairs only; speedup = "
-             "baseline time / fasttransformer time. decode: one query per sequence, L keys; GB/s of K, V and Q "
+             "baseline time / fasttransformer time. decode: one query per sequence, L keys (decode-gqa: "
+             f"{GQA_GROUP} query heads per key head); GB/s of K, V and Q "
              f"read and O written (measured copy: {ceil['copy_gbps']:.0f} GB/s).", ""]
     if record.get("partial"):
         lines[-1:-1] = ["", f"Partial record: the run stopped after {record['partial']}."]
@@ -286,7 +316,7 @@ def markdown(record: dict) -> str:
     lines.append("|" + "---|" * (6 + len(baselines)))
     for row in record["results"]:
         ours = row["tflops"].get("fasttransformer")
-        if ours and row["mask"] == "decode":  # bound by the bytes read
+        if ours and row["mask"] in DECODE_MASKS:  # bound by the bytes read
             figure = (f"{row['gbps']['fasttransformer']:.0f} GB/s "
                       f"({row['fraction_of_copy']['fasttransformer']:.0%} of copy)")
         elif ours:
@@ -328,14 +358,14 @@ def plot(record: dict, path) -> bool:
         rows = sorted((r for r in record["results"] if (r["mask"], r["head_dim"], r["mode"]) == (mask, head_dim, mode)),
                       key=lambda r: r["seqlen"])
         for name in IMPLEMENTATIONS:
-            metric = "gbps" if mask == "decode" else "tflops"
+            metric = "gbps" if mask in DECODE_MASKS else "tflops"
             points = [(r["seqlen"], r[metric][name]) for r in rows if name in r.get(metric, {})]
             if points:
                 axis.plot(*zip(*points), marker="o", label=name, linewidth=2.5 if name == "fasttransformer" else 1)
         axis.set_xscale("log", base=2)
         axis.set_title(f"{mask}, D={head_dim}, {mode}", fontsize=9)
         axis.set_xlabel("sequence length")
-        axis.set_ylabel("GB/s" if mask == "decode" else "TFLOP/s")
+        axis.set_ylabel("GB/s" if mask in DECODE_MASKS else "TFLOP/s")
     for axis in list(axes.flat)[len(panels):]:
         axis.axis("off")
     axes.flat[0].legend(fontsize=7)

@@ -33,7 +33,8 @@ def build_parser(parser=None) -> argparse.ArgumentParser:
     attention.add_argument("--head-dim", type=int, action="append", help="head dim (repeatable; default 64 and 128)")
     attention.add_argument("--seq-len", type=int, action="append", help="sequence length (repeatable; default 512..16k)")
     attention.add_argument("--mask", action="append", help="mask kind (repeatable): none, causal, padding, document, "
-                           "window, causal+padding, decode (one query per sequence, forward only)")
+                           "window, causal+padding, decode (one query per sequence, forward only), "
+                           "decode-gqa (the same, 4 query heads per key head)")
     attention.add_argument("--dropout", type=float, default=0.0,
                            help="dropout_p for every implementation that has dropout (default 0)")
     modes = attention.add_mutually_exclusive_group()
@@ -56,8 +57,9 @@ def run(args) -> dict:
         raise SystemExit(f"--head-dim must be <= 256 (the kernels' limit), got {args.head_dim}")
     if args.mask and (unknown := sorted(set(args.mask) - set(attention.MASKS))):
         raise SystemExit(f"--mask {unknown[0]!r} is not one of {', '.join(attention.MASKS)}")
-    if args.bwd and args.mask and set(args.mask) == {"decode"}:
-        raise SystemExit("--bwd with --mask decode times nothing: a decoding step is forward only")
+    if args.bwd and args.mask and set(args.mask) <= set(attention.DECODE_MASKS):
+        raise SystemExit(f"--bwd with --mask {' '.join(sorted(set(args.mask)))} times nothing: a decoding step is "
+                         "forward only")
     if not 0.0 <= args.dropout < 1.0:
         raise SystemExit(f"--dropout must be in [0, 1), got {args.dropout}")
     label = torch.cuda.get_device_name().split()[-1].lower() if device == "cuda" else "cpu"

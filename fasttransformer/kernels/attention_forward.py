@@ -508,7 +508,7 @@ def list_arguments(lists, placeholder):
 
 def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=None, scale=None,
                       causal_offset=None, window=None, dropout_p=0.0, seed=None, block_m=None, block_n=None,
-                      num_warps=None, num_stages=None, num_splits=None, block_list_store=None):
+                      num_warps=None, num_stages=None, num_splits=None, block_list_store=None, pack_gqa=True):
     """Launches the kernel on already validated ``(B, H, L, D)`` tensors.
 
     attn_mask: bool (True = may attend) or float, already broadcastable to (B, Hq, Lq, Lk)
@@ -523,6 +523,8 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     ``configs.forward_splits`` choose (more than 1 only on CUDA, when the call has too few
     programs to fill the GPU: a decoding step). block_list_store: a dict in which the tile
     lists of the boolean masks are kept and reused (``block_lists.build_block_lists``).
+    pack_gqa: a GQA decoding step computes each key head's group of query heads in one program
+    where ``gqa_packing`` allows it (False: one program per query head, as for other calls).
     Returns (out (B, Hq, Lq, D) in the query's dtype, lse (B, Hq, Lq) float32).
     """
     from fasttransformer.kernels.block_lists import build_block_lists
@@ -530,8 +532,17 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
 
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):  # before any launch
         raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
-    batch, heads, seqlen_q, head_dim = query.shape
+    unpacked_shape = query.shape
+    batch, heads, seqlen_q, head_dim = unpacked_shape
     kv_heads, seqlen_k = key.shape[1], key.shape[2]
+    group = 1  # query heads computed as one program's rows (gqa_packing)
+    if pack_gqa and seqlen_q == 1 and kv_heads != heads:  # (a quick test first: host time)
+        keys = gqa_packing(heads, kv_heads, seqlen_q, seqlen_k, causal_offset, window, dropout_p)
+        if keys is not None:  # rows = query heads: the bounds become the key range
+            key, value, attn_mask, key_padding_mask = _pack_gqa(key, value, attn_mask, key_padding_mask, keys,
+                                                                batch, heads)
+            group, heads, seqlen_q, seqlen_k = heads // kv_heads, kv_heads, heads // kv_heads, key.shape[2]
+            causal_offset = window = None
     shape = (batch, heads, seqlen_q, seqlen_k)
     mask_kind, mask, mask_strides, padding, padding_strides = mask_arguments(attn_mask, key_padding_mask, shape, query)
     # The split keys' partial results are left out: forward_splits keeps them to one wave of
@@ -542,7 +553,9 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     block_m, block_n = block_m or config.block_m, block_n or config.block_n
     num_warps, num_stages = num_warps or config.num_warps, num_stages or config.num_stages
     out = torch.empty_like(query)
-    lse = torch.empty(batch, heads, seqlen_q, device=query.device, dtype=torch.float32)
+    query_strides, out_strides = packed_strides(query.stride(), group), packed_strides(out.stride(), group)
+    # Packed, the kernels' row (batch * Hk + hk) * group + r is row batch * Hq + head: the same lse
+    lse = torch.empty(unpacked_shape[:3], device=query.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     lists = None
     if uses_block_lists(attn_mask, key_padding_mask):
@@ -564,11 +577,11 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
         target_lse = torch.empty(batch, heads, num_splits, seqlen_q, device=query.device, dtype=torch.float32)
         target_strides = (*target.stride()[:2], *target.stride()[3:], target.stride(2))
     else:
-        target, target_lse, target_strides = out, lse, (*out.stride(), 0)
+        target, target_lse, target_strides = out, lse, (*out_strides, 0)
     grid = (query_blocks * num_splits, heads, batch)  # y, z <= 65535: ops' _triton_unsupported
     attention_forward_kernel[grid](
         query, key, value, target, target_lse, mask, padding, counts, index, seed,
-        *query.stride(), *key.stride(), *value.stride(), *target_strides, *mask_strides, *padding_strides,
+        *query_strides, *key.stride(), *value.stride(), *target_strides, *mask_strides, *padding_strides,
         *list_strides,
         heads, heads // kv_heads if kv_heads else 1, seqlen_q, seqlen_k, head_dim, num_splits,
         scale * LOG2E, causal_offset or 0, window_left, window_right, dropout_threshold, dropout_scale,
@@ -580,7 +593,7 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     )
     if num_splits > 1:
         attention_combine_kernel[(cdiv(seqlen_q, COMBINE_BLOCK_M), heads, batch)](
-            target, target_lse, out, lse, *target.stride()[:3], *target.stride()[3:], *out.stride(),
+            target, target_lse, out, lse, *target.stride()[:3], *target.stride()[3:], *out_strides,
             heads, num_splits, seqlen_q, head_dim, INT64_OFFSETS=wide,
             BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=head_dim_bucket(head_dim), num_warps=4,
         )
@@ -588,3 +601,50 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
 
 
 COMBINE_BLOCK_M = 16  # query rows per program of the split merge: a decoding step has one
+
+
+def gqa_packing(heads, kv_heads, seqlen_q, seqlen_k, causal_offset, window, dropout_p):
+    """Whether a call packs the query heads of each key head into one program's rows, and if so
+    the keys ``(first, stop)`` its query sees; else None.
+
+    A GQA decoding step (one query per (batch, query head), Hq = group * Hk, group > 1) without
+    packing runs one program per query head, each of one live row, and each reads its key
+    head's K and V: the group's programs read them ``group`` times over. Packed, the query
+    ``(B, Hq, 1, D)`` is read as ``(B, Hk, group, D)`` (query head hk * group + r is row r of key
+    head hk: ``packed_strides``, whatever the layout), the output written likewise, and one
+    program per key head reads K and V once.
+    The kernel's causal and window bounds are per row, and the rows are now heads: with one
+    query they are a range of keys, which is sliced from K, V and the masks instead. Dropout
+    keeps the unpacked path: its draws are keyed by (head, query) and the backward regenerates
+    them unpacked. A query that sees no key there takes the usual path (zeros, lse +inf)."""
+    if seqlen_q != 1 or kv_heads == 0 or heads == kv_heads or effective_dropout_p(dropout_p) > 0:
+        return None
+    offset = causal_offset or 0  # the window's alignment: 0 when not causal
+    first, stop = 0, seqlen_k
+    if causal_offset is not None:
+        stop = min(stop, causal_offset + 1)
+    if window is not None:
+        first, stop = max(first, offset - window[0]), min(stop, offset + window[1] + 1)
+    return (first, stop) if first < stop else None
+
+
+def packed_strides(strides, group):
+    """The strides of a ``(B, Hq, 1, D)`` tensor's view as ``(B, Hq / group, group, D)``
+    (``strides`` itself for group 1): what ``view`` gives, without its host time."""
+    if group == 1:
+        return strides
+    return strides[0], strides[1] * group, strides[1], strides[3]
+
+
+def _pack_gqa(key, value, attn_mask, key_padding_mask, keys, batch, heads):
+    """K, V and the masks of a GQA decoding step packed as ``gqa_packing`` says, views all: the
+    keys in ``keys``, a mask ``(B, Hk, group, Lk)`` (its rows the query heads)."""
+    kv_heads, seqlen_k = key.shape[1], key.shape[2]
+    first, stop = keys
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(batch, heads, 1, seqlen_k).view(batch, kv_heads, heads // kv_heads, seqlen_k)
+    if (first, stop) != (0, seqlen_k):
+        key, value = key[:, :, first:stop], value[:, :, first:stop]
+        attn_mask = attn_mask[..., first:stop] if attn_mask is not None else None
+        key_padding_mask = key_padding_mask[:, first:stop] if key_padding_mask is not None else None
+    return key, value, attn_mask, key_padding_mask
