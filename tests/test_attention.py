@@ -253,23 +253,6 @@ def test_split_keys_random_cases_match_unsplit(seed):
                 assert (grad.float() - unsplit_grad.float()).abs().max() < 4 * tolerance * scale, what
 
 
-class LaunchSpy:
-    """Stands in for a kernel: records each launch's grid and (num_heads, kv_group, seqlen_q,
-    the query's 4 strides) arguments, then launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            named = dict(zip(self.kernel.arg_names, args))
-            rows = tuple(named[name] for name in ("num_heads", "kv_group", "seqlen_q", "stride_qb", "stride_qh",
-                                                  "stride_qm", "stride_qd"))
-            self.launches.append((grid, rows))
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 GQA_DECODE_CASES = {  # kernel arguments of a decoding step; Lk = 150
     "none": {}, "padding": {"key_padding_mask": True}, "bool-per-head": {"attn_mask": (2, 6, 1, 150)},
     "float": {"attn_mask": (1, 150)}, "lower-right": {"causal_offset": 149}, "top-left": {"causal_offset": 0},
@@ -315,12 +298,12 @@ def test_gqa_decoding_step_packs_each_groups_query_heads(monkeypatch, case, dtyp
         allowed &= causal_bool(1, seqlen_k, offset)
     if "window" in kernel_args:
         allowed &= window_bool(1, seqlen_k, offset or 0, *kernel_args["window"])
-    spy = LaunchSpy(forward_module.attention_forward_kernel)
-    monkeypatch.setattr(forward_module, "attention_forward_kernel", spy)
+    rows = ("num_heads", "kv_group", "seqlen_q", "stride_qb", "stride_qh", "stride_qm", "stride_qd")
+    launches = record_launches(monkeypatch, forward_module, "attention_forward_kernel", rows)
     with poisoned_allocations(DEVICE):
         out, lse = attention_forward(q, k, v, num_splits=num_splits, **kernel_args)
         unpacked_out, unpacked_lse = attention_forward(q, k, v, pack_gqa=False, num_splits=num_splits, **kernel_args)
-    (packed_grid, packed_rows), (unpacked_grid, unpacked_rows) = spy.launches
+    (packed_grid, packed_rows), (unpacked_grid, unpacked_rows) = launches
     group = heads // kv_heads  # the query read as its view (B, Hk, group, D)
     assert packed_grid[1:] == (kv_heads, batch) and packed_rows == (kv_heads, 1, group,
                                                                     *q.view(batch, kv_heads, group, head_dim).stride())
@@ -953,15 +936,22 @@ def op_case(name, dtype, batch=2, heads=4, kv_heads=2, seqlen_q=29, seqlen_k=41,
     return q, k, v, kwargs, allowed, bias
 
 
-def record_launches(monkeypatch, module, name):
+def record_launches(monkeypatch, module, name, arguments=None):
     """Wraps the Triton kernel ``module.name``: every launch still runs, and its grid is appended
-    to the returned list."""
+    to the returned list, or (grid, the values of the kernel's ``arguments``, by name)."""
     grids, kernel = [], getattr(module, name)
 
     class Recording:
         def __getitem__(self, grid):
-            grids.append(grid)
-            return kernel[grid]
+            if arguments is None:
+                grids.append(grid)
+                return kernel[grid]
+
+            def launch(*args, **kwargs):
+                named = dict(zip(kernel.arg_names, args), **kwargs)
+                grids.append((grid, tuple(named[argument] for argument in arguments)))
+                return kernel[grid](*args, **kwargs)
+            return launch
 
     monkeypatch.setattr(module, name, Recording())
     return grids
@@ -1779,7 +1769,8 @@ def test_cuda_large_cases_forward_and_backward(name, dtype):
 @needs_cuda
 @pytest.mark.parametrize("masks", ["causal+padding", "bool", "float", "decode+padding"])
 def test_cuda_100_reruns_are_bitwise_equal(masks):
-    """Also a decoding step (8 programs: split keys), whose merge adds the splits in a fixed order."""
+    """Also a GQA decoding step (2 programs packed, one per key head: split keys), whose merge
+    adds the splits in a fixed order."""
     shape = (1, 8, 2, 1, 8192, 64) if "decode" in masks else (2, 4, 2, 1000, 1500, 64)
     q, k, v, kernel_args, _, _ = make_case(*shape, masks.split("+"), torch.bfloat16)
     grad_out = torch.randn_like(q)
@@ -1793,9 +1784,10 @@ def test_cuda_100_reruns_are_bitwise_equal(masks):
 
 @pytest.mark.cuda
 @needs_cuda
-def test_cuda_decode_split_keys_match_unsplit_and_capture_in_a_graph(monkeypatch):
-    """A decoding step that the heuristic splits (B x Hq = 8 programs, 8k keys) gives the unsplit
-    result up to rounding, and captures in a CUDA graph (the partials come from torch's
+def test_cuda_decode_split_keys_and_gqa_packing_match_and_capture_in_a_graph(monkeypatch):
+    """A GQA decoding step (4 query heads per key head) that the heuristic splits: packed, 2
+    programs (B x Hk) before the split, and unpacked, 8 (B x Hq); both give the unsplit result
+    up to rounding, and the packed one captures in a CUDA graph (the partials come from torch's
     caching allocator; the SM count is read once, before capture)."""
     import fasttransformer.kernels.attention_forward as forward_kernels
 
@@ -1803,9 +1795,13 @@ def test_cuda_decode_split_keys_match_unsplit_and_capture_in_a_graph(monkeypatch
     q, k, v, kernel_args, allowed, bias = make_case(1, 8, 2, 1, 8192, 128, ["lower_right", "padding"], torch.bfloat16)
     with torch.no_grad():
         out, lse = attention_forward(q, k, v, **kernel_args)
-        assert len(merges) == 1 and merges[0][1:] == (8, 1)  # the heuristic split it: one merge, (blocks, H, B)
-        unsplit_out, unsplit_lse = attention_forward(q, k, v, num_splits=1, **kernel_args)
-        assert (out.float() - unsplit_out.float()).abs().max() < 1e-2 and torch.allclose(lse, unsplit_lse, atol=1e-4)
+        unpacked_out, unpacked_lse = attention_forward(q, k, v, pack_gqa=False, **kernel_args)
+        # the heuristic split both: one merge each, grids (blocks, Hk or Hq, B)
+        assert len(merges) == 2 and merges[0][1:] == (2, 1) and merges[1][1:] == (8, 1)
+        unsplit_out, unsplit_lse = attention_forward(q, k, v, num_splits=1, pack_gqa=False, **kernel_args)
+        for name, (other_out, other_lse) in {"packed": (out, lse), "unpacked": (unpacked_out, unpacked_lse)}.items():
+            assert (other_out.float() - unsplit_out.float()).abs().max() < 1e-2, name
+            assert torch.allclose(other_lse, unsplit_lse, atol=1e-4), name
         ref = reference_attention(q.double(), k.double(), v.double(), allowed, bias)
         assert_within_torch_error(out, ref, reference_attention(q, k, v, allowed, bias), 2.0, "decode output")
         graph = torch.cuda.CUDAGraph()
