@@ -520,14 +520,14 @@ def document_mask(seqlen_q, seqlen_k, boundaries):
     return doc_q[:, None] == doc_k[None, :]
 
 
-@pytest.mark.parametrize("case", ["document", "document+padding+causal", "padding-broadcast", "random+window",
-                                  "head-mask+lower_right"])
+@pytest.mark.parametrize("case", ["document", "document+padding", "document+padding+causal", "padding-broadcast",
+                                  "random+window", "head-mask+lower_right"])
 def test_tile_classes_are_exact_or_conservative(case):
     """EMPTY means no query of the tile sees a key (after every mask); FULL means every query
     sees every key of the tile (after every mask, bounds included: the kernels mask nothing
-    there), exactly. With one mask EMPTY is exact too, ragged edge tiles included; with two,
-    a tile where each is partial but their combination is empty may be called PARTIAL
-    (conservative); the causal/window bounds are exact."""
+    there), exactly. Without bounds EMPTY is exact too, ragged edge tiles included, also with
+    both masks (a tile where each is partial but no element is kept by both is EMPTY); with
+    bounds, a tile they and the masks leave partial may be called PARTIAL (conservative)."""
     batch, heads, seqlen_q, seqlen_k, block_m, block_n = 2, 3, 70, 90, 16, 8
     attn_mask, padding, causal_offset, window = None, None, None, None
     allowed = torch.ones(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool)
@@ -538,10 +538,13 @@ def test_tile_classes_are_exact_or_conservative(case):
         padding[0, 50:] = True
         padding[1, 3:11] = True
         padding[1, 33] = True
+        padding[1, 41:48] = True  # rows 48-63 see keys 41.. only: tile (3, 5) is empty, each mask partial there
     if case == "padding-broadcast":  # a (B, 1, 1, Lk) bool mask: one list per sequence
         attn_mask = torch.rand(batch, 1, 1, seqlen_k) < 0.9
         attn_mask[0, ..., :16] = True
         attn_mask[1, ..., 40:48] = False
+        attn_mask[1, ..., 24:28] = False  # and padding[1, 28:32]: key block 3 of sequence 1 empty
+        padding[1, 28:32] = True
     if "random" in case:
         attn_mask = torch.rand(batch, 1, seqlen_q, seqlen_k) < 0.5
     if "head-mask" in case:
@@ -570,8 +573,16 @@ def test_tile_classes_are_exact_or_conservative(case):
     bounds_empty = brute_force_classes(bounds.expand_as(allowed), block_m, block_n) == EMPTY
     assert (classes[bounds_empty] == EMPTY).all()
     assert (classes == EMPTY).any() or (classes == FULL).any()  # the case tests something
-    if case in ("document", "padding-broadcast"):  # one mask, no bounds: exact
+    if case in ("document", "document+padding", "padding-broadcast"):  # no bounds: exact
         assert torch.equal(classes, exact)
+    # Tiles of sequence 1 that each mask alone calls PARTIAL and both together EMPTY
+    both_empty = {"document+padding": (1, slice(None), 3, 5),
+                  "padding-broadcast": (1, slice(None), slice(None), 3)}.get(case)
+    if both_empty:
+        assert classes[both_empty].eq(EMPTY).all()
+        for alone in (tile_classes(attn_mask, None, allowed.shape, block_m, block_n),
+                      tile_classes(None, padding, allowed.shape, block_m, block_n)):
+            assert alone.expand_as(classes)[both_empty].eq(PARTIAL).all()
     # The lists: PARTIAL indices first, then FULL, each in column order; counts match.
     for by_key in (False, True):
         lists = block_lists(classes, batch, heads, by_key=by_key)

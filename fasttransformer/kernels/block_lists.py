@@ -12,11 +12,12 @@ Every (query block, key block) tile is put in one of three classes:
   kept there, the tile is inside the causal and window bounds, and none of its keys is past Lk
   (a ragged last key block is never FULL). The kernels visit it without any element-wise mask.
 
-FULL is exact. EMPTY is exact with one boolean mask; with both, their combination is judged
-tile by tile (the exact one would need a ``(B, H, Lq, Lk)`` temporary), so a tile where each
-mask is partial but their combination is empty is called PARTIAL: conservative, never the other
-way round. Query rows past Lq do not count: the kernels never store them (and they add nothing
-to dK/dV).
+FULL is exact, and so is EMPTY as far as the masks go: with both masks their combination is
+judged element by element (a tile where each is partial but no element is kept by both is
+EMPTY). The causal/window bounds are judged by the tile's corners: a tile that they and the
+masks leave partial, but whose kept elements all lie outside the bounds, is called PARTIAL
+(conservative, never the other way round). Query rows past Lq do not count: the kernels never
+store them (and they add nothing to dK/dV).
 
 For the kernels the classes become lists, as FlexAttention's BlockMask: for each row of tiles
 (a query block; or a key block for the dK/dV kernel) the PARTIAL tiles' indices first, then the
@@ -86,16 +87,12 @@ def tile_classes(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[t
     step's host time is counted in launches."""
     batch, heads, seqlen_q, seqlen_k = shape
     num_m, num_n = -(-seqlen_q // block_m), -(-seqlen_k // block_n)
-    classes = None
-    for values, block_rows in (
-            (None if attn_mask is None else _compact(attn_mask.expand(shape)).view(torch.uint8), block_m),
-            (None if key_padding_mask is None else (~key_padding_mask).view(torch.uint8)[:, None, None, :], 1)):
-        if values is None:
-            continue
-        low, high = _tile_min_max(values, block_rows if values.shape[2] > 1 else 1, block_n)
-        mask_classes = low + high  # of a 0/1 mask: 0 EMPTY, 1 PARTIAL, 2 FULL
-        # Two masks: EMPTY if either is, FULL if both are, else PARTIAL (judged tile by tile).
-        classes = mask_classes if classes is None else torch.minimum(classes, mask_classes)
+    kept = None if attn_mask is None else _compact(attn_mask.expand(shape))
+    if key_padding_mask is not None:  # both masks: the elements both keep
+        not_padding = ~key_padding_mask[:, None, None, :]
+        kept = not_padding if kept is None else kept & not_padding
+    low, high = _tile_min_max(kept.view(torch.uint8), block_m if kept.shape[2] > 1 else 1, block_n)
+    classes = low + high  # of a 0/1 mask: 0 EMPTY, 1 PARTIAL, 2 FULL
 
     device = classes.device
     offset = causal_offset or 0
@@ -164,8 +161,12 @@ def tile_classes_kernel(Mask, KeyPadding, Classes,
     tiles = tl.program_id(1) * TILES + tl.arange(0, TILES)
     cols = tl.program_id(1) * (TILES * BLOCK_N) + tl.arange(0, TILES * BLOCK_N)
     col_ok = cols < seqlen_k
-    classes = tl.full([TILES], 2, tl.int32)  # FULL until a mask says otherwise
-    if HAS_MASK:  # 0/1 per element: per tile, min + max is 0 EMPTY, 1 PARTIAL, 2 FULL
+    # 0/1 per element, 1 where every mask keeps it: per tile, min + max is 0 EMPTY, 1 PARTIAL, 2 FULL
+    kept = tl.full([TILES * BLOCK_N], 1, tl.int32)
+    if HAS_KEY_PADDING:  # True = padding
+        kept = 1 - tl.load(KeyPadding + batch.to(tl.int64) * stride_pb + cols * stride_pn, mask=col_ok,
+                           other=0).to(tl.int32)
+    if HAS_MASK:  # both masks: judged element by element
         base = Mask + batch.to(tl.int64) * stride_mb + head.to(tl.int64) * stride_mh + cols * stride_mn
         if MASK_ROWS:
             low = tl.full([TILES * BLOCK_N], 1, tl.int32)
@@ -174,19 +175,17 @@ def tile_classes_kernel(Mask, KeyPadding, Classes,
                 rows = pid_m * BLOCK_M + start + tl.arange(0, ROWS)
                 ok = (rows < seqlen_q)[:, None] & col_ok[None, :]
                 values = tl.load(base[None, :] + rows.to(tl.int64)[:, None] * stride_mm, mask=ok, other=0)
-                low = tl.minimum(low, tl.min(tl.where(ok, values.to(tl.int32), 1), 0))
-                high = tl.maximum(high, tl.max(values.to(tl.int32), 0))
+                values = values.to(tl.int32) & kept[None, :]
+                low = tl.minimum(low, tl.min(tl.where(ok, values, 1), 0))
+                high = tl.maximum(high, tl.max(values, 0))
         else:  # the mask is the same for every query (stride 0): one row
-            values = tl.load(base, mask=col_ok, other=0).to(tl.int32)
+            values = tl.load(base, mask=col_ok, other=0).to(tl.int32) & kept
             low = tl.where(col_ok, values, 1)
             high = values
-        classes = tl.min(tl.reshape(low, [TILES, BLOCK_N]), 1) + tl.max(tl.reshape(high, [TILES, BLOCK_N]), 1)
-    if HAS_KEY_PADDING:  # True = padding: kept = 1 - padding
-        kept = 1 - tl.load(KeyPadding + batch.to(tl.int64) * stride_pb + cols * stride_pn, mask=col_ok,
-                           other=0).to(tl.int32)
-        padding_classes = (tl.min(tl.reshape(tl.where(col_ok, kept, 1), [TILES, BLOCK_N]), 1)
-                           + tl.max(tl.reshape(tl.where(col_ok, kept, 0), [TILES, BLOCK_N]), 1))
-        classes = tl.minimum(classes, padding_classes)  # EMPTY if either is, FULL if both are
+    else:
+        low = tl.where(col_ok, kept, 1)
+        high = tl.where(col_ok, kept, 0)
+    classes = tl.min(tl.reshape(low, [TILES, BLOCK_N]), 1) + tl.max(tl.reshape(high, [TILES, BLOCK_N]), 1)
     # EMPTY where the bounds remove the whole tile; FULL only where every element is inside them.
     first_row = pid_m * BLOCK_M
     last_row = tl.minimum(first_row + BLOCK_M, seqlen_q) - 1
