@@ -3,7 +3,13 @@
 head dim, mask): what the table should hold.
 
     python benchmarks/tune_attention.py --out DIR [--kernels forward,dkdv,dq] [--head-dims 64,128]
-        [--masks none,causal] [--seqlen 4096] [--budget-s 480]
+        [--masks none,causal,decode,decode-gqa] [--seqlen 4096] [--budget-s 480]
+
+Masks none and causal time L x L attention; decode and decode-gqa time the forward of a
+decoding step (one query per sequence against L keys, B = tokens / L sequences; decode-gqa with
+4 query heads per key head, packed as the launcher packs them: 4 rows per program), in GB/s as
+the attention benchmark counts them, over a grid with smaller query blocks (DECODE_GRID): a
+decoding step has 1 or 4 live rows in its block. The backward kernels are not timed for them.
 
 1. Every candidate (a grid of BLOCK_M x BLOCK_N x warps x stages, plus the table's entry) is
    compiled ahead of time for this GPU's arch with every mask on (fasttransformer.kernels.aot, in
@@ -21,10 +27,10 @@ head dim, mask): what the table should hold.
    are listed as not timed: one call of the device tool (10 minutes) always brings back what it
    measured, for every case.
 
-Writes tune.json (every candidate: registers, stack, time, TFLOP/s) and tune.md (per case: the
-table's entry, the fastest candidate, the speedup). On a machine without a GPU, ``--device cpu``
-runs the same steps under Triton's interpreter at toy sizes (the tests use it; the times mean
-nothing there).
+Writes tune.json (every candidate: registers, stack, time, TFLOP/s; GB/s for decoding steps)
+and tune.md (per case: the table's entry, the fastest candidate, the speedup). On a machine
+without a GPU, ``--device cpu`` runs the same steps under Triton's interpreter at toy sizes (the
+tests use it; the times mean nothing there).
 """
 from __future__ import annotations
 
@@ -42,6 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 KERNELS = ("forward", "dkdv", "dq")
 GRID = {"block_m": (32, 64, 128), "block_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)}
+DECODE_GRID = {**GRID, "block_m": (16, 32, 64, 128)}
+MASKS = ("none", "causal", "decode", "decode-gqa")
+DECODE_MASKS = ("decode", "decode-gqa")
 
 
 def parse_args(argv=None):
@@ -49,7 +58,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True, help="folder for tune.json and tune.md")
     parser.add_argument("--kernels", default=",".join(KERNELS))
     parser.add_argument("--head-dims", default="64,128")
-    parser.add_argument("--masks", default="none,causal", help="none and/or causal")
+    parser.add_argument("--masks", default="none,causal", help=f"among {', '.join(MASKS)}")
     parser.add_argument("--seqlen", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--hidden", type=int, default=2048)
@@ -65,18 +74,21 @@ def parse_args(argv=None):
     args.kernels = args.kernels.split(",")
     args.head_dims = [int(d) for d in args.head_dims.split(",")]
     args.masks = args.masks.split(",")
-    for name, values, allowed in (("--kernels", args.kernels, KERNELS), ("--masks", args.masks, ("none", "causal"))):
+    for name, values, allowed in (("--kernels", args.kernels, KERNELS), ("--masks", args.masks, MASKS)):
         if not set(values) <= set(allowed):
             parser.error(f"{name} must be among {allowed}, got {values}")
+    if "forward" not in args.kernels and set(args.masks) <= set(DECODE_MASKS):
+        parser.error(f"--masks {','.join(args.masks)} times the forward only: --kernels must include forward")
     return args
 
 
-def candidates(args, table_entry):
+def candidates(args, table_entry, mask):
     from fasttransformer.kernels.configs import Config
     if args.candidates:
         grid = [Config(*(int(x) for x in item.split("x"))) for item in args.candidates.split(",")]
     else:
-        grid = [Config(*values) for values in itertools.product(*GRID.values())]
+        axes = (DECODE_GRID if mask in DECODE_MASKS else GRID).values()
+        grid = [Config(*values) for values in itertools.product(*axes)]
     return [table_entry] + [config for config in grid if config != table_entry]
 
 
@@ -98,15 +110,19 @@ def aot_filter(jobs, processes):
     return dict(zip(jobs, reports))
 
 
-def case_inputs(head_dim, causal, seqlen, tokens, hidden, device, dtype):
-    """(q, k, v, grad, out, lse, kwargs) of one case: out/lse from the table's forward."""
+def case_inputs(head_dim, mask, seqlen, tokens, hidden, device, dtype):
+    """(q, k, v, grad, out, lse, kwargs) of one case: out/lse from the table's forward (a
+    decoding step: q (B, H, 1, D), k and v (B, Hk, L, D), no grad)."""
     import torch
 
+    from fasttransformer.bench.attention import gqa_kv_heads
     from fasttransformer.kernels.attention_forward import attention_forward
     batch, heads = max(1, tokens // seqlen), max(1, hidden // head_dim)
-    shape = (batch, heads, seqlen, head_dim)
-    q, k, v, grad = (torch.randn(shape, device=device, dtype=dtype) for _ in range(4))
-    kwargs = {"causal_offset": 0 if causal else None}
+    kv_heads = gqa_kv_heads(heads) if mask == "decode-gqa" else heads
+    q = torch.randn(batch, heads, 1 if mask in DECODE_MASKS else seqlen, head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, kv_heads, seqlen, head_dim, device=device, dtype=dtype) for _ in range(2))
+    grad = None if mask in DECODE_MASKS else torch.randn_like(q)
+    kwargs = {"causal_offset": 0 if mask == "causal" else None}
     out, lse = attention_forward(q, k, v, **kwargs)
     return q, k, v, grad, out, lse, kwargs
 
@@ -130,7 +146,7 @@ def warm_job(job):
 
     from fasttransformer.kernels.configs import Config
     (kernel, head_dim, mask, configs), (seqlen, tokens, hidden, device, dtype_name) = job
-    inputs = case_inputs(head_dim, mask == "causal", seqlen, tokens, hidden, device, getattr(torch, dtype_name))
+    inputs = case_inputs(head_dim, mask, seqlen, tokens, hidden, device, getattr(torch, dtype_name))
     for config in configs:
         try:
             candidate_call(kernel, Config(*config), inputs)()
@@ -150,8 +166,8 @@ def warm(lists, setting, processes, chunk=4):
         return sum(pool.map(warm_job, jobs))
 
 
-def attention_flops(batch, heads, seqlen, head_dim, causal, kernel):
-    forward = 4.0 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+def attention_flops(batch, heads, seqlen_q, seqlen_k, head_dim, causal, kernel):
+    forward = 4.0 * batch * heads * seqlen_q * seqlen_k * head_dim / (2 if causal else 1)
     return forward if kernel == "forward" else 2.5 * forward
 
 
@@ -160,6 +176,7 @@ def main(argv=None) -> int:
     import torch
 
     from fasttransformer.bench import common
+    from fasttransformer.bench.attention import bytes_moved
     from fasttransformer.kernels import configs
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -172,14 +189,15 @@ def main(argv=None) -> int:
     arch = args.arch or (90 if args.device == "cpu" else configs._arch(torch.device("cuda")))
     table_device = _FakeDevice(arch)  # the table's entries for this arch, also on the CPU
 
-    def table_entry(kernel, head_dim, causal):
+    def table_entry(kernel, head_dim, causal):  # what a decoding step launches too (no entry of its own yet)
         if kernel == "forward":
             return configs.forward_config(table_device, torch.bfloat16, head_dim, causal)
         dkdv, dq = configs.backward_configs(table_device, torch.bfloat16, head_dim, causal)
         return dkdv if kernel == "dkdv" else dq
 
-    cases = [(kernel, d, mask) for kernel in args.kernels for d in args.head_dims for mask in args.masks]
-    lists = {case: candidates(args, table_entry(case[0], case[1], case[2] == "causal")) for case in cases}
+    cases = [(kernel, d, mask) for kernel in args.kernels for d in args.head_dims for mask in args.masks
+             if kernel == "forward" or mask not in DECODE_MASKS]
+    lists = {case: candidates(args, table_entry(case[0], case[1], case[2] == "causal"), case[2]) for case in cases}
     reports = {}
     if not args.skip_aot:
         jobs = sorted({(kernel, arch, d, config) for (kernel, d, _), grid in lists.items() for config in grid})
@@ -199,11 +217,14 @@ def main(argv=None) -> int:
         print(f"JIT-compiled {count} candidates in {workers} workers in {time.time() - started:.0f} s", flush=True)
     started, rows = time.time(), []
     for case_index, (kernel, head_dim, mask) in enumerate(cases):
-        causal = mask == "causal"
+        causal, decode = mask == "causal", mask in DECODE_MASKS
         deadline = started + (case_index + 1) * args.budget_s / len(cases)  # a share, plus what earlier cases left
-        inputs = case_inputs(head_dim, causal, args.seqlen, args.tokens, args.hidden, args.device, dtype)
+        inputs = case_inputs(head_dim, mask, args.seqlen, args.tokens, args.hidden, args.device, dtype)
         shape = list(inputs[0].shape)
-        flops = attention_flops(shape[0], shape[1], args.seqlen, head_dim, causal, kernel)
+        flops = attention_flops(shape[0], shape[1], shape[2], args.seqlen, head_dim, causal, kernel)
+        # decoding steps: bound by the bytes read (Q, K, V read, O written, as the benchmark counts them)
+        moved = bytes_moved(shape[0], shape[1], args.seqlen, head_dim, inputs[0].element_size(), "fwd", shape[2],
+                            inputs[1].shape[1])
         for index, config in enumerate(lists[(kernel, head_dim, mask)]):
             row = {"kernel": kernel, "head_dim": head_dim, "mask": mask, "config": list(config),
                    "table_entry": index == 0, "shape": shape}
@@ -222,9 +243,10 @@ def main(argv=None) -> int:
             except Exception as error:  # a config the GPU refuses (shared memory, ...): recorded, not fatal
                 rows.append({**row, "skipped": f"{type(error).__name__}: {str(error)[:200]}"})
                 continue
-            rows.append({**row, "ms": ms, "tflops": flops / ms / 1e9})
-            print(f"{kernel:8} D={head_dim:<4} {mask:7} {'x'.join(map(str, config)):12} {ms:8.3f} ms"
-                  f" {flops / ms / 1e9:7.1f} TFLOP/s{'  (table)' if index == 0 else ''}", flush=True)
+            rows.append({**row, "ms": ms, "tflops": flops / ms / 1e9, **({"gbps": moved / ms / 1e6} if decode else {})})
+            rate = f"{moved / ms / 1e6:7.1f} GB/s" if decode else f"{flops / ms / 1e9:7.1f} TFLOP/s"
+            print(f"{kernel:8} D={head_dim:<4} {mask:10} {'x'.join(map(str, config)):12} {ms:8.3f} ms"
+                  f" {rate}{'  (table)' if index == 0 else ''}", flush=True)
 
     record = {"environment": common.environment(args.device), "arch": arch, "dtype": str(dtype),
               "args": {key: value for key, value in vars(args).items() if key != "out"}, "results": rows}

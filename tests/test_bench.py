@@ -323,10 +323,40 @@ def test_tune_attention_plumbing_on_cpu(tmp_path):
     assert "| forward | 32 | causal |" in (tmp_path / "tune.md").read_text()
 
 
+def test_tune_attention_times_decoding_steps_forward_only(tmp_path):
+    """--masks decode-gqa: the forward of a GQA decoding step (one query per sequence, 4 query
+    heads per key head), the backward kernels left out, in GB/s of the bytes the benchmark
+    counts (hand-computed here), over the decode grid's smaller query blocks."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "tune_attention.py"), "--device", "cpu", "--out",
+               str(tmp_path), "--kernels", "forward,dq", "--head-dims", "32", "--masks", "decode-gqa", "--seqlen", "96",
+               "--tokens", "192", "--hidden", "256", "--candidates", "16x32x4x1", "--warm-workers", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "tune.json").read_text())
+    rows = record["results"]
+    assert {row["kernel"] for row in rows} == {"forward"} and [row["config"] for row in rows[1:]] == [[16, 32, 4, 1]]
+    batch, heads, kv_heads, seqlen, head_dim = 2, 8, 2, 96, 32  # 192 tokens / 96; 256 hidden / 32; 8 / 4
+    assert all(row["shape"] == [batch, heads, 1, head_dim] for row in rows)
+    moved = 2 * 2 * (batch * heads * 1 * head_dim + batch * kv_heads * seqlen * head_dim)  # fp16: Q, O; K, V
+    for row in rows:
+        assert row["gbps"] == pytest.approx(moved / row["ms"] / 1e6)
+    assert "| forward | 32 | decode-gqa |" in (tmp_path / "tune.md").read_text()
+    from importlib import util
+    spec = util.spec_from_file_location("tune_attention", ROOT / "benchmarks" / "tune_attention.py")
+    tune = util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    grid = tune.candidates(tune.parse_args(["--out", "x", "--masks", "decode"]), None, "decode")
+    assert {config.block_m for config in grid[1:]} == {16, 32, 64, 128}
+
+
 def test_tune_attention_rejects_bad_arguments():
     command = [sys.executable, str(ROOT / "benchmarks" / "tune_attention.py"), "--out", "/tmp/x", "--kernels", "fwd"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--kernels must be among" in result.stderr
+    command[-1] = "dq"
+    result = subprocess.run([*command, "--masks", "decode"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--kernels must include forward" in result.stderr
 
 
 # --- benchmarks/bench_*.py: the pytest-benchmark suites ---------------------------------------------

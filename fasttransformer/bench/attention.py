@@ -47,6 +47,15 @@ def flops(visible_pairs: int, head_dim: int, mode: str) -> float:
             "fwd+bwd": (1 + BACKWARD_FLOP_RATIO) * forward}[mode]
 
 
+def gqa_kv_heads(heads: int) -> int:
+    """The key heads of a decode-gqa case: GQA_GROUP query heads each (fewer where there are
+    fewer heads), a divisor of ``heads``."""
+    kv_heads = max(1, heads // GQA_GROUP)
+    while heads % kv_heads:
+        kv_heads -= 1
+    return kv_heads
+
+
 def bytes_moved(batch: int, heads: int, seqlen: int, head_dim: int, itemsize: int, mode: str,
                 seqlen_q: Optional[int] = None, kv_heads: Optional[int] = None) -> int:
     """The minimum traffic of a fused kernel: read Q, K, V and write O (forward); the backward
@@ -67,11 +76,7 @@ class Case:
         self.dropout_p = dropout_p  # every implementation that has dropout applies it (each its own masks)
         self.batch, self.heads = max(1, tokens // seqlen), hidden // head_dim
         self.seqlen_q = 1 if mask in DECODE_MASKS else seqlen  # decode: one new token per sequence
-        self.kv_heads = self.heads
-        if mask == "decode-gqa":  # GQA_GROUP query heads per key head (fewer where there are fewer heads)
-            self.kv_heads = max(1, self.heads // GQA_GROUP)
-            while self.heads % self.kv_heads:
-                self.kv_heads -= 1
+        self.kv_heads = gqa_kv_heads(self.heads) if mask == "decode-gqa" else self.heads
         shape = (self.batch, self.kv_heads, seqlen, head_dim)
         query_shape = (self.batch, self.heads, self.seqlen_q, head_dim)
         self.q, self.k, self.v = (torch.randn(size, device=device, dtype=dtype, requires_grad=True)
