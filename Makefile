@@ -28,8 +28,11 @@ $(INSTALL_STAMP): $(DEPS_STAMP) setup.py pyproject.toml
 build: $(INSTALL_STAMP) $(SOURCES)
 	$(PY) setup.py -q build_ext --inplace
 
+# One pytest process per core (pytest-xdist; TEST_WORKERS=0 runs them in this process), each with
+# one torch thread (tests/conftest.py); the 15 slowest tests are listed at the end.
+TEST_WORKERS ?= auto
 test: build
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --durations=15
 
 demo: build
 	$(PY) -m fasttransformer demo $(DEMO_ARGS)

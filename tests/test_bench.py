@@ -366,8 +366,10 @@ def test_pytest_benchmark_suites_collect_and_record(tmp_path):
     a benchmark per (mask, mode) for fasttransformer with its case in extra_info, and a baseline
     that cannot run skipped with its reason."""
     pytest_command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
+    # not an xdist worker's: pytest-benchmark turns itself off in a process that inherits one
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_XDIST")}
     collected = subprocess.run([*pytest_command, "benchmarks", "--collect-only", "-q"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=300)
+                               text=True, timeout=300, env=env)
     assert collected.returncode == 0, collected.stdout[-3000:]
     for suite in ("bench_attention.py::test_attention", "bench_embedding.py::test_embedding",
                   "bench_model.py::test_model"):
@@ -375,7 +377,7 @@ def test_pytest_benchmark_suites_collect_and_record(tmp_path):
     record_path = tmp_path / "attention.json"
     ran = subprocess.run([*pytest_command, "benchmarks/bench_attention.py", "-k", "cpu", "-rs", "--benchmark-min-rounds=1",
                           "--benchmark-max-time=0.001", f"--benchmark-json={record_path}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert ran.returncode == 0, ran.stdout[-3000:]
     assert "n/a: RuntimeError: No viable backend" in ran.stdout  # torch's CUDA-only backends on the CPU
     benchmarks = json.loads(record_path.read_text())["benchmarks"]
