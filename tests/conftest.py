@@ -14,9 +14,10 @@ import pytest  # noqa: E402
 # Under pytest-xdist (make test: one worker process per core) each worker and the processes the
 # tests start use one thread: workers of 2 threads each on 2 cores spin on each other's cores
 # (a demo training test took 190 s instead of 41).
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# An OMP_NUM_THREADS of the user's own is kept.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = [
