@@ -27,6 +27,21 @@ DEVICES = [
 ]
 
 
+BOUNDS_CHECK = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FASTTRANSFORMER_BOUNDS_CHECK", "1") != "0"
+
+
+@pytest.fixture(autouse=True)
+def _bounds_checked():
+    # Under the interpreter every kernel access must fall inside a tensor argument's storage
+    # (interpreter_bounds.py): what a GPU would fault on, or silently read, fails here.
+    if not BOUNDS_CHECK:
+        yield
+        return
+    from interpreter_bounds import checked
+    with checked():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     # A different, reproducible stream of random inputs for every test.
