@@ -27,17 +27,18 @@ DEVICES = [
 ]
 
 
-BOUNDS_CHECK = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FASTTRANSFORMER_BOUNDS_CHECK", "1") != "0"
+SANITIZE = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FASTTRANSFORMER_SANITIZE", "1") != "0"
 
 
 @pytest.fixture(autouse=True)
-def _bounds_checked():
-    # Under the interpreter every kernel access must fall inside a tensor argument's storage
-    # (interpreter_bounds.py): what a GPU would fault on, or silently read, fails here.
-    if not BOUNDS_CHECK:
+def _sanitized():
+    # Under the interpreter every kernel access must fall inside a tensor argument's storage, and
+    # no program of a launch may touch what another stores (interpreter_sanitizer.py): what a GPU
+    # would fault on, or get wrong by timing, fails here.
+    if not SANITIZE:
         yield
         return
-    from interpreter_bounds import checked
+    from interpreter_sanitizer import checked
     with checked():
         yield
 

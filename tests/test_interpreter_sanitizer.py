@@ -1,13 +1,14 @@
-"""The interpreter's bounds checker (interpreter_bounds.py) catches what a GPU would fault on."""
+"""The interpreter's sanitizer (interpreter_sanitizer.py) catches what a GPU would fault on or race on."""
 import pytest
 import torch
 
-from conftest import BOUNDS_CHECK
+from conftest import SANITIZE
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not BOUNDS_CHECK, reason="the checker runs under TRITON_INTERPRET=1, unless FASTTRANSFORMER_BOUNDS_CHECK=0")
+pytestmark = pytest.mark.skipif(not SANITIZE, reason="the sanitizer runs under TRITON_INTERPRET=1, unless "
+                                                     "FASTTRANSFORMER_SANITIZE=0")
 
 
 @triton.jit
@@ -80,3 +81,35 @@ def test_one_access_spanning_two_tensors_fails():
     with pytest.raises(Exception, match=r"_gather_two at program \(0, 0, 0\): a masked-in load spans the storages "
                                         r"of X, Y"):
         _gather_two[(1,)](x, y, out, BLOCK=8)
+
+
+@triton.jit
+def _shift(X, Y, n, BLOCK: tl.constexpr, SHIFT: tl.constexpr, READ_Y: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < n, other=0.0)
+    if READ_Y:  # reads the element the next program stores: a race on a GPU
+        x += tl.load(Y + offs + SHIFT, mask=offs + SHIFT < n, other=0.0)
+        tl.store(Y + offs, x, mask=offs < n)
+    else:  # each program stores its block and SHIFT elements of the next one
+        tl.store(Y + offs + SHIFT, x, mask=offs + SHIFT < n)
+        tl.store(Y + offs, x, mask=offs < n)
+
+
+def test_disjoint_stores_and_own_reads_pass():
+    x, y = torch.randn(100), torch.zeros(100)
+    _shift[(2,)](x, y, 100, BLOCK=64, SHIFT=0, READ_Y=True)  # reads its own block, then stores it
+    assert torch.equal(y, x)
+
+
+def test_two_programs_storing_one_element_fail():
+    x, y = torch.randn(100), torch.zeros(100)
+    with pytest.raises(Exception, match=r"_shift: programs \(0, 0, 0\) and \(1, 0, 0\) both store Y's element at "
+                                        r"byte 256 \(1 element"):
+        _shift[(2,)](x, y, 100, BLOCK=64, SHIFT=1, READ_Y=False)
+
+
+def test_reading_what_another_program_stores_fails():
+    x, y = torch.randn(100), torch.zeros(100)
+    with pytest.raises(Exception, match=r"_shift: program \(0, 0, 0\) reads Y's element at byte 256, which program "
+                                        r"\(1, 0, 0\) of the same launch stores \(1 such lane"):
+        _shift[(2,)](x, y, 100, BLOCK=64, SHIFT=1, READ_Y=True)
