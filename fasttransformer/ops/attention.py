@@ -158,12 +158,19 @@ def _fold_to_4d(query, key, value, attn_mask, key_padding_mask):
     return query, key, value, attn_mask, key_padding_mask
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    """torch.amp.is_autocast_available, evaluated once at trace time under torch.compile: torch
+    2.11's dynamo cannot trace it (a graph break, so fullgraph=True failed), 2.13's can."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 def _autocast(*tensors):
     """The tensors as torch's autocast hands them to its SDPA (in its lower-precision list):
     when autocast is on for the query's device, every floating tensor but float64 is cast to
     the autocast dtype. Unchanged otherwise (non-tensors too: validation names them)."""
     query = tensors[0]
-    if (not isinstance(query, torch.Tensor) or not torch.amp.is_autocast_available(query.device.type)
+    if (not isinstance(query, torch.Tensor) or not _autocast_available(query.device.type)
             or not torch.is_autocast_enabled(query.device.type)):  # meta tensors: no autocast
         return tensors
     from torch.nn.attention.bias import CausalBias
