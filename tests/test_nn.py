@@ -619,17 +619,19 @@ def test_decoder_only_kv_cache_equals_full_recomputation(monkeypatch, backend):
 
 
 def test_self_attention_decoding_step_projects_q_k_v_in_one_matmul():
-    """With a cache, self-attention still projects q, k and v with one matmul (in_proj_weight):
-    a decoding step is launch-bound on a GPU, and the separate q and k/v projections cost one
-    more launch per layer and step."""
+    """With a cache, self-attention still projects q, k and v with one matmul (in_proj_weight),
+    and appends k and v to the cache with one copy: a decoding step is launch-bound on a GPU,
+    and the separate q and k/v projections, or k and v copies, cost one more launch per layer
+    and step."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountMatmuls(TorchDispatchMode):
-        count = 0
+        count = copies = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
                 CountMatmuls.count += 1
+            CountMatmuls.copies += func.overloadpacket == torch.ops.aten.copy_
             return func(*args, **(kwargs or {}))
 
     mha = ft.nn.MultiheadAttention(D_MODEL, NHEAD, batch_first=True).eval()
@@ -642,7 +644,52 @@ def test_self_attention_decoding_step_projects_q_k_v_in_one_matmul():
             step = mha(last, last, last, need_weights=False, is_causal=True, cache=cache)[0]
         full = mha(x, x, x, need_weights=False, is_causal=True)[0]
     assert CountMatmuls.count == 2  # the q/k/v projection and out_proj (the attention is one SDPA op)
+    assert CountMatmuls.copies == 1  # the new k and v into the cache
     torch.testing.assert_close(torch.cat([prompt, step], 1), full, atol=1e-6, rtol=1e-6)
+
+
+def test_kv_cache_appends_stacked_keys_and_values_in_one_copy():
+    """The cache keeps keys and values in one (B, 2H, capacity, D) buffer: ``update_stacked``
+    (what a self-attention layer calls with its projection's k and v) appends both with one copy
+    (one launch a layer and step on a GPU), ``update`` with two. Mixed, in any order, the cache
+    returns what it was given; a static cache takes stacked ones too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCopies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket == torch.ops.aten.copy_
+            return func(*args, **(kwargs or {}))
+
+    cache = ft.nn.KVCache(capacity=7)
+    given = []
+    for length, stacked in ((3, True), (1, False), (2, True), (1, False)):
+        qkv = torch.randn(2, length, 3 * 4 * 8).unflatten(-1, (-1, 8)).transpose(1, 2)  # as MultiheadAttention's
+        with CountCopies() as counter:
+            keys, values = cache.update_stacked(qkv[:, 4:]) if stacked else cache.update(qkv[:, 4:8], qkv[:, 8:])
+        assert counter.count == (1 if stacked else 2)
+        given.append(qkv[:, 4:].clone())
+    assert cache.length == 7 and keys.shape == values.shape == (2, 4, 7, 8)
+    assert cache.value.data_ptr() == cache.key.data_ptr() + 4 * 7 * 8 * cache.key.element_size()  # one buffer
+    torch.testing.assert_close(torch.cat([keys, values], 1), torch.cat(given, 2), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="KVCache is full: 7 \\+ 1"):
+        cache.update_stacked(given[-1])
+    other = ft.nn.KVCache(capacity=9)
+    other.update_stacked(given[0])
+    with pytest.raises(ValueError, match="KVCache holds keys of .* = \\(2, 4, 8\\).* new ones are \\(2, 3, 8\\)"):
+        other.update_stacked(torch.randn(2, 6, 1, 8))  # 3 heads of keys, 3 of values
+    assert other.length == 3
+    static = ft.nn.KVCache(static=True)
+    keys, values = static.update_stacked(given[0])
+    assert keys.data_ptr() == given[0].data_ptr() and torch.equal(values, given[0][:, 4:])
+    for bad in (torch.randn(2, 3, 1, 8), torch.randn(2, 4, 8)):
+        with pytest.raises(ValueError, match="stacked as \\(B, 2H, L_new, D\\)"):
+            ft.nn.KVCache(capacity=2).update_stacked(bad)
+    with pytest.raises(ValueError, match="key and value of one dtype"):
+        ft.nn.KVCache(capacity=2).update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8, dtype=torch.float64))
 
 
 def test_kv_cache_rejects_other_sequences():

@@ -16,7 +16,10 @@ class KVCache:
     """Keys and values ``(B, H, length, D)`` of one attention layer, for incremental decoding.
 
     ``static=False`` (self-attention): every call appends the new tokens' keys and values, in
-    place, to a buffer of ``capacity`` positions allocated on the first call.
+    place, to a buffer of ``capacity`` positions allocated on the first call. The keys and values
+    share one ``(B, 2H, capacity, D)`` buffer (``key`` and ``value`` are its two halves), so
+    ``update_stacked`` appends the k and v of one projection with one copy (one launch per layer
+    and step, not two): :class:`MultiheadAttention` does.
     ``static=True`` (cross-attention): the first call projects the key/value inputs (the encoder
     memory) once; later calls reuse them and ignore their key/value arguments. The tile lists
     the Triton kernels build for its ``key_padding_mask`` are kept too (``block_lists``, which
@@ -31,6 +34,7 @@ class KVCache:
         self.block_lists: dict = {}  # static: reusing_block_lists's store
         self.key: Optional[torch.Tensor] = None
         self.value: Optional[torch.Tensor] = None
+        self._buffer: Optional[torch.Tensor] = None  # (B, 2H, capacity, D): key, then value
         self.length = 0
 
     def update(self, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -41,21 +45,43 @@ class KVCache:
         if key.dim() != 4 or value.shape != key.shape:
             raise ValueError(f"KVCache.update takes key and value of one shape (B, H, L_new, D), got "
                              f"{tuple(key.shape)} and {tuple(value.shape)}")
-        new_length = self.length + key.shape[2]
-        if self.key is not None and (key.shape[:2] + key.shape[3:] != self.key.shape[:2] + self.key.shape[3:]
-                                     or key.dtype != self.key.dtype or key.device != self.key.device):
+        if value.dtype != key.dtype or value.device != key.device:
+            raise ValueError(f"KVCache.update takes key and value of one dtype and device, got {key.dtype} on "
+                             f"{key.device} and {value.dtype} on {value.device}")
+        start = self._reserve(key, key.shape[1])
+        self.key.narrow(2, start, key.shape[2]).copy_(key)
+        self.value.narrow(2, start, key.shape[2]).copy_(value)
+        return self.key.narrow(2, 0, self.length), self.value.narrow(2, 0, self.length)
+
+    def update_stacked(self, keys_values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``update`` of new keys and values given as one tensor ``(B, 2H, L_new, D)``, the keys'
+        H heads then the values' (the k and v of one projection, as self-attention makes them):
+        one copy into the cache, where ``update`` makes two."""
+        if keys_values.dim() != 4 or keys_values.shape[1] % 2:
+            raise ValueError(f"KVCache.update_stacked takes keys and values stacked as (B, 2H, L_new, D), got "
+                             f"{tuple(keys_values.shape)}")
+        if self.static:
+            return self.update(*keys_values.chunk(2, dim=1))
+        start = self._reserve(keys_values, keys_values.shape[1] // 2)
+        self._buffer.narrow(2, start, keys_values.shape[2]).copy_(keys_values)
+        return self.key.narrow(2, 0, self.length), self.value.narrow(2, 0, self.length)
+
+    def _reserve(self, new: torch.Tensor, heads: int) -> int:
+        """Room for ``new``'s positions (``heads`` key heads): checks that they match the held
+        ones and fit, allocates the buffer on the first call; returns where they go."""
+        batch, seqlen, head_dim = new.shape[0], new.shape[2], new.shape[3]
+        if self.key is not None and ((batch, heads, head_dim) != _shape(self.key) or new.dtype != self.key.dtype
+                                     or new.device != self.key.device):
             raise ValueError(f"KVCache holds keys of (batch, heads, head_dim) = {_shape(self.key)}, {self.key.dtype} "
-                             f"on {self.key.device}, but the new ones are {_shape(key)}, {key.dtype} on {key.device}: "
-                             "a cache serves one batch of sequences (make a new one for another)")
-        if new_length > self.capacity:
-            raise RuntimeError(f"KVCache is full: {self.length} + {key.shape[2]} positions > capacity {self.capacity}")
-        if self.key is None:
-            shape = (*key.shape[:2], self.capacity, key.shape[3])
-            self.key, self.value = key.new_empty(shape), value.new_empty(shape)
-        self.key[:, :, self.length:new_length] = key
-        self.value[:, :, self.length:new_length] = value
-        self.length = new_length
-        return self.key[:, :, :new_length], self.value[:, :, :new_length]
+                             f"on {self.key.device}, but the new ones are {(batch, heads, head_dim)}, {new.dtype} on "
+                             f"{new.device}: a cache serves one batch of sequences (make a new one for another)")
+        if self.length + seqlen > self.capacity:
+            raise RuntimeError(f"KVCache is full: {self.length} + {seqlen} positions > capacity {self.capacity}")
+        if self._buffer is None:
+            self._buffer = new.new_empty(batch, 2 * heads, self.capacity, head_dim)
+            self.key, self.value = self._buffer[:, :heads], self._buffer[:, heads:]
+        start, self.length = self.length, self.length + seqlen
+        return start
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -188,20 +214,20 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return batched
 
     def _project(self, query, key, value, cache):
-        """(B, L, E) inputs -> (B, H, L, head_dim) q, k, v; one matmul for self-attention."""
+        """(B, L, E) inputs -> (B, H, L, head_dim) q, k, v; one matmul for self-attention, and
+        with a cache, one copy of k and v into it when they come from one matmul."""
         def heads(x):
             return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # (B, L, n * E) -> (B, n * H, L, D)
 
-        def update(k, v):
-            return (k, v) if cache is None else cache.update(k, v)
-
         weight, bias, embed_dim = self.in_proj_weight, self.in_proj_bias, self.embed_dim
-        biases = bias.split(embed_dim) if bias is not None else (None, None, None)
         reuse = cache is not None and cache.static and cache.key is not None
         if self._qkv_same_embed_dim and query is key and key is value and not reuse:
             # self-attention, a decoding step's too: one matmul (and one launch) for q, k and v
-            q, k, v = heads(F.linear(query, weight, bias)).chunk(3, dim=1)
-            return (q, *update(k, v))
+            qkv = heads(F.linear(query, weight, bias))
+            if cache is None:
+                return qkv.chunk(3, dim=1)
+            return (qkv[:, :self.num_heads], *cache.update_stacked(qkv[:, self.num_heads:]))
+        biases = bias.split(embed_dim) if bias is not None else (None, None, None)
         if self._qkv_same_embed_dim:
             w_q, w_k, w_v = weight.split(embed_dim)
         else:
@@ -209,12 +235,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         q = heads(F.linear(query, w_q, biases[0]))
         if reuse:
             return q, cache.key, cache.value
-        if key is value and self._qkv_same_embed_dim:
+        if key is value and self._qkv_same_embed_dim:  # k and v of one input: one matmul
             kv_bias = bias[embed_dim:] if bias is not None else None
-            k, v = heads(F.linear(key, weight[embed_dim:], kv_bias)).chunk(2, dim=1)
-        else:
-            k, v = heads(F.linear(key, w_k, biases[1])), heads(F.linear(value, w_v, biases[2]))
-        return (q, *update(k, v))
+            kv = heads(F.linear(key, weight[embed_dim:], kv_bias))
+            return (q, *(kv.chunk(2, dim=1) if cache is None else cache.update_stacked(kv)))
+        k, v = heads(F.linear(key, w_k, biases[1])), heads(F.linear(value, w_v, biases[2]))
+        return (q, k, v) if cache is None else (q, *cache.update(k, v))
 
     def _extra_keys(self, k, v, attn_mask, key_padding_mask):
         """``add_bias_kv`` / ``add_zero_attn``: extra keys every query sees, masks padded to match."""
