@@ -7,6 +7,7 @@ import glob
 import os
 import shutil
 
+import setuptools
 import torch
 from setuptools import setup
 
@@ -37,7 +38,13 @@ if with_cuda:
     nvcc_flags = ["-O3", "-DWITH_CUDA", "-Xptxas=-warn-spills", "-Xptxas=-warn-lmem-usage"]
     extension = CUDAExtension
 
+# pyproject.toml's license, as the installed setuptools takes it: an SPDX expression from 77 on, the
+# older License text field before (a pyproject.toml with the SPDX string fails to build there)
+LICENSE = ({"license_expression": "Apache-2.0"} if int(setuptools.__version__.split(".")[0]) >= 77
+           else {"license": "Apache-2.0"})
+
 setup(
+    **LICENSE,
     ext_modules=[
         extension(
             "fasttransformer._C",
