@@ -22,8 +22,12 @@ section() { echo "== $*" | tee -a "$log"; }
 
 $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" | tee "$log"
 section build
+# A failed build does not end the run: the Triton attention kernels need no build, so their tests
+# and benchmarks still run (the embedding op's fail, naming _C), and the log says why it failed.
+build_rc=0
 if ! MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace >> "$log" 2>&1; then
-  tail -40 "$log"; echo "BUILD FAILED"; exit 1
+  build_rc=1
+  tail -40 "$log"; echo "BUILD FAILED: going on without fasttransformer._C" | tee -a "$log"
 fi
 grep -iE "spill|lmem" "$log" | head -20
 $PY -m fasttransformer info 2>&1 | tee -a "$log"
@@ -80,5 +84,5 @@ fi
 section "summary ($out)"
 (( shards == 0 )) || printf '%s\n' "${shard_status[@]}"
 for subject in embedding model attention; do [ -f "$out/$subject.md" ] && cat "$out/$subject.md"; done
-echo "bench rc $bench_rc, tests rc $tests_rc"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+echo "build rc $build_rc, bench rc $bench_rc, tests rc $tests_rc"
+exit $(( build_rc != 0 || tests_rc != 0 || bench_rc != 0 ))
