@@ -1189,6 +1189,33 @@ def test_op_rows_without_keys_are_zero_with_zero_gradients(backend):
     assert (q.grad[no_key.to(q.device)] == 0).all()
 
 
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(29, 41), (41, 29)])
+def test_op_window_reaching_key_0_runs_as_the_causal_mask(monkeypatch, seqlen_q, seqlen_k):
+    """Without is_causal, a window whose left reach covers key 0 for every query (left >= Lq - 1)
+    is the causal mask j <= i + right (what nn passes for lower-right causal under torch.compile):
+    the kernels get it as causal_offset = right, no window, or no mask at all once every query
+    sees the last key; a shorter left reach stays a window. Same results as the dense mask."""
+    import fasttransformer.kernels.attention_forward as forward_kernels
+
+    launched = []
+    launch = forward_kernels.attention_forward
+    monkeypatch.setattr(forward_kernels, "attention_forward", lambda *args, **kwargs: launched.append(
+        (kwargs["causal_offset"], kwargs["window"])) or launch(*args, **kwargs))
+    q, k, v = (torch.randn(2, 3, length, 16, device=DEVICE) for length in (seqlen_q, seqlen_k, seqlen_k))
+    cases = [((seqlen_q - 1, 0), (0, None)), ((max(seqlen_q, seqlen_k), 3), (3, None)),  # (window, launched)
+             ((seqlen_q + 5, seqlen_k - 2), (seqlen_k - 2, None)), ((seqlen_q - 1, seqlen_k - 1), (None, None)),
+             ((seqlen_q - 2, 3), (None, (seqlen_q - 2, 3)))]
+    for window, expected in cases:
+        launched.clear()
+        out = scaled_dot_product_attention(q, k, v, window_size=window, backend="triton")
+        assert launched == [expected], window
+        dense = window_bool(seqlen_q, seqlen_k, 0, *window).to(DEVICE)
+        torch.testing.assert_close(out, scaled_dot_product_attention(q, k, v, dense, backend="triton"),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(scaled_dot_product_attention(q, k, v, window_size=window, backend="torch"),
+                                   scaled_dot_product_attention(q, k, v, dense, backend="torch"), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter says it
 def test_op_float_mask_at_float32_min_acts_as_minus_inf():
     """The documented limit of a float attn_mask: values at or below about -2.4e38 (such as

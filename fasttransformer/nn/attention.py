@@ -144,8 +144,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 attn_mask = attn_mask.to(q.dtype) + bias
             key_padding_mask = None
         extra_keys = self.bias_k is not None or self.add_zero_attn
+        window_size = None
         if causal_offset is not None and (causal_offset != 0 or extra_keys or need_weights):
-            if attn_mask is None and not extra_keys and not need_weights:
+            if attn_mask is None and not extra_keys and not need_weights and torch.compiler.is_compiling():
+                # dynamo cannot build a CausalBias (a tensor subclass with non-tensor arguments):
+                # the same keys, j <= i + offset, as a window over the top-left alignment
+                window_size = (seqlen_k, causal_offset)
+            elif attn_mask is None and not extra_keys and not need_weights:
                 attn_mask = causal_lower_right(seqlen_q, seqlen_k)  # a bias object: nothing materialised
             else:
                 causal = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device).tril(causal_offset)
@@ -167,7 +172,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             with reuse:
                 out = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                                    is_causal=causal_offset is not None,
-                                                   key_padding_mask=key_padding_mask)
+                                                   key_padding_mask=key_padding_mask, window_size=window_size)
         out = self.out_proj(out.transpose(1, 2).flatten(2))  # (B, Lq, E)
         if not batched:
             return out.squeeze(0), weights.squeeze(0) if weights is not None else None

@@ -49,7 +49,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
       * ``key_padding_mask``: bool ``(B, Lk)``, **True = padding** (torch.nn.MultiheadAttention's
         convention).
       * ``window_size``: ``w`` (the w keys before the query and itself) or ``(left, right)``,
-        relative to the causal alignment in use (top-left when there is none).
+        relative to the causal alignment in use (top-left when there is none). Without a causal
+        mask, a window whose left reach covers key 0 for every query (``left >= Lq - 1``) is the
+        causal mask ``j <= i + right`` and runs as one.
     A query that sees no key gets zeros and zero gradients, never NaN. In the Triton kernels a
     float mask value at or below about -2.4e38 (``torch.finfo(torch.float32).min``) acts as
     -inf (its base-2 scaling overflows): a row of only such values gives zeros there, where
@@ -280,6 +282,11 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
                                      for w in pair):
             raise ValueError(f"window_size must be an int >= 0 or a pair (left, right) of ints >= 0, got {window_size!r}")
         window = (int(pair[0]), int(pair[1]))
+        if causal_offset is None and window[0] >= seqlen_q - 1:
+            # No query's window starts after key 0: it is the causal mask j <= i + right (what
+            # nn's compiled decoding passes for lower-right causal), on the kernels' causal path,
+            # or no mask at all when every query sees the last key.
+            causal_offset, window = (window[1] if window[1] < seqlen_k - 1 else None), None
     return {"attn_mask": attn_mask, "key_padding_mask": key_padding_mask, "causal_offset": causal_offset,
             "window": window, "dropout_p": float(dropout_p), "enable_gqa": bool(enable_gqa),
             "value_head_dim": value.shape[3],
