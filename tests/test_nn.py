@@ -736,6 +736,43 @@ def test_kv_cache_rejects_other_sequences():
     assert key.shape == value.shape == (2, 3, 5, 8)
 
 
+def test_a_decoding_call_that_raises_leaves_the_cache_as_it_was():
+    """Bad masks in a decoding step are refused before the new keys go into the cache: the
+    caller can fix the call and go on (the keys once went in first, and the op's error came
+    after, leaving a cache one step ahead). Self-attention and a static cross-attention cache."""
+    mha = ft.nn.MultiheadAttention(D_MODEL, NHEAD, batch_first=True).eval()
+    x, memory = torch.randn(2, 6, D_MODEL), torch.randn(2, 5, D_MODEL)
+    cache, static = ft.nn.KVCache(capacity=6), ft.nn.KVCache(static=True)
+    with torch.no_grad():
+        mha(x[:, :3], x[:, :3], x[:, :3], need_weights=False, is_causal=True, cache=cache)
+        mha(x[:, :1], memory, memory, need_weights=False, cache=static)
+        bad_calls = [  # (query/key/value, cache, masks)
+            (x[:, 3:4], cache, {"key_padding_mask": torch.zeros(2, 1, dtype=torch.bool)}),  # the new position only
+            (x[:, 3:4], cache, {"attn_mask": torch.zeros(1, 1)}),
+            (x[:, 3:4], cache, {"attn_mask": torch.zeros(2 * NHEAD, 1, 3)}),
+            (x[:, 3:4], cache, {"key_padding_mask": torch.zeros(2, 4, dtype=torch.bool, device="meta")}),
+        ]
+        for query, cache_, masks_ in bad_calls:
+            with pytest.raises(ValueError, match="key_padding_mask|attn_mask"):
+                mha(query, query, query, need_weights=False, is_causal="attn_mask" not in masks_, cache=cache_,
+                    **masks_)
+            assert cache.length == 3
+        # A static cache's keys are the memory's, projected on its first call: later key/value
+        # arguments are ignored, so their length does not count.
+        with pytest.raises(ValueError, match=r"key_padding_mask must be \(batch, the cached length\) = \(2, 5\)"):
+            mha(x[:, 1:2], memory, memory, need_weights=False, cache=static,
+                key_padding_mask=torch.zeros(2, 6, dtype=torch.bool))
+        mha(x[:, 1:2], x[:, :1], x[:, :1], need_weights=False, cache=static,
+            key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+        padding = torch.zeros(2, 4, dtype=torch.bool)
+        padding[1, 0] = True
+        step = mha(x[:, 3:4], x[:, 3:4], x[:, 3:4], key_padding_mask=padding, need_weights=False, is_causal=True,
+                   cache=cache)[0]
+        full = mha(x[:, :4], x[:, :4], x[:, :4], key_padding_mask=padding, need_weights=False, is_causal=True)[0]
+    assert cache.length == 4
+    torch.testing.assert_close(step, full[:, 3:], atol=1e-6, rtol=1e-6)
+
+
 def test_bad_inputs_name_the_argument():
     mha = ft.nn.MultiheadAttention(D_MODEL, NHEAD, batch_first=True)
     x = torch.randn(2, 5, D_MODEL)

@@ -195,22 +195,30 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
             if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
                 raise TypeError(f"{name} must be bool or floating point, got {mask.dtype}")
-        if cache is not None:
+            if mask is not None and mask.device != query.device:
+                raise ValueError(f"{name} is on {mask.device} but query is on {query.device}")
+        seqlen_q, seqlen_k = query.shape[1 - batch_dim if batched else 0], key.shape[1 - batch_dim if batched else 0]
+        batch = query.shape[batch_dim] if batched else None
+        keys = "Lk"
+        if cache is not None:  # the masks are checked here too: a call that raises leaves the cache as it was
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be a fasttransformer.nn.KVCache, got {type(cache).__name__}")
             if not batched:
                 raise ValueError("cache needs batched inputs")
-            return batched
-        seqlen_q, seqlen_k = query.shape[1 - batch_dim if batched else 0], key.shape[1 - batch_dim if batched else 0]
-        batch = query.shape[batch_dim] if batched else None
-        if batched and (key.shape[batch_dim] != batch or value.shape[batch_dim] != batch):
+            if cache.static and cache.key is not None:  # the memory's keys, projected once: key/value unused
+                seqlen_k, keys = cache.length, "the cached length"
+            elif not cache.static:
+                seqlen_k, keys = cache.length + seqlen_k, "cached + new positions"
+        if (cache is None or not cache.static or cache.key is None) and batched and (
+                key.shape[batch_dim] != batch or value.shape[batch_dim] != batch):
             raise ValueError(f"batch sizes differ: query {batch}, key {key.shape[batch_dim]}, value {value.shape[batch_dim]}")
-        if key.shape[:-1] != value.shape[:-1]:
+        if (cache is None or not cache.static or cache.key is None) and key.shape[:-1] != value.shape[:-1]:
             raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} differ in batch or length")
         if key_padding_mask is not None:
             expected = (batch, seqlen_k) if batched else (seqlen_k,)
             if tuple(key_padding_mask.shape) != expected:
-                raise ValueError(f"key_padding_mask must be {expected}, got {tuple(key_padding_mask.shape)}")
+                raise ValueError(f"key_padding_mask must be (batch, {keys}) = {expected}, got "
+                                 f"{tuple(key_padding_mask.shape)}")
         if attn_mask is not None:
             heads = self.num_heads * (batch if batched else 1)
             if tuple(attn_mask.shape) not in ((seqlen_q, seqlen_k), (heads, seqlen_q, seqlen_k)):
