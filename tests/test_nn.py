@@ -619,6 +619,75 @@ def test_decoder_only_kv_cache_equals_full_recomputation(monkeypatch, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cache_reorder_and_crop_equal_full_recomputation(monkeypatch, backend):
+    """Beam search and speculative decoding on a DecoderCache: ``reorder`` keeps the sequences an
+    index picks (repeats, another batch size), the projected memory and its padding with them;
+    ``crop`` forgets rejected positions. Decoding on equals running the decoder on the whole
+    reordered (or accepted) sequences: torch's kernels in float64, the Triton ones in float32."""
+    device = "cuda" if HAS_CUDA and backend == "triton" else "cpu"
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-4
+    if backend == "triton":
+        monkeypatch.setattr(ft.nn.attention, "scaled_dot_product_attention",
+                            functools.partial(ft.ops.scaled_dot_product_attention, backend="triton"))
+    layer = ft.nn.TransformerDecoderLayer(D_MODEL, NHEAD, 40, dropout=0.0, batch_first=True)
+    decoder = ft.nn.TransformerDecoder(layer, 2).to(device, dtype).eval()
+    tgt, memory = (torch.randn(3, length, D_MODEL, dtype=dtype, device=device) for length in (9, 6))
+    padding = torch.zeros(3, 6, dtype=torch.bool, device=device)
+    padding[1, 4:] = True
+    padding[2, 2:] = True
+
+    def full(tgt_, index):  # the decoder on whole sequences, the memory picked by index
+        return decoder(tgt_, memory[index], memory_key_padding_mask=padding[index], tgt_is_causal=True)
+
+    index = torch.tensor([2, 0, 0, 1], device=device)
+    beams = torch.cat([tgt[index, :4], torch.randn(4, 3, D_MODEL, dtype=dtype, device=device)], dim=1)
+    cache = ft.nn.DecoderCache(2, capacity=9)
+    with torch.no_grad():
+        decoder(tgt[:, :4], memory, memory_key_padding_mask=padding, tgt_is_causal=True, cache=cache)
+        assert bool(cache.cross_attn[0].block_lists) == (backend == "triton")  # the memory padding's tile lists
+        cache.reorder(index)
+        assert cache.length == 4 and not cache.cross_attn[0].block_lists  # those of the old rows are let go
+        pieces = [decoder(beams[:, start:stop], memory, memory_key_padding_mask=padding[index], tgt_is_causal=True,
+                          cache=cache) for start, stop in ((4, 5), (5, 7))]  # the memory argument is ignored now
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full(beams, index)[:, 4:], atol=tolerance,
+                                   rtol=tolerance)
+        cache.crop(5)  # the last two positions rejected: two others instead
+        accepted = torch.cat([beams[:, :5], torch.randn(4, 2, D_MODEL, dtype=dtype, device=device)], dim=1)
+        step = decoder(accepted[:, 5:], memory, memory_key_padding_mask=padding[index], tgt_is_causal=True,
+                       cache=cache)
+        assert cache.length == 7
+        torch.testing.assert_close(step, full(accepted, index)[:, 5:], atol=tolerance, rtol=tolerance)
+
+
+def test_cache_reorder_and_crop_reject_bad_arguments():
+    """Errors name the argument and leave the cache as it was."""
+    cache = ft.nn.DecoderCache(2, capacity=6)
+    with pytest.raises(RuntimeError, match="holds nothing yet"):
+        cache.reorder(torch.tensor([0]))
+    for layer in cache.self_attn:
+        layer.update(torch.randn(3, 2, 4, 8), torch.randn(3, 2, 4, 8))
+    before = [layer.key.clone() for layer in cache.self_attn]
+    for index, error, pattern in ((torch.tensor([[0]]), TypeError, "1-D int64 or int32"),
+                                  (torch.tensor([0.0]), TypeError, "1-D int64 or int32"), ([0, 1], TypeError, "list"),
+                                  (torch.tensor([0, 3]), IndexError, r"0..3, outside the cache's batch \[0, 3\)"),
+                                  (torch.tensor([-1, 2]), IndexError, "-1..2"),
+                                  (torch.tensor([], dtype=torch.int64), ValueError, "at least one"),
+                                  (torch.tensor([0], device="meta"), ValueError, "index is on meta")):
+        with pytest.raises(error, match=pattern):
+            cache.reorder(index)
+    for length in (5, -1, 2.0, True):
+        with pytest.raises(ValueError, match=r"length must be an int in \[0, 4\]"):
+            cache.crop(length)
+    with pytest.raises(RuntimeError, match="a static cache holds the encoder memory"):
+        ft.nn.KVCache(static=True).crop(0)
+    assert all(layer.length == 4 and torch.equal(layer.key, key) for layer, key in zip(cache.self_attn, before))
+    cache.reorder(torch.tensor([1], dtype=torch.int32))
+    assert [tuple(layer.key.shape) for layer in cache.self_attn] == [(1, 2, 6, 8)] * 2
+    assert all(torch.equal(layer.key[:, :, :4], key[1:2, :, :4]) for layer, key in zip(cache.self_attn, before))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_compiled_decoding_with_a_cache_matches_eager(monkeypatch, backend):
     """torch.compile(fullgraph=True) of a decoder-only stack decoding with a DecoderCache: a
     prompt, one token, then a chunk of several (chunked prefill: lower-right causal, which eager

@@ -25,6 +25,7 @@ class KVCache:
     the Triton kernels build for its ``key_padding_mask`` are kept too (``block_lists``, which
     :class:`DecoderCache` shares between its layers), and reused while the same mask tensor
     comes unchanged; another mask, or one written in place, gets new ones.
+    ``reorder(index)`` (beam search) and ``crop(length)`` (speculative decoding) edit what it holds.
     """
 
     def __init__(self, capacity: Optional[int] = None, static: bool = False):
@@ -65,6 +66,50 @@ class KVCache:
         start = self._reserve(keys_values, keys_values.shape[1] // 2)
         self._buffer.narrow(2, start, keys_values.shape[2]).copy_(keys_values)
         return self.key.narrow(2, 0, self.length), self.value.narrow(2, 0, self.length)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keeps the sequences ``index`` picks, in its order: ``index`` is an int64 or int32
+        ``(B_new,)`` tensor of rows of the held batch (repeats allowed; B_new may differ from B),
+        as beam search needs after each step. Only the held positions are copied (a
+        self-attention cache keeps its capacity). A static cache reorders its projected memory
+        and lets go of its tile lists (built for the old rows' memory padding mask, which the
+        next calls replace by the reordered one). The bounds check
+        reads ``index`` on the host (one synchronisation on a GPU)."""
+        self._check_index(index)
+        self._reorder(index)
+
+    def _check_index(self, index) -> None:
+        held = self._buffer if not self.static else self.key
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"index must be a 1-D int64 or int32 tensor, got {_describe(index)}")
+        if held is None:
+            raise RuntimeError("reorder: the cache holds nothing yet")
+        if index.device != held.device:
+            raise ValueError(f"index is on {index.device} but the cache on {held.device}")
+        if index.numel() == 0:
+            raise ValueError("index must keep at least one sequence")
+        low, high = (int(bound) for bound in torch.aminmax(index))
+        if not 0 <= low <= high < held.shape[0]:
+            raise IndexError(f"index holds {low}..{high}, outside the cache's batch [0, {held.shape[0]})")
+
+    def _reorder(self, index: torch.Tensor) -> None:
+        if self.static:
+            self.key, self.value = self.key.index_select(0, index), self.value.index_select(0, index)
+            self.block_lists.clear()
+            return
+        heads = self.key.shape[1]
+        buffer = self._buffer.new_empty(index.shape[0], *self._buffer.shape[1:])
+        buffer.narrow(2, 0, self.length).copy_(self._buffer.narrow(2, 0, self.length).index_select(0, index))
+        self._buffer, self.key, self.value = buffer, buffer[:, :heads], buffer[:, heads:]
+
+    def crop(self, length: int) -> None:
+        """Forgets the positions from ``length`` on (speculative decoding's rejected drafts): the
+        next update writes at ``length``. Self-attention caches only."""
+        if self.static:
+            raise RuntimeError("KVCache.crop: a static cache holds the encoder memory, not target positions")
+        if not isinstance(length, int) or isinstance(length, bool) or not 0 <= length <= self.length:
+            raise ValueError(f"length must be an int in [0, {self.length}] (the positions held), got {length!r}")
+        self.length = length
 
     def _reserve(self, new: torch.Tensor, heads: int) -> int:
         """Room for ``new``'s positions (``heads`` key heads): checks that they match the held
@@ -271,6 +316,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if key_padding_mask is not None:
             key_padding_mask = F.pad(key_padding_mask, (0, count), value=False)
         return k, v, attn_mask, key_padding_mask
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dim()}-D {value.dtype} tensor"
+    return type(value).__name__
 
 
 def _shape(tensor: torch.Tensor) -> Tuple[int, int, int]:

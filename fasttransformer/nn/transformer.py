@@ -201,6 +201,22 @@ class DecoderCache:
         """Target positions held."""
         return self.self_attn[0].length if self.self_attn else 0
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """``KVCache.reorder`` for every layer: the self-attention keys and values and the
+        projected memory (of the layers that hold one) keep the sequences ``index`` picks (beam
+        search). Pass the memory padding mask reordered the same way on the next calls."""
+        held = [cache for cache in self.self_attn + self.cross_attn if cache.key is not None]
+        if not held:
+            raise RuntimeError("reorder: the cache holds nothing yet")
+        held[0]._check_index(index)  # once (one host synchronisation), before any change
+        for cache in held:
+            cache._reorder(index)
+
+    def crop(self, length: int) -> None:
+        """``KVCache.crop`` for every layer's self-attention cache (the memory stays)."""
+        for cache in self.self_attn:
+            cache.crop(length)
+
 
 def _check_cache(cache, layers) -> None:
     if cache is None:
