@@ -73,8 +73,8 @@ class KVCache:
         as beam search needs after each step. Only the held positions are copied (a
         self-attention cache keeps its capacity). A static cache reorders its projected memory
         and lets go of its tile lists (built for the old rows' memory padding mask, which the
-        next calls replace by the reordered one). The bounds check
-        reads ``index`` on the host (one synchronisation on a GPU)."""
+        next calls replace by the reordered one). The bounds check reads ``index`` on the host
+        (one synchronisation on a GPU)."""
         self._check_index(index)
         self._reorder(index)
 
@@ -244,20 +244,20 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 raise ValueError(f"{name} is on {mask.device} but query is on {query.device}")
         seqlen_q, seqlen_k = query.shape[1 - batch_dim if batched else 0], key.shape[1 - batch_dim if batched else 0]
         batch = query.shape[batch_dim] if batched else None
-        keys = "Lk"
+        keys, reuse = "Lk", False  # reuse: a static cache's memory keys, projected once (key/value unused)
         if cache is not None:  # the masks are checked here too: a call that raises leaves the cache as it was
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be a fasttransformer.nn.KVCache, got {type(cache).__name__}")
             if not batched:
                 raise ValueError("cache needs batched inputs")
-            if cache.static and cache.key is not None:  # the memory's keys, projected once: key/value unused
+            reuse = cache.static and cache.key is not None
+            if reuse:
                 seqlen_k, keys = cache.length, "the cached length"
             elif not cache.static:
                 seqlen_k, keys = cache.length + seqlen_k, "cached + new positions"
-        if (cache is None or not cache.static or cache.key is None) and batched and (
-                key.shape[batch_dim] != batch or value.shape[batch_dim] != batch):
+        if not reuse and batched and (key.shape[batch_dim] != batch or value.shape[batch_dim] != batch):
             raise ValueError(f"batch sizes differ: query {batch}, key {key.shape[batch_dim]}, value {value.shape[batch_dim]}")
-        if (cache is None or not cache.static or cache.key is None) and key.shape[:-1] != value.shape[:-1]:
+        if not reuse and key.shape[:-1] != value.shape[:-1]:
             raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} differ in batch or length")
         if key_padding_mask is not None:
             expected = (batch, seqlen_k) if batched else (seqlen_k,)
