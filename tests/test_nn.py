@@ -815,16 +815,13 @@ def test_a_decoding_call_that_raises_leaves_the_cache_as_it_was():
     with torch.no_grad():
         mha(x[:, :3], x[:, :3], x[:, :3], need_weights=False, is_causal=True, cache=cache)
         mha(x[:, :1], memory, memory, need_weights=False, cache=static)
-        bad_calls = [  # (query/key/value, cache, masks)
-            (x[:, 3:4], cache, {"key_padding_mask": torch.zeros(2, 1, dtype=torch.bool)}),  # the new position only
-            (x[:, 3:4], cache, {"attn_mask": torch.zeros(1, 1)}),
-            (x[:, 3:4], cache, {"attn_mask": torch.zeros(2 * NHEAD, 1, 3)}),
-            (x[:, 3:4], cache, {"key_padding_mask": torch.zeros(2, 4, dtype=torch.bool, device="meta")}),
-        ]
-        for query, cache_, masks_ in bad_calls:
+        step_input = x[:, 3:4]
+        for masks_ in ({"key_padding_mask": torch.zeros(2, 1, dtype=torch.bool)},  # the new position only
+                       {"attn_mask": torch.zeros(1, 1)}, {"attn_mask": torch.zeros(2 * NHEAD, 1, 3)},
+                       {"key_padding_mask": torch.zeros(2, 4, dtype=torch.bool, device="meta")}):
             with pytest.raises(ValueError, match="key_padding_mask|attn_mask"):
-                mha(query, query, query, need_weights=False, is_causal="attn_mask" not in masks_, cache=cache_,
-                    **masks_)
+                mha(step_input, step_input, step_input, need_weights=False, is_causal="attn_mask" not in masks_,
+                    cache=cache, **masks_)
             assert cache.length == 3
         # A static cache's keys are the memory's, projected on its first call: later key/value
         # arguments are ignored, so their length does not count.
