@@ -1952,3 +1952,26 @@ def test_cuda_float32_beyond_d64_goes_to_torch(caplog):
     ref = reference.scaled_dot_product_attention(*(t.double() for t in small))
     base = reference.scaled_dot_product_attention(*small)
     assert_within_torch_error(out, ref, base, 2.0, "float32 output")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_tensors_on_another_device_than_the_current_one():
+    """Tensors on cuda:1 while cuda:0 is current: the kernels launch on cuda:1 (Triton launches
+    on the current device and stream), giving what the same call gives with cuda:1 current,
+    forward and backward, and the current device is left as it was."""
+    q, k, v, kwargs, _, _ = op_case("bool+is_causal+padding", torch.bfloat16, seqlen_q=300, seqlen_k=500, head_dim=64)
+    kwargs = {name: value.to("cuda:1") if torch.is_tensor(value) else value for name, value in kwargs.items()}
+    leaves = [t.to("cuda:1").requires_grad_() for t in (q, k, v)]
+    grad_out = torch.randn(q.shape, dtype=q.dtype, device="cuda:1")
+
+    def call():
+        out = scaled_dot_product_attention(*leaves, **kwargs, backend="triton")
+        return (out, *torch.autograd.grad(out, leaves, grad_out))
+
+    with torch.cuda.device(1):
+        expected = call()
+    torch.cuda.set_device(0)
+    got = call()
+    assert torch.cuda.current_device() == 0
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))

@@ -399,6 +399,14 @@ def reusing_block_lists(store: dict):
         _BLOCK_LIST_STORE.reset(token)
 
 
+def _on_device(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device, on its current stream: for tensors on another
+    GPU (``cuda:1`` while ``cuda:0`` is current) that is the wrong device and a stream not ordered
+    after the work that made them. Inside, the tensors' device is the current one, as torch's own
+    ops (and the embedding extension's CUDAGuard) arrange."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _launch_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                     scale: float, causal_offset: Optional[int],
@@ -406,10 +414,10 @@ def _launch_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     seed: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, lse). ``seed`` (int64, one element) keys the dropout mask when ``dropout_p > 0``."""
     from fasttransformer.kernels.attention_forward import attention_forward
-    out, lse = attention_forward(query, key, value, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+    with _on_device(query):
+        return attention_forward(query, key, value, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                                  scale=scale, causal_offset=causal_offset, window=tuple(window) if window else None,
                                  dropout_p=dropout_p, seed=seed, block_list_store=_BLOCK_LIST_STORE.get())
-    return out, lse
 
 
 def _launch_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -421,10 +429,12 @@ def _launch_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Ten
     """(dq, dk, dv, dbias); dbias is the float attn_mask's gradient when ``bias_grad``, else an
     empty tensor (a custom op returns tensors)."""
     from fasttransformer.kernels.attention_backward import attention_backward
-    dq, dk, dv, dbias = attention_backward(grad_out.contiguous(), query, key, value, out, lse, attn_mask=attn_mask,
-                                           key_padding_mask=key_padding_mask, scale=scale,
-                                           causal_offset=causal_offset, window=tuple(window) if window else None,
-                                           bias_grad=bias_grad, dropout_p=dropout_p, seed=seed)
+    with _on_device(query):
+        dq, dk, dv, dbias = attention_backward(grad_out.contiguous(), query, key, value, out, lse, attn_mask=attn_mask,
+                                               key_padding_mask=key_padding_mask, scale=scale,
+                                               causal_offset=causal_offset,
+                                               window=tuple(window) if window else None,
+                                               bias_grad=bias_grad, dropout_p=dropout_p, seed=seed)
     return dq, dk, dv, dbias if dbias is not None else query.new_empty(0)
 
 
