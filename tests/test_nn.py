@@ -13,6 +13,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fasttransformer as ft
 from accuracy import assert_within_torch_error
@@ -165,6 +167,94 @@ def test_multihead_attention_is_causal_keeps_the_extra_keys(options, need_weight
         assert not torch.allclose(dropped, expected[0])
 
 
+def random_mask(kind, shape):
+    """None, bool (True = not allowed, as torch.nn), float, or float with -inf entries."""
+    if kind == "bool":
+        return torch.rand(shape) < 0.3
+    if kind == "float":
+        return torch.randn(shape, dtype=torch.float64)
+    if kind == "-inf":
+        return torch.zeros(shape, dtype=torch.float64).masked_fill(torch.rand(shape) < 0.3, float("-inf"))
+    return None
+
+
+@st.composite
+def multihead_attention_calls(draw):
+    """A MultiheadAttention's options and one call's arguments, at random."""
+    heads = draw(st.sampled_from([1, 2, 3]))
+    self_attention = draw(st.booleans())
+    kdim_vdim = not self_attention and draw(st.booleans())
+    batched = draw(st.booleans())
+    seqlen_q = draw(st.integers(1, 6))
+    extra_keys = draw(st.sampled_from([(False, False), (True, False), (False, True), (True, True)]))
+    return {
+        "heads": heads, "embed_dim": heads * draw(st.sampled_from([4, 8])), "bias": draw(st.booleans()),
+        "add_bias_kv": extra_keys[0], "add_zero_attn": extra_keys[1],
+        "kdim": 5 if kdim_vdim else None, "vdim": 7 if kdim_vdim else None,
+        "batch_first": draw(st.booleans()), "self_attention": self_attention,
+        "batch": draw(st.integers(1, 3)) if batched else None, "seqlen_q": seqlen_q,
+        "seqlen_k": seqlen_q if self_attention else draw(st.integers(1, 7)),
+        "attn_mask": draw(st.sampled_from([None, "bool", "float", "-inf"])),
+        "attn_mask_per_head": draw(st.booleans()),  # (B * H, Lq, Lk), or (H, Lq, Lk) unbatched
+        "key_padding_mask": draw(st.sampled_from([None, "bool", "-inf"])),
+        # a causal attn_mask (float or bool) instead, with the is_causal hint or without
+        "causal": (self_attention and not any(extra_keys)
+                   and draw(st.sampled_from([None, ("float", False), ("float", True), ("bool", True)]))),
+        "need_weights": draw(st.booleans()), "average_attn_weights": draw(st.booleans()),
+        "training": draw(st.booleans()), "grad": draw(st.booleans()),
+    }
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(call=multihead_attention_calls())
+def test_multihead_attention_random_calls_match_torch(call):
+    """Random combinations of MultiheadAttention's options (bias, add_bias_kv, add_zero_attn,
+    kdim/vdim, batch_first) and of a call's (batched or not, self- or cross-attention, bool /
+    float / -inf masks in 2-D or per head, key padding, causal masks with and without the hint,
+    need_weights, average_attn_weights, grad mode), against torch.nn in float64: outputs and
+    weights (where torch's are finite), and the gradients when every output is finite."""
+    heads, embed_dim, batch = call["heads"], call["embed_dim"], call["batch"]
+    seqlen_q, seqlen_k = call["seqlen_q"], call["seqlen_k"]
+    options = {name: call[name] for name in ("bias", "add_bias_kv", "add_zero_attn", "kdim", "vdim", "batch_first")}
+    torch_mha = torch.nn.MultiheadAttention(embed_dim, heads, **options).double().train(call["training"])
+    if call["add_bias_kv"]:
+        torch.nn.init.normal_(torch_mha.bias_k), torch.nn.init.normal_(torch_mha.bias_v)
+    ours = twins(torch_mha, ft.nn.MultiheadAttention, embed_dim, heads, **options)
+
+    def sequence(length, dim):
+        x = torch.randn(batch or 1, length, dim, dtype=torch.float64)
+        x = x if call["batch_first"] else x.transpose(0, 1)
+        return x if batch else x.squeeze(0 if call["batch_first"] else 1)
+
+    query = sequence(seqlen_q, embed_dim)
+    key, value = ((query, query) if call["self_attention"] else
+                  (sequence(seqlen_k, call["kdim"] or embed_dim), sequence(seqlen_k, call["vdim"] or embed_dim)))
+    per_head = (heads * batch if batch else heads, seqlen_q, seqlen_k)
+    attn_mask = random_mask(call["attn_mask"], per_head if call["attn_mask_per_head"] else (seqlen_q, seqlen_k))
+    is_causal = False
+    if call["causal"]:
+        attn_mask = torch.nn.Transformer.generate_square_subsequent_mask(seqlen_q, dtype=torch.float64)
+        attn_mask = attn_mask if call["causal"][0] == "float" else torch.isneginf(attn_mask)
+        is_causal = call["causal"][1]
+    key_padding_mask = random_mask(call["key_padding_mask"], (batch, seqlen_k) if batch else (seqlen_k,))
+    kwargs = {"attn_mask": attn_mask, "key_padding_mask": key_padding_mask, "is_causal": is_causal,
+              "need_weights": call["need_weights"], "average_attn_weights": call["average_attn_weights"]}
+    with torch.set_grad_enabled(call["grad"]):
+        out_t, weights_t = torch_mha(query, key, value, **kwargs)
+        out_o, weights_o = ours(query, key, value, **kwargs)
+    assert out_o.shape == out_t.shape and torch.isfinite(out_o).all()
+    finite = torch.isfinite(out_t)
+    torch.testing.assert_close(out_o[finite], out_t[finite], atol=1e-10, rtol=1e-10)
+    assert (weights_o is None) == (weights_t is None)
+    if weights_t is not None:
+        assert weights_o.shape == weights_t.shape
+        finite = torch.isfinite(weights_t)
+        torch.testing.assert_close(weights_o[finite], weights_t[finite], atol=1e-10, rtol=1e-10)
+    if call["grad"] and torch.isfinite(out_t).all():
+        assert_same(*run_both(torch_mha, ours, [query, key, value], kwargs))
+
+
 LAYER_KINDS = ["none", "bool2d", "float2d", "bool3d", "padding", "float2d+padding", "causal", "causal+padding"]
 
 
@@ -286,6 +376,113 @@ def test_transformer_memory_padding_as_torch_gives_it():
         expected = torch_model(src, tgt, src_key_padding_mask=padding)
         out = ours(src, tgt, src_key_padding_mask=padding)
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+
+
+@st.composite
+def transformer_calls(draw):
+    """A layer, stack or whole Transformer with random options, and one call's arguments."""
+    heads = draw(st.sampled_from([1, 2, 4]))
+    return {
+        "module": draw(st.sampled_from(["encoder-layer", "decoder-layer", "encoder", "decoder", "transformer"])),
+        "heads": heads, "d_model": heads * 4, "dim_feedforward": draw(st.sampled_from([8, 20])),
+        "activation": draw(st.sampled_from(["relu", "gelu", "silu", "ReLU()"])),  # names and callables
+        "layer_norm_eps": draw(st.sampled_from([1e-5, 1e-2])), "batch_first": draw(st.booleans()),
+        "norm_first": draw(st.booleans()), "bias": draw(st.booleans()), "num_layers": draw(st.integers(1, 2)),
+        "final_norm": draw(st.booleans()), "enable_nested_tensor": draw(st.booleans()),
+        "batch": draw(st.sampled_from([None, 1, 3])), "seqlen_src": draw(st.integers(1, 6)),
+        "seqlen_tgt": draw(st.integers(1, 6)),
+        # per attention (src, tgt, memory): None, a random mask kind, or "causal"/"causal-hint"
+        "masks": [draw(st.sampled_from([None, "bool", "float", "-inf", "causal", "causal-hint"])) for _ in range(3)],
+        # "end": each sequence's padding at its end, as torch's nested-tensor path needs (rarely
+        # drawn with the rest of its conditions: test_encoder_padded_positions_as_torch_gives_them)
+        "paddings": [draw(st.sampled_from([None, "bool", "-inf", "end"])) for _ in range(3)],
+        "training": draw(st.booleans()), "grad": draw(st.booleans()), "fastpath": draw(st.booleans()),
+    }
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(call=transformer_calls())
+def test_transformer_modules_random_calls_match_torch(call):
+    """Random options of the layers, stacks and Transformer (activation names and callables,
+    layer_norm_eps, bias, norm_first, batch_first, final norm, nested tensors) and of a call's
+    (batched or not, every mask kind per attention, causal masks with and without their hints,
+    key padding, train/eval, grad mode, torch's fast path on or off), against torch.nn in
+    float64: the output where torch's is finite, and the gradients when all of it is."""
+    d_model, heads, batch = call["d_model"], call["heads"], call["batch"]
+    activation = {"silu": torch.nn.functional.silu, "ReLU()": torch.nn.ReLU()}.get(call["activation"],
+                                                                                    call["activation"])
+    layer_options = {name: call[name] for name in ("dim_feedforward", "layer_norm_eps", "batch_first", "norm_first",
+                                                   "bias")}
+    layer_options.update(dropout=0.0, activation=activation)
+    module, num_layers = call["module"], call["num_layers"]
+    norm = torch.nn.LayerNorm(d_model, dtype=torch.float64) if call["final_norm"] else None
+    if norm is not None:
+        torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's advice on its nested-tensor path
+        if module == "transformer":
+            torch_module = torch.nn.Transformer(d_model, heads, num_layers, num_layers, **layer_options)
+            ours = ft.nn.Transformer(d_model, heads, num_layers, num_layers, **layer_options)
+        elif module.endswith("-layer"):
+            name = "TransformerEncoderLayer" if module == "encoder-layer" else "TransformerDecoderLayer"
+            torch_module = getattr(torch.nn, name)(d_model, heads, **layer_options)
+            ours = getattr(ft.nn, name)(d_model, heads, **layer_options)
+        else:
+            name = "TransformerEncoder" if module == "encoder" else "TransformerDecoder"
+            layer = getattr(torch.nn, name + "Layer")(d_model, heads, **layer_options)
+            extra = {"enable_nested_tensor": call["enable_nested_tensor"]} if module == "encoder" else {}
+            torch_module = getattr(torch.nn, name)(layer, num_layers, norm=norm, **extra)
+            ours = getattr(ft.nn, name)(copy.deepcopy(layer), num_layers, norm=copy.deepcopy(norm), **extra)
+    torch_module.double().train(call["training"])
+    ours.double().train(call["training"]).load_state_dict(torch_module.state_dict(), strict=True)
+
+    def sequence(length):
+        x = torch.randn(batch or 1, length, d_model, dtype=torch.float64)
+        x = x if call["batch_first"] else x.transpose(0, 1)
+        return x if batch else x.squeeze(0 if call["batch_first"] else 1)
+
+    def mask(kind, seqlen_q, seqlen_k):  # (attn_mask, is_causal hint)
+        if kind in ("causal", "causal-hint") and seqlen_q == seqlen_k:
+            causal = torch.nn.Transformer.generate_square_subsequent_mask(seqlen_q, dtype=torch.float64)
+            return causal, kind == "causal-hint"
+        return random_mask(kind, (seqlen_q, seqlen_k)), False
+
+    def padding(kind, length):
+        if kind == "end":
+            padded = torch.arange(length) >= torch.randint(1, length + 1, (batch or 1, 1))
+            return padded if batch else padded[0]
+        return random_mask(kind, (batch, length) if batch else (length,))
+
+    seqlen_src, seqlen_tgt = call["seqlen_src"], call["seqlen_tgt"]
+    (src_mask, src_causal), (tgt_mask, tgt_causal), (memory_mask, memory_causal) = (
+        mask(kind, seqlen_q, seqlen_k) for kind, seqlen_q, seqlen_k in
+        zip(call["masks"], (seqlen_src, seqlen_tgt, seqlen_tgt), (seqlen_src, seqlen_tgt, seqlen_src)))
+    src_padding, tgt_padding, memory_padding = (
+        padding(kind, length) for kind, length in zip(call["paddings"], (seqlen_src, seqlen_tgt, seqlen_src)))
+    src, tgt = sequence(seqlen_src), sequence(seqlen_tgt)
+    decoder = {"memory_mask": memory_mask, "tgt_key_padding_mask": tgt_padding,
+               "memory_key_padding_mask": memory_padding, "memory_is_causal": memory_causal}
+    inputs, kwargs = {
+        "encoder-layer": ([src], {"src_mask": src_mask, "src_key_padding_mask": src_padding, "is_causal": src_causal}),
+        "encoder": ([src], {"mask": src_mask, "src_key_padding_mask": src_padding, "is_causal": src_causal}),
+        "decoder-layer": ([tgt, src], {"tgt_mask": tgt_mask, "tgt_is_causal": tgt_causal, **decoder}),
+        "decoder": ([tgt, src], {"tgt_mask": tgt_mask, "tgt_is_causal": tgt_causal, **decoder}),
+        "transformer": ([src, tgt], {"src_mask": src_mask, "tgt_mask": tgt_mask, "src_key_padding_mask": src_padding,
+                                     "src_is_causal": src_causal, "tgt_is_causal": tgt_causal, **decoder}),
+    }[call["module"]]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(call["fastpath"])
+    try:
+        with torch.set_grad_enabled(call["grad"]):
+            expected, out = torch_module(*inputs, **kwargs), ours(*inputs, **kwargs)
+        finite = torch.isfinite(expected)
+        assert out.shape == expected.shape and torch.isfinite(out).all()
+        torch.testing.assert_close(out[finite], expected[finite], atol=1e-9, rtol=1e-9)
+        if call["grad"] and finite.all():
+            assert_same(*run_both(torch_module, ours, inputs, kwargs), tolerance=1e-9)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def make_transformers(dtype=torch.float64, device="cpu", **config):
