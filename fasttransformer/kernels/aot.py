@@ -1,10 +1,12 @@
 """Ahead-of-time compilation of Triton kernels for a GPU that is not here.
 
 ``python -m fasttransformer.kernels.aot`` compiles every config of the table in configs.py
-(forward, and both backward kernels) for sm_80 and sm_90 with ``triton.compile(..., target=GPUTarget(...))``
-and prints, as JSON, what each cubin uses (registers, stack bytes from Triton's cuobjdump) and
-which matrix instructions its PTX has (wgmma on sm_90, mma.sync on sm_80). It must run without
-TRITON_INTERPRET (the interpreter replaces ``triton.jit``), so tests call it in a subprocess.
+(forward, and both backward kernels) for sm_80, sm_86 and sm_90 with ``triton.compile(...,
+target=GPUTarget(...))`` and prints, as JSON, what each cubin uses (registers, stack bytes from
+Triton's cuobjdump, shared memory) and which matrix instructions its PTX has (wgmma on sm_90,
+mma.sync on sm_80 and sm_86). ``--arch 86 --target 120`` compiles one arch's entries for another
+target (sm_89 and sm_120 take sm_86's). It must run without TRITON_INTERPRET (the interpreter
+replaces ``triton.jit``), so tests call it in a subprocess.
 """
 from __future__ import annotations
 
@@ -200,13 +202,23 @@ def _compile_job(job) -> dict:
     return report
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m fasttransformer.kernels.aot", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, help="only the table's entries for this arch (80, 86 or 90)")
+    parser.add_argument("--target", type=int, help="compile them for this sm instead (with --arch; e.g. 89, 120)")
+    args = parser.parse_args(argv)
+    if args.target is not None and args.arch is None:
+        parser.error("--target needs --arch")
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter cannot compile", file=sys.stderr)
         return 2
+    jobs = [job for job in _jobs() if args.arch is None or job[1] == args.arch]
+    if args.target is not None:
+        jobs = [(name, args.target, *rest) for name, _, *rest in jobs]
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-        reports = list(pool.map(_compile_job, _jobs()))
+        reports = list(pool.map(_compile_job, jobs))
     print(json.dumps(reports, indent=1))
     return 0
 

@@ -5,7 +5,8 @@ compile and timings are reproducible.
 The table's entries were chosen by compiling for the target with ptxas (registers, spills,
 shared memory: ``python -m fasttransformer.kernels.aot``), not yet by timing on the GPU; a GPU
 session is to retune them with ``fasttransformer bench attention`` (issue 3). Every entry is
-compiled for sm_80 and sm_90, in bf16 and float32, by the AOT test, which fails on a spill.
+compiled for sm_80, sm_86 and sm_90, in bf16 and float32, by the AOT test, which fails on a
+spill (or on more shared memory than the arch has).
 """
 from __future__ import annotations
 
@@ -85,6 +86,36 @@ INT64_OVERRIDES = {
     ("dq", "2-byte", 80, 32, False): Config(128, 32, 8, 1),  # 2 stages: 16 bytes at 128, with a bool mask
 }
 
+# The 99 KB parts: sm_86 (A10, A40, RTX 30xx), sm_89 (L4, L40, RTX 40xx) and sm_120 (RTX 50xx)
+# give a block at most 101376 bytes of shared memory, where sm_80 gives 166912, and run their
+# products as mma.sync, like sm_80. They take sm_80's entries, compiled for sm_86 (target 86 in
+# the AOT check, which holds them to 99 KB), but for those that need more or spill there.
+SMEM_99KB = 86
+SMEM_99KB_BYTES = 101376
+for _table in (FORWARD, BACKWARD_DKDV, BACKWARD_DQ, FORWARD_FP32, BACKWARD_DKDV_FP32, BACKWARD_DQ_FP32):
+    _table.update({(SMEM_99KB, d): config for (arch, d), config in list(_table.items()) if arch == 80})
+DROPOUT_OVERRIDES.update({(kernel, kind, SMEM_99KB, d): config
+                          for (kernel, kind, arch, d), config in list(DROPOUT_OVERRIDES.items()) if arch == 80})
+INT64_OVERRIDES.update({(kernel, kind, SMEM_99KB, d, dropout): config
+                        for (kernel, kind, arch, d, dropout), config in list(INT64_OVERRIDES.items()) if arch == 80})
+# sm_80's entries that need more than 99 KB (D = 256's dQ: 104448 bytes, 108544 with the float
+# mask's gradient) or spill when compiled for sm_86 (8 to 24 bytes), replaced by the nearest
+# config without either on sm_86 and on sm_120 (AOT sweep of 2026-12-04, 552 compiles:
+# benchmarks/results/2026-12-04-cpu/aot-99kb-sweep.json). sm_89 compiles as sm_86 does.
+# Each comment gives what sm_80's entry did on sm_86 (or on sm_120):
+FORWARD[(SMEM_99KB, 16)] = Config(128, 64, 4, 2)  # 8 warps: 16 bytes spilled with a float mask
+FORWARD[(SMEM_99KB, 32)] = Config(128, 64, 8, 1)  # 2 stages: 8 bytes spilled
+BACKWARD_DQ[(SMEM_99KB, 16)] = Config(128, 64, 8, 1)  # 2 stages: 8 bytes, 24 with int64 offsets
+BACKWARD_DQ[(SMEM_99KB, 256)] = Config(64, 32, 8, 1)  # 2 stages: 104448 bytes of shared memory
+DROPOUT_OVERRIDES[("dq", "2-byte", SMEM_99KB, 256)] = Config(32, 32, 8, 1)  # (32, 64, 8, 2): 104448 bytes
+FORWARD_FP32[(SMEM_99KB, 32)] = Config(64, 32, 8, 2)  # (32, 64, 8, 2): 8 to 16 bytes on sm_120
+BACKWARD_DKDV_FP32[(SMEM_99KB, 32)] = Config(32, 16, 8, 1)  # 4 warps: 24 bytes (sm_120: with dropout)
+BACKWARD_DQ_FP32[(SMEM_99KB, 32)] = Config(32, 16, 8, 1)  # 4 warps: 8 bytes with the float mask's gradient
+INT64_OVERRIDES[("dkdv", "2-byte", SMEM_99KB, 16, False)] = Config(32, 128, 8, 1)  # 2 stages: 24 bytes on sm_120
+# Left as they are, clean on sm_86 but spilling 8 bytes on sm_120: the D = 128 forward with a
+# float mask (the configs clean there have 1 stage or half the tile, for every D = 128 call: a
+# change no timing supports) and the D = 256 dK/dV kernel with dropout.
+
 # Triton's interpreter (CPU tensors): the tile sizes only change the interpreter's speed. The
 # backward's two differ, so the CPU tests run the coarsening of the tile classes.
 INTERPRETER = Config(64, 64, 4, 1)
@@ -99,8 +130,17 @@ def head_dim_bucket(head_dim: int) -> int:
 def _arch(device) -> int:
     if hasattr(device, "arch"):  # the AOT compile's stand-in for a GPU that is not here
         return device.arch
-    major, _ = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80  # sm_80's entries for Ampere and Ada (sm_86, sm_89) too
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(device_index: int) -> int:
+    """The tables' arch for a CUDA device: 90 for sm_90 and the datacenter Blackwells (sm_100,
+    sm_110), else by shared memory: 80 (sm_80, sm_87) or SMEM_99KB (sm_86, sm_89, sm_120)."""
+    properties = torch.cuda.get_device_properties(device_index)
+    if properties.major >= 9 and properties.major != 12:
+        return 90
+    return 80 if properties.shared_memory_per_block_optin > SMEM_99KB_BYTES else SMEM_99KB
 
 
 def _lookup(kernel, tables, device, dtype, head_dim, interpreter: Config, dropout: bool, int64: bool) -> Config:
