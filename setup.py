@@ -23,8 +23,9 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
 if os.environ.get("FASTTRANSFORMER_FORCE_CPU") == "1":
     with_cuda = False
-# Ampere and Hopper by default (-gencode for sm_80 and sm_90); TORCH_CUDA_ARCH_LIST overrides.
-cuda_archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0") if with_cuda else ""
+# By default sm_80 and sm_90 code, and sm_90's PTX, which the driver compiles for the GPUs after
+# it (sm_100, sm_120: without it they find no kernel image); TORCH_CUDA_ARCH_LIST overrides.
+cuda_archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX") if with_cuda else ""
 
 sources = sorted(glob.glob("csrc/*.cpp"))
 cxx_flags = ["-O3", "-fopenmp"]

@@ -41,6 +41,17 @@ def test_ptxas_report_parser():
     assert ptxas_report(text) == {("_Z1kv", "sm_90"): (8, 4, 4)}
 
 
+def test_default_build_carries_ptx_for_the_gpus_after_sm90(monkeypatch):
+    """setup.py's default arch list gives sm_80 and sm_90 code and sm_90's PTX: an extension
+    with machine code only would find no kernel image on sm_100 (B200) or sm_120 (RTX 50xx)."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+    default = re.search(r'setdefault\("TORCH_CUDA_ARCH_LIST", "([^"]+)"\)', (ROOT / "setup.py").read_text()).group(1)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", default)
+    flags = set(_get_cuda_arch_flags())
+    assert {"-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+            "-gencode=arch=compute_90,code=compute_90"} <= flags, flags
+
+
 @needs_nvcc
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["80", "90"])
