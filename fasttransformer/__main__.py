@@ -56,7 +56,8 @@ def attention_backends(info: dict) -> dict:
     elif info["gpu"] is None:
         backends["triton"] = "no CUDA GPU (the interpreter runs with TRITON_INTERPRET=1, for tests)"
     else:
-        backends["triton"] = "usable"
+        from fasttransformer.ops.attention import _gpu_unsupported
+        backends["triton"] = _gpu_unsupported(0) or "usable"
     return backends
 
 

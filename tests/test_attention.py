@@ -1048,6 +1048,30 @@ def test_op_auto_on_cpu_uses_torch_and_logs_why(caplog):
     torch.testing.assert_close(auto, scaled_dot_product_attention(q, k, v, **kwargs, backend="torch"))
 
 
+@pytest.mark.parametrize("capability,supported", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((8, 6), True),
+                                                  ((9, 0), True), ((12, 0), True)],
+                         ids=["V100", "T4", "A100", "A10", "H100", "RTX5090"])
+def test_op_gpus_before_sm80_are_not_the_kernels(monkeypatch, capability, supported):
+    """The kernels' configs and products need sm_80 or newer (a T4 has 64 KB of shared memory a
+    block; the configs take up to 96 KB): for CUDA tensors on an older GPU the support check
+    gives the reason, so backend="auto" goes to torch and backend="triton" raises it (that path
+    runs with CUDA tensors only), and `fasttransformer info` says it."""
+    from fasttransformer.__main__ import attention_backends
+    from fasttransformer.ops import attention
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+    monkeypatch.setattr(attention, "_GPU_UNSUPPORTED", {})
+    reason = attention._gpu_unsupported(0)
+    assert (reason is None) == supported
+    if not supported:
+        assert f"cuda:0 is sm_{capability[0]}{capability[1]}" in reason and "8.0 (Ampere)" in reason
+    # the op's support check, for a stand-in of a CUDA query that the kernels otherwise take
+    from types import SimpleNamespace
+    query = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(2, 4, 100, 64))
+    assert attention._triton_unsupported(query, {"value_head_dim": 64}) == reason
+    backends = attention_backends({"gpu": {"name": "fake"}, "triton": "3.6.0"})
+    assert backends["triton"] == (reason or "usable")
+
+
 def test_op_dropout_is_reproducible_and_matches_the_reference_with_its_mask():
     """Through the public op and autograd: the same torch.manual_seed gives bitwise the same
     output and gradients, another seed another mask, and the result is the float64 reference

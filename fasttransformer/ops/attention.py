@@ -293,12 +293,30 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             "scale": 1.0 / math.sqrt(head_dim) if scale is None else float(scale)}
 
 
+_GPU_UNSUPPORTED = {}  # device index -> _gpu_unsupported's answer
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: evaluated once, at trace time
+def _gpu_unsupported(device_index: int) -> Optional[str]:
+    """Why the Triton kernels cannot run on the GPU ``cuda:<device_index>``, or None. They need
+    sm_80 or newer: bfloat16 products, asynchronous copies, and configs (kernels/configs.py)
+    sized for 99 KB or more of shared memory a block (a T4, sm_75, has 64 KB)."""
+    if device_index not in _GPU_UNSUPPORTED:
+        major, minor = torch.cuda.get_device_capability(device_index)
+        _GPU_UNSUPPORTED[device_index] = None if major >= 8 else (
+            f"the Triton kernels need a GPU of compute capability 8.0 (Ampere) or newer; cuda:{device_index} "
+            f"is sm_{major}{minor}")
+    return _GPU_UNSUPPORTED[device_index]
+
+
 def _triton_unsupported(query, spec) -> Optional[str]:
     """Why the Triton kernels cannot run this call, or None."""
     if query.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "CPU tensors need TRITON_INTERPRET=1 (set before triton is imported) for the Triton kernels"
     if query.device.type not in ("cpu", "cuda"):
         return f"tensors on {query.device.type}"
+    if query.device.type == "cuda" and (reason := _gpu_unsupported(query.device.index)):
+        return reason
     if query.device.type == "cpu" and query.dtype == torch.bfloat16:
         return "bfloat16 under Triton's interpreter multiplies raw bits (triton 3.6); use float16/float32 on CPU"
     if query.dtype == torch.float64:
