@@ -1051,11 +1051,11 @@ def test_op_auto_on_cpu_uses_torch_and_logs_why(caplog):
 @pytest.mark.parametrize("capability,supported", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((8, 6), True),
                                                   ((9, 0), True), ((12, 0), True)],
                          ids=["V100", "T4", "A100", "A10", "H100", "RTX5090"])
-def test_op_gpus_before_sm80_are_not_the_kernels(monkeypatch, capability, supported):
+def test_op_unsupported_gpus_go_to_torch_with_the_reason(monkeypatch, capability, supported):
     """The kernels' configs and products need sm_80 or newer (a T4 has 64 KB of shared memory a
     block; the configs take up to 96 KB): for CUDA tensors on an older GPU the support check
     gives the reason, so backend="auto" goes to torch and backend="triton" raises it (that path
-    runs with CUDA tensors only), and `fasttransformer info` says it."""
+    runs with CUDA tensors only), and `fasttransformer info` says it. Likewise on ROCm."""
     from fasttransformer.__main__ import attention_backends
     from fasttransformer.ops import attention
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
@@ -1070,6 +1070,9 @@ def test_op_gpus_before_sm80_are_not_the_kernels(monkeypatch, capability, suppor
     assert attention._triton_unsupported(query, {"value_head_dim": 64}) == reason
     backends = attention_backends({"gpu": {"name": "fake"}, "triton": "3.6.0"})
     assert backends["triton"] == (reason or "usable")
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")  # ROCm: torch's "cuda" device on AMD GPUs
+    monkeypatch.setattr(attention, "_GPU_UNSUPPORTED", {})
+    assert "built for NVIDIA GPUs; this is ROCm (HIP 6.4.0)" in attention._gpu_unsupported(0)
 
 
 def test_op_dropout_is_reproducible_and_matches_the_reference_with_its_mask():

@@ -299,13 +299,20 @@ _GPU_UNSUPPORTED = {}  # device index -> _gpu_unsupported's answer
 @torch.compiler.assume_constant_result  # under torch.compile: evaluated once, at trace time
 def _gpu_unsupported(device_index: int) -> Optional[str]:
     """Why the Triton kernels cannot run on the GPU ``cuda:<device_index>``, or None. They need
-    sm_80 or newer: bfloat16 products, asynchronous copies, and configs (kernels/configs.py)
-    sized for 99 KB or more of shared memory a block (a T4, sm_75, has 64 KB)."""
+    an NVIDIA GPU of sm_80 or newer: bfloat16 products, asynchronous copies, and configs
+    (kernels/configs.py) sized for 99 KB or more of shared memory a block (a T4, sm_75, has
+    64 KB). ROCm's GPUs (torch's "cuda" device there) are left to torch: the kernels and their
+    configs have never been compiled or checked for them."""
     if device_index not in _GPU_UNSUPPORTED:
         major, minor = torch.cuda.get_device_capability(device_index)
-        _GPU_UNSUPPORTED[device_index] = None if major >= 8 else (
-            f"the Triton kernels need a GPU of compute capability 8.0 (Ampere) or newer; cuda:{device_index} "
-            f"is sm_{major}{minor}")
+        if torch.version.hip is not None:
+            reason = f"the Triton kernels are built for NVIDIA GPUs; this is ROCm (HIP {torch.version.hip})"
+        elif major < 8:
+            reason = (f"the Triton kernels need a GPU of compute capability 8.0 (Ampere) or newer; "
+                      f"cuda:{device_index} is sm_{major}{minor}")
+        else:
+            reason = None
+        _GPU_UNSUPPORTED[device_index] = reason
     return _GPU_UNSUPPORTED[device_index]
 
 
