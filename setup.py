@@ -5,7 +5,11 @@ build against a second, mismatched torch):  pip install --no-build-isolation .
 """
 import glob
 import os
+import shlex
 import shutil
+import subprocess
+import sys
+import tempfile
 
 import setuptools
 import torch
@@ -18,7 +22,53 @@ if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/include/c
         nvcc is None or not os.path.exists(os.path.join(os.path.dirname(nvcc), "..", "include", "cuda_runtime.h"))):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension, CUDAExtension,  # noqa: E402
+                                       get_cxx_compiler)
+
+
+def openmp_flags(compiler):
+    """(compile flags, link flags) with which `compiler` builds and links an OpenMP probe, else None.
+
+    gcc and LLVM's clang take -fopenmp. Apple's clang rejects it ("unsupported option"), but torch's
+    macOS wheels bring libomp.dylib and omp.h, and `-Xpreprocessor -fopenmp` against those shares
+    torch's OpenMP runtime (a second copy aborts the process, OMP Error #15). Without any, the CPU
+    kernels build anyway and run on one thread (at::parallel_for is serial without _OPENMP).
+    """
+    torch_dir = os.path.dirname(torch.__file__)
+    candidates = [(["-fopenmp"], ["-fopenmp"])]
+    if sys.platform == "darwin" and os.path.exists(os.path.join(torch_dir, "lib", "libomp.dylib")):
+        library = os.path.join(torch_dir, "lib")
+        candidates.insert(0, (["-Xpreprocessor", "-fopenmp", "-I" + os.path.join(torch_dir, "include")],
+                              ["-L" + library, "-lomp", "-Wl,-rpath," + library]))
+    with tempfile.TemporaryDirectory() as folder:  # an executable: its link must resolve the runtime
+        probe = os.path.join(folder, "probe.cpp")
+        with open(probe, "w") as file:
+            file.write("#include <omp.h>\nint main() {\n  int n = 0;\n#pragma omp parallel\n"
+                       "  n = omp_get_num_threads();\n  return n > 0 ? 0 : 1;\n}\n")
+        for compile_flags, link_flags in candidates:
+            command = [*shlex.split(compiler), *compile_flags, probe, "-o", probe + ".out", *link_flags]
+            if subprocess.run(command, capture_output=True).returncode == 0:
+                return compile_flags, link_flags
+    return None
+
+
+class BuildWithOpenMP(BuildExtension):
+    """Adds the OpenMP flags this machine's compiler takes (FASTTRANSFORMER_OPENMP=0: none)."""
+
+    def build_extensions(self):
+        compiler = get_cxx_compiler()
+        if os.environ.get("FASTTRANSFORMER_OPENMP") == "0":
+            flags, reason = None, "FASTTRANSFORMER_OPENMP=0"
+        else:
+            flags, reason = openmp_flags(compiler), f"{compiler} could not compile and link an OpenMP probe"
+        if flags is None:
+            print(f"fasttransformer: building without OpenMP ({reason}): the CPU kernels will run on one "
+                  "thread", file=sys.stderr)
+        for extension in self.extensions:
+            extension.extra_compile_args["cxx"] += flags[0] if flags else []
+            extension.extra_link_args += flags[1] if flags else []
+        super().build_extensions()
+
 
 with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
 if os.environ.get("FASTTRANSFORMER_FORCE_CPU") == "1":
@@ -28,7 +78,7 @@ if os.environ.get("FASTTRANSFORMER_FORCE_CPU") == "1":
 cuda_archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX") if with_cuda else ""
 
 sources = sorted(glob.glob("csrc/*.cpp"))
-cxx_flags = ["-O3", "-fopenmp"]
+cxx_flags = ["-O3"]
 if cuda_archs:  # shell-safe (no quotes, no ';'): module.cpp turns it into a string
     cxx_flags.append("-DFT_CUDA_ARCHS=" + cuda_archs.replace(";", ",").replace(" ", ","))
 extension = CppExtension
@@ -44,15 +94,15 @@ if with_cuda:
 LICENSE = ({"license_expression": "Apache-2.0"} if int(setuptools.__version__.split(".")[0]) >= 77
            else {"license": "Apache-2.0"})
 
-setup(
-    **LICENSE,
-    ext_modules=[
-        extension(
-            "fasttransformer._C",
-            sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            extra_link_args=["-fopenmp"],
-        )
-    ],
-    cmdclass={"build_ext": BuildExtension},
-)
+if __name__ == "__main__":  # pip runs it so too; tests import openmp_flags without building
+    setup(
+        **LICENSE,
+        ext_modules=[
+            extension(
+                "fasttransformer._C",
+                sources,
+                extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            )
+        ],
+        cmdclass={"build_ext": BuildWithOpenMP},
+    )
