@@ -8,7 +8,7 @@ TORCH_LIBRARY(fasttransformer, m) {
   // P = pos_weight, or the sinusoid when pos_weight is None. padding_idx is used by the backward.
   m.def(
       "token_positional_embedding(Tensor input_ids, Tensor weight, Tensor? pos_weight, "
-      "Tensor? start_pos, int start_offset, float scale, float dropout_p, Tensor? seed, "
+      "Tensor? start_pos, SymInt start_offset, float scale, float dropout_p, Tensor? seed, "
       "int? padding_idx, bool check_ids) -> Tensor");
   // grad[index[b, t]] += multiplier * dropout(grad_output[b, t]); rows == padding_idx stay zero.
   m.def(

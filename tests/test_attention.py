@@ -1813,6 +1813,8 @@ def test_op_random_combinations_match_the_reference(call):
     ({"is_causal": "yes"}, TypeError, "is_causal must be a bool"),
     ({"enable_gqa": None}, TypeError, "enable_gqa must be a bool"),
     ({"dropout_p": 2.0}, ValueError, "dropout_p must be"),
+    ({"scale": float("nan")}, ValueError, "scale must be finite, got nan"),  # torch's CPU kernel gives numbers
+    ({"scale": -math.inf}, ValueError, "scale must be finite, got -inf"),
     ({"backend": "cudnn"}, ValueError, "backend must be one of"),
 ])
 def test_op_bad_arguments_name_the_argument(change, error, pattern):
@@ -1821,6 +1823,23 @@ def test_op_bad_arguments_name_the_argument(change, error, pattern):
     args.update(change)
     with pytest.raises(error, match=pattern):
         scaled_dot_product_attention(args.pop("query"), args.pop("key"), args.pop("value"), **args)
+
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_compiled_calls_with_a_scale_that_changes(backend):
+    """torch.compile makes a float argument that changed between calls symbolic: the checks of
+    `scale` must trace then (math.isfinite does not), and a NaN still raises, naming it."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v, s: scaled_dot_product_attention(q, k, v, scale=s, backend=backend),
+                             fullgraph=True, backend="aot_eager")
+    query, key, value = torch.randn(2, 3, 37, 16), torch.randn(2, 3, 63, 16), torch.randn(2, 3, 63, 16)
+    for scale in (0.3, 0.55, -0.8):
+        expected = reference.scaled_dot_product_attention(query.double(), key.double(), value.double(), scale=scale)
+        torch_result = reference.scaled_dot_product_attention(query, key, value, scale=scale)
+        assert_within_torch_error(compiled(query, key, value, scale), expected, torch_result, what=f"scale {scale}")
+    with pytest.raises(Exception, match="scale must be finite, got nan"):
+        compiled(query, key, value, float("nan"))
 
 
 # --- on CUDA only (make gpu-check): real sizes, bfloat16, reruns, graphs, compile -------------------

@@ -306,6 +306,47 @@ def test_gradcheck_float64(dropout_p):
     assert torch.autograd.gradcheck(fn, (weight, pos_weight))
 
 
+
+def test_compiled_calls_with_a_scale_that_changes():
+    """A float argument that changed between calls is symbolic under torch.compile: the check of
+    `scale` must trace (math.isfinite does not), and a NaN still raises, naming it."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda ids, weight, scale: token_positional_embedding(ids, weight, scale=scale),
+                             fullgraph=True, backend="aot_eager")
+    ids, weight = torch.randint(0, 37, (3, 11)), torch.randn(37, 16)
+    for scale in (0.3, 1.7, -2.5):
+        expected = reference.token_positional_embedding(ids, weight.double(), scale=scale)
+        torch.testing.assert_close(compiled(ids, weight, scale), expected.float())
+    with pytest.raises(Exception, match="scale must be finite, got nan"):
+        compiled(ids, weight, float("nan"))
+
+
+
+def test_compiled_decoding_steps_with_an_int_start_pos_compile_once():
+    """Decoding passes start_pos as a Python int that grows each step. The op's schema takes it as a
+    SymInt: with `int` there, torch.compile specialized on it and recompiled at every step, until
+    its limit of 8 (fullgraph=True then fails; without, the steps fall back to eager)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ids, weight = torch.randint(0, 37, (3, 1)), torch.randn(37, 16, requires_grad=True)
+    pos_weight = torch.randn(40, 16, requires_grad=True)
+    compiled = torch.compile(lambda ids, start: token_positional_embedding(ids, weight, pos_weight, scale=1.5,
+                                                                           start_pos=start),
+                             fullgraph=True, backend="aot_eager")
+    for start in range(12):
+        out = compiled(ids, start)
+        grad = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (weight, pos_weight), grad)
+        expected = reference.token_positional_embedding(ids, weight.double(), pos_weight.double(), scale=1.5,
+                                                        start_pos=start)
+        expected_grads = torch.autograd.grad(expected, (weight, pos_weight), grad.double())
+        torch.testing.assert_close(out, expected.float())
+        for result, wanted in zip(grads, expected_grads):
+            torch.testing.assert_close(result, wanted)
+    # start 0 is specialized (as dynamo does for 0 and 1), then one graph with start symbolic
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
 @pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
@@ -397,6 +438,9 @@ def test_position_past_learned_table_raises(device):
     ({"padding_idx": 10}, ValueError, r"padding_idx must be in \[-10, 10\)"),
     ({"padding_idx": 1.0}, TypeError, "padding_idx must be an int"),
     ({"scale": "2"}, TypeError, "scale must be a real number"),
+    ({"scale": float("nan")}, ValueError, "scale must be finite, got nan"),
+    ({"start_pos": 2**63 - 3}, ValueError, r"start_pos \+ seq_len must be below 2\*\*63"),  # int64 positions
+    ({"start_pos": 2**64}, ValueError, r"start_pos \+ seq_len must be below 2\*\*63"),  # torch: "not an 'int'"
 ])
 def test_bad_arguments_raise_naming_the_argument(kwargs, error, pattern):
     args = {"input_ids": torch.randint(0, 10, (2, 3)), "weight": torch.randn(10, 8)}

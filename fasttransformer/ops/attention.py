@@ -79,6 +79,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Under ``torch.autocast`` for the inputs' device, every backend computes in the autocast
     dtype, as torch's SDPA does: the floating inputs (the float ``attn_mask`` too) but float64
     ones are cast to it first, and the output has it.
+
+    ``scale`` (default ``1/sqrt(D)``) must be finite: a NaN or infinite one raises (torch's CPU
+    kernel turns a NaN scale into numbers). Under torch.compile a changed scale recompiles.
     """
     query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     if (all(isinstance(tensor, torch.Tensor) for tensor in (query, key, value))
@@ -237,6 +240,10 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)):
         raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+    # not math.isfinite: dynamo cannot trace it for a float it made symbolic (a compiled call whose
+    # scale changed between calls); comparisons it can. torch's CPU kernel turns a NaN scale into numbers.
+    if scale is not None and (scale != scale or abs(scale) == math.inf):
+        raise ValueError(f"scale must be finite, got {scale}")
 
     from torch.nn.attention.bias import CausalBias, CausalVariant
 

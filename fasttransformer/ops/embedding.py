@@ -7,6 +7,7 @@ traces it), and the public function, which validates every argument once.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Union
 
@@ -41,11 +42,12 @@ def token_positional_embedding(
             encoding of "Attention Is All You Need", computed in the kernel (no table is read):
             ``P[p, 2i] = sin(p / 10000^(2i/d))``, ``P[p, 2i+1] = cos(p / 10000^(2i/d))``
             (``d`` must then be even).
-        scale: multiplies the token embedding (``sqrt(d)`` in the paper).
+        scale: multiplies the token embedding (``sqrt(d)`` in the paper); finite.
         padding_idx: as in ``torch.nn.functional.embedding``: that row of ``weight`` gets no
             gradient (the forward is unchanged). Negative values count from the end.
         start_pos: position of token 0: an int, or an integer tensor ``(B,)`` with one start
-            per sequence (incremental decoding, left padding).
+            per sequence (incremental decoding, left padding). Under torch.compile an int that
+            changes between calls stays symbolic: a decoding loop compiles once, not per step.
         dropout_p: dropout probability, applied inside the kernel with a Philox
             counter-based generator seeded from torch's generator (reproducible under
             ``torch.manual_seed``); the backward regenerates the mask instead of storing it.
@@ -94,6 +96,8 @@ def token_positional_embedding(
         )
     if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    if scale != scale or abs(scale) == math.inf:  # not math.isfinite: dynamo cannot trace it (a symbolic float)
+        raise ValueError(f"scale must be finite, got {scale}")
     if not isinstance(dropout_p, numbers.Real) or not 0.0 <= float(dropout_p) <= 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
     if padding_idx is not None:
@@ -123,6 +127,8 @@ def token_positional_embedding(
         start_offset = int(start_pos)
         if start_offset < 0:
             raise ValueError(f"start_pos must be >= 0, got {start_offset}")
+        if start_offset + seq_len > 2**63 - 1:  # positions are int64 in the kernels
+            raise ValueError(f"start_pos + seq_len must be below 2**63, got {start_offset} + {seq_len}")
         if pos_weight is not None and seq_len > 0 and start_offset + seq_len > pos_weight.shape[0]:
             raise IndexError(
                 f"start_pos + seq_len = {start_offset} + {seq_len} exceeds the "
