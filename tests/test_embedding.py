@@ -12,7 +12,7 @@ from accuracy import assert_within_torch_error, poisoned_allocations
 from conftest import DEVICES, HAS_CUDA
 from philox import philox4x32
 from fasttransformer import _extension, reference
-from fasttransformer.ops import token_positional_embedding
+from fasttransformer.ops import embedding as embedding_op, token_positional_embedding
 
 pytestmark = pytest.mark.skipif(not _extension.available(), reason="fasttransformer._C is not built")
 
@@ -66,6 +66,63 @@ def make_inputs(batch, seq_len, vocab, dim, learned, start_pos, ids_kind, dtype,
 @pytest.mark.parametrize("batch,seq_len,vocab,dim,learned,start_pos,padding_idx,ids_kind", CASES)
 def test_forward_and_gradients_match_reference(batch, seq_len, vocab, dim, learned, start_pos,
                                                padding_idx, ids_kind, dtype, device):
+    check_forward_and_gradients(batch, seq_len, vocab, dim, learned, start_pos, padding_idx, ids_kind, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch,seq_len,vocab,dim,learned,start_pos,padding_idx,ids_kind", CASES)
+def test_devices_without_kernels_run_torch_ops(batch, seq_len, vocab, dim, learned, start_pos, padding_idx,
+                                               ids_kind, dtype, monkeypatch):
+    """MPS, XPU (and CUDA in a build without CUDA kernels) have no kernel in _C: the op runs as
+    torch's ops there, to the same accuracy rule. Checked here by sending CPU tensors that way."""
+    monkeypatch.setattr(embedding_op, "_no_kernel_for", lambda device: "no kernel (the test's)")
+    with pytest.warns(UserWarning, match="no kernel .the test's.; it runs as torch's unfused ops there"):
+        check_forward_and_gradients(batch, seq_len, vocab, dim, learned, start_pos, padding_idx, ids_kind, dtype,
+                                    "cpu")
+
+
+def test_devices_without_kernels_check_indices_and_drop_out(monkeypatch):
+    """The torch-ops path raises as the kernels do for ids and positions outside their tables, and
+    its dropout (torch's masks) keeps about 1 - p of the values, scaled by 1 / (1 - p), the
+    gradient flowing through the same mask, reproducibly under torch.manual_seed."""
+    monkeypatch.setattr(embedding_op, "_no_kernel_for", lambda device: "no kernel (the test's)")
+    ids, weight = torch.randint(0, 50, (4, 33)), torch.randn(50, 64, requires_grad=True)
+    with pytest.warns(UserWarning, match="no kernel"):
+        with pytest.raises(IndexError, match="input id 50 is outside .0, num_embeddings = 50."):
+            token_positional_embedding(torch.cat([ids, torch.full((4, 1), 50)], 1), weight)
+        with pytest.raises(IndexError, match=r"positions \(start_pos \+ t\) reach \[3, 40\], outside \[0, 40\)"):
+            token_positional_embedding(ids[:2, :5], weight, torch.randn(40, 64), start_pos=torch.tensor([3, 36]))
+        with pytest.raises(IndexError, match=r"reach \[-1, 32\], outside \[0, inf\)"):
+            token_positional_embedding(ids[:2], weight, start_pos=torch.tensor([-1, 0]))
+        torch.manual_seed(5)
+        dropped = token_positional_embedding(ids, weight, scale=2.0, dropout_p=0.3)
+        torch.manual_seed(5)
+        again = token_positional_embedding(ids, weight, scale=2.0, dropout_p=0.3)
+    full = reference.token_positional_embedding(ids, weight.double(), scale=2.0).float()
+    kept = dropped != 0
+    assert torch.equal(dropped, again)
+    assert abs(kept.float().mean().item() - 0.7) < 0.02  # 8448 draws: 4.5 standard deviations
+    torch.testing.assert_close(dropped[kept], full[kept] / 0.7)
+    grad = torch.randn_like(dropped)
+    (weight_grad,) = torch.autograd.grad(dropped, weight, grad)
+    expected = torch.zeros_like(weight).index_add_(0, ids.flatten(), (grad * kept * 2.0 / 0.7).flatten(0, 1))
+    torch.testing.assert_close(weight_grad, expected)
+
+
+def test_which_devices_have_no_kernel(monkeypatch):
+    assert embedding_op._no_kernel_for(torch.device("cpu")) is None
+    assert embedding_op._no_kernel_for(torch.device("meta")) is None  # the fake implementation
+    assert "not mps" in embedding_op._no_kernel_for(torch.device("mps"))
+    assert "not xpu" in embedding_op._no_kernel_for(torch.device("xpu"))
+    info = _extension.build_info()
+    monkeypatch.setattr(_extension, "build_info", lambda: {**info, "cuda_kernels": True})
+    assert embedding_op._no_kernel_for(torch.device("cuda", 0)) is None
+    monkeypatch.setattr(_extension, "build_info", lambda: {**info, "cuda_kernels": False})
+    assert "built without CUDA kernels" in embedding_op._no_kernel_for(torch.device("cuda", 0))
+
+
+def check_forward_and_gradients(batch, seq_len, vocab, dim, learned, start_pos, padding_idx, ids_kind, dtype,
+                                device):
     ids, weight, pos_weight, start_pos = make_inputs(batch, seq_len, vocab, dim, learned, start_pos,
                                                      ids_kind, dtype, device)
     if padding_idx is not None:

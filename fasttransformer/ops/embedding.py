@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Optional, Union
 
 import torch
 
-from fasttransformer import _extension
+from fasttransformer import _extension, reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _ID_DTYPES = (torch.int32, torch.int64)
@@ -58,6 +59,9 @@ def token_positional_embedding(
             device-side assert, as ``torch.nn.functional.embedding`` does. Either way no memory
             outside the tables is read. During CUDA graph capture the device-side assert is
             used. CPU inputs are always checked.
+
+    On devices fasttransformer._C has no kernel for (MPS, XPU; CUDA in a build without CUDA
+    kernels) the op runs as torch's unfused ops, with a warning, and torch's dropout masks.
 
     Returns:
         ``(B, L, d)`` tensor in ``weight.dtype``. Differentiable in ``weight`` and
@@ -137,6 +141,11 @@ def token_positional_embedding(
     else:
         raise TypeError(f"start_pos must be an int or an integer tensor, got {type(start_pos).__name__}")
 
+    missing = _no_kernel_for(weight.device)
+    if missing:
+        warnings.warn(f"token_positional_embedding: {missing}; it runs as torch's unfused ops there")
+        return _torch_embedding(input_ids, weight, pos_weight, start_tensor, start_offset, float(scale),
+                                float(dropout_p), padding_idx)
     _extension.require("fasttransformer.ops.token_positional_embedding")
     dropout_p = float(dropout_p)
     seed = _draw_seed(weight.device) if dropout_p > 0.0 else None
@@ -144,6 +153,43 @@ def token_positional_embedding(
         input_ids, weight, pos_weight, start_tensor, start_offset, float(scale), dropout_p, seed,
         padding_idx, bool(check_ids),
     )
+
+
+def _no_kernel_for(device: torch.device) -> Optional[str]:
+    """Why fasttransformer._C has no kernel for ``device`` (MPS, XPU; CUDA in a build without its
+    CUDA kernels), or None. Meta tensors take the fake implementation."""
+    if device.type in ("cpu", "meta") or not _extension.available():  # no _C at all: require() says so
+        return None
+    if device.type == "cuda":
+        return None if _extension.build_info()["cuda_kernels"] else "fasttransformer._C was built without CUDA kernels"
+    return f"fasttransformer._C has kernels for CPU and CUDA tensors, not {device.type}"
+
+
+def _torch_embedding(input_ids, weight, pos_weight, start_pos, start_offset, scale, dropout_p, padding_idx):
+    """The op in torch's own ops, for the devices _C has no kernel for: the same value, rounded once
+    from float32 (float64 for float64 tables) as the kernels do, torch's autograd and torch's
+    dropout masks. The index checks read values back (a host synchronisation), as the CPU kernel
+    checks always; the sinusoid is computed in float64 on the CPU (MPS has no float64)."""
+    num_embeddings, dim = weight.shape
+    if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < num_embeddings:
+        bad = input_ids[(input_ids < 0) | (input_ids >= num_embeddings)][0].item()
+        raise IndexError(f"token_positional_embedding: input id {bad} is outside [0, num_embeddings = "
+                         f"{num_embeddings})")
+    starts = start_pos.cpu() if start_pos is not None else torch.zeros(input_ids.shape[0], dtype=torch.int64)
+    positions = _positions(starts, start_offset, input_ids.shape, "cpu")  # (B, L) on the CPU
+    rows = pos_weight.shape[0] if pos_weight is not None else math.inf
+    if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < rows:
+        raise IndexError(f"token_positional_embedding: positions (start_pos + t) reach "
+                         f"[{int(positions.min())}, {int(positions.max())}], outside [0, {rows})")
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    out = torch.nn.functional.embedding(input_ids, weight, padding_idx).to(compute) * scale
+    if pos_weight is not None:
+        out = out + torch.nn.functional.embedding(positions.to(weight.device), pos_weight).to(compute)
+    else:  # one (L, d) table when every sequence starts at the same position
+        same = start_pos is None
+        table = reference.sinusoidal_positions(positions[:1] if same else positions, dim)
+        out = out + table.to(device=weight.device, dtype=compute)
+    return (torch.nn.functional.dropout(out, dropout_p) if dropout_p > 0.0 else out).to(weight.dtype)
 
 
 def _check_tensor(name: str, value) -> None:
