@@ -1842,7 +1842,6 @@ def test_op_bad_arguments_name_the_argument(change, error, pattern):
         scaled_dot_product_attention(args.pop("query"), args.pop("key"), args.pop("value"), **args)
 
 
-
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_compiled_calls_with_a_scale_that_changes(backend):
     """torch.compile makes a float argument that changed between calls symbolic: the checks of

@@ -90,6 +90,8 @@ def test_devices_without_kernels_check_indices_and_drop_out(monkeypatch):
     with pytest.warns(UserWarning, match="no kernel"):
         with pytest.raises(IndexError, match="input id 50 is outside .0, num_embeddings = 50."):
             token_positional_embedding(torch.cat([ids, torch.full((4, 1), 50)], 1), weight)
+        with pytest.raises(IndexError, match="input id -1 is outside"):
+            token_positional_embedding(torch.cat([torch.full((4, 1), -1), ids], 1), weight)
         with pytest.raises(IndexError, match=r"positions \(start_pos \+ t\) reach \[3, 40\], outside \[0, 40\)"):
             token_positional_embedding(ids[:2, :5], weight, torch.randn(40, 64), start_pos=torch.tensor([3, 36]))
         with pytest.raises(IndexError, match=r"reach \[-1, 32\], outside \[0, inf\)"):
@@ -114,10 +116,9 @@ def test_which_devices_have_no_kernel(monkeypatch):
     assert embedding_op._no_kernel_for(torch.device("meta")) is None  # the fake implementation
     assert "not mps" in embedding_op._no_kernel_for(torch.device("mps"))
     assert "not xpu" in embedding_op._no_kernel_for(torch.device("xpu"))
-    info = _extension.build_info()
-    monkeypatch.setattr(_extension, "build_info", lambda: {**info, "cuda_kernels": True})
+    monkeypatch.setattr(_extension._C, "WITH_CUDA", 1)
     assert embedding_op._no_kernel_for(torch.device("cuda", 0)) is None
-    monkeypatch.setattr(_extension, "build_info", lambda: {**info, "cuda_kernels": False})
+    monkeypatch.setattr(_extension._C, "WITH_CUDA", 0)
     assert "built without CUDA kernels" in embedding_op._no_kernel_for(torch.device("cuda", 0))
 
 

@@ -161,7 +161,7 @@ def _no_kernel_for(device: torch.device) -> Optional[str]:
     if device.type in ("cpu", "meta") or not _extension.available():  # no _C at all: require() says so
         return None
     if device.type == "cuda":
-        return None if _extension.build_info()["cuda_kernels"] else "fasttransformer._C was built without CUDA kernels"
+        return None if _extension._C.WITH_CUDA else "fasttransformer._C was built without CUDA kernels"
     return f"fasttransformer._C has kernels for CPU and CUDA tensors, not {device.type}"
 
 
@@ -171,7 +171,8 @@ def _torch_embedding(input_ids, weight, pos_weight, start_pos, start_offset, sca
     dropout masks. The index checks read values back (a host synchronisation), as the CPU kernel
     checks always; the sinusoid is computed in float64 on the CPU (MPS has no float64)."""
     num_embeddings, dim = weight.shape
-    if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < num_embeddings:
+    low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist() if input_ids.numel() else (0, 0)
+    if not 0 <= low <= high < num_embeddings:  # one host synchronisation
         bad = input_ids[(input_ids < 0) | (input_ids >= num_embeddings)][0].item()
         raise IndexError(f"token_positional_embedding: input id {bad} is outside [0, num_embeddings = "
                          f"{num_embeddings})")
