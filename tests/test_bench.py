@@ -250,6 +250,19 @@ def test_bench_rejects_unknown_subject(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, expected", [
+    ([str(ROOT / "fasttransformer" / "__main__.py"), "bench", "--quick"], "python -m fasttransformer bench --quick"),
+    (["/home/u/.venv/bin/fasttransformer", "bench", "--out", "a b"], "python -m fasttransformer bench --out 'a b'"),
+    ([str(ROOT / "benchmarks" / "tune_attention.py"), "--masks", "decode"],
+     "python benchmarks/tune_attention.py --masks decode"),
+    (["/elsewhere/run.py", "-x"], "python /elsewhere/run.py -x"),
+    ([], "python"),
+], ids=["python-m", "console-script", "in-checkout", "outside", "empty"])
+def test_results_record_the_command_a_user_would_type(argv, expected):
+    from fasttransformer.bench.common import command_line
+    assert command_line(argv) == expected
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run: on a GPU machine `make gpu-check` runs the sweep")
 def test_bench_quick_on_cpu_end_to_end(tmp_path, capsys):

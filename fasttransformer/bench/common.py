@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -50,10 +51,29 @@ def ceilings(device: str) -> dict:
     }
 
 
+def command_line(argv) -> str:
+    """The command that reproduces this run, as a user would type it: ``python -m fasttransformer
+    ...`` for the CLI (run as ``-m``, whose argv[0] is the path of ``__main__.py``, or as the
+    installed ``fasttransformer`` script), otherwise ``python`` and argv with paths inside the
+    checkout made relative to it (results files are committed: no one's home directory in them)."""
+    program, args = (argv[0] if argv else ""), list(argv[1:])
+    path = Path(program)
+    if path.name == "fasttransformer" or path.parts[-2:] == ("fasttransformer", "__main__.py"):
+        return shlex.join(["python", "-m", "fasttransformer", *args])
+    root = Path(__file__).resolve().parents[2]
+
+    def relative(arg: str) -> str:
+        try:
+            return str(Path(arg).resolve().relative_to(root)) if os.path.isabs(arg) else arg
+        except ValueError:
+            return arg
+    return shlex.join(["python", *([relative(program)] if program else []), *args])
+
+
 def environment(device: str) -> dict:
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(sys.argv),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
