@@ -26,8 +26,9 @@ TORCH_LIBRARY(fasttransformer, m) {
 #endif
 
 extern "C" PyObject* PyInit__C(void) {
+  // every field given (m_methods, m_slots, m_traverse, m_clear, m_free): -Wextra asks for them
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fasttransformer native ops",
-                                   -1, nullptr};
+                                   -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
 #ifdef WITH_CUDA
