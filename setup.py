@@ -31,24 +31,37 @@ def openmp_flags(compiler):
 
     gcc and LLVM's clang take -fopenmp. Apple's clang rejects it ("unsupported option"), but torch's
     macOS wheels bring libomp.dylib and omp.h, and `-Xpreprocessor -fopenmp` against those shares
-    torch's OpenMP runtime (a second copy aborts the process, OMP Error #15). Without any, the CPU
-    kernels build anyway and run on one thread (at::parallel_for is serial without _OPENMP).
+    torch's OpenMP runtime (a second copy aborts the process, OMP Error #15). MSVC (cl, and
+    clang-cl, torch's compilers on Windows) takes /openmp, in its own command syntax, and links
+    the runtime its omp.h names. The probe must see _OPENMP defined: a compiler that ignores an
+    option it does not know, with a warning and exit status 0 (cl does), counts as failing.
+    Without any, the CPU kernels build anyway and run on one thread (at::parallel_for is serial
+    without _OPENMP). (Not tried on a real Windows machine: the tests use stand-ins.)
     """
     torch_dir = os.path.dirname(torch.__file__)
-    candidates = [(["-fopenmp"], ["-fopenmp"])]
-    if sys.platform == "darwin" and os.path.exists(os.path.join(torch_dir, "lib", "libomp.dylib")):
+    # a path (on Windows C:\Program Files\...\cl.exe, which shlex would mangle), or words ("ccache g++")
+    words = [compiler] if os.path.isfile(compiler) else shlex.split(compiler)
+    program = os.path.basename(words[0]).lower() if words else ""
+    msvc = program.removesuffix(".exe") in ("cl", "clang-cl")
+    candidates = [(["/openmp"], [])] if msvc else [(["-fopenmp"], ["-fopenmp"])]
+    if not msvc and sys.platform == "darwin" and os.path.exists(os.path.join(torch_dir, "lib", "libomp.dylib")):
         library = os.path.join(torch_dir, "lib")
         candidates.insert(0, (["-Xpreprocessor", "-fopenmp", "-I" + os.path.join(torch_dir, "include")],
                               ["-L" + library, "-lomp", "-Wl,-rpath," + library]))
     with tempfile.TemporaryDirectory() as folder:  # an executable: its link must resolve the runtime
         probe = os.path.join(folder, "probe.cpp")
         with open(probe, "w") as file:
-            file.write("#include <omp.h>\nint main() {\n  int n = 0;\n#pragma omp parallel\n"
+            file.write("#ifndef _OPENMP\n#error OpenMP is not enabled\n#endif\n#include <omp.h>\n"
+                       "int main() {\n  int n = 0;\n#pragma omp parallel\n"
                        "  n = omp_get_num_threads();\n  return n > 0 ? 0 : 1;\n}\n")
         for compile_flags, link_flags in candidates:
-            command = [*shlex.split(compiler), *compile_flags, probe, "-o", probe + ".out", *link_flags]
-            if subprocess.run(command, capture_output=True).returncode == 0:
-                return compile_flags, link_flags
+            output = ["/nologo", "/Fe" + probe + ".exe", "/Fo" + probe + ".obj"] if msvc else ["-o", probe + ".out"]
+            command = [*words, *compile_flags, probe, *output, *link_flags]
+            try:
+                if subprocess.run(command, capture_output=True).returncode == 0:
+                    return compile_flags, link_flags
+            except OSError:  # no such compiler: the build itself will say so
+                return None
     return None
 
 

@@ -30,6 +30,45 @@ exec g++ "$@"
 """
 
 
+# Ignores the options it does not know with a warning and exits 0, as MSVC's cl does (D9002), takes
+# /openmp, /Fe<exe>, /Fo<obj>, /nologo and -o (deprecated in cl, still taken); otherwise it is g++,
+# linking the OpenMP runtime whatever the options, as cl links the one its omp.h names.
+MSVC_CL = """#!/bin/sh
+set --  "$@" --end
+while [ "$1" != "--end" ]; do
+  case "$1" in
+    /openmp) set -- "$@" -fopenmp ;;
+    /nologo|/Fo*) ;;
+    /Fe*) set -- "$@" -o "${1#/Fe}" ;;
+    -o) set -- "$@" -o "$2"; shift ;;
+    -*) echo "cl : Command line warning D9002 : ignoring unknown option '$1'" >&2 ;;
+    *) set -- "$@" "$1" ;;
+  esac
+  shift
+done
+shift
+exec g++ "$@" -lgomp
+"""
+
+# A gcc-like compiler that drops -fopenmp (with a warning) and exits 0: no _OPENMP, no threads
+# (the runtime is linked, so omp.h's functions resolve: only _OPENMP tells).
+IGNORES_FOPENMP = """#!/bin/sh
+for argument in "$@"; do
+  shift
+  if [ "$argument" = "-fopenmp" ]; then echo "warning: -fopenmp ignored" >&2; else set -- "$@" "$argument"; fi
+done
+exec g++ "$@" -lgomp
+"""
+
+
+def stand_in(folder, name, script):
+    folder.mkdir(parents=True, exist_ok=True)
+    compiler = folder / name
+    compiler.write_text(script)
+    compiler.chmod(0o755)
+    return str(compiler)
+
+
 @pytest.fixture
 def apple_clang(tmp_path):
     compiler = tmp_path / "apple-clang++"
@@ -80,6 +119,24 @@ def test_openmp_flags_on_macos_use_the_libomp_torch_ships(apple_clang, tmp_path)
         [f"-L{library}", "-lomp", f"-Wl,-rpath,{library}"]]
     # gcc on macOS (or an LLVM clang) would take -fopenmp too, but the probe tries torch's first
     assert openmp_flags("g++", platform="darwin", torch_dir=torch_dir)[0][0] == "-Xpreprocessor"
+
+
+@needs_gxx
+@pytest.mark.parametrize("folder, name", [("bin", "cl"), ("Program Files/MSVC", "cl.exe"), ("llvm", "clang-cl")])
+def test_openmp_flags_of_msvc_are_slash_openmp(tmp_path, folder, name):
+    """cl would take -fopenmp with a warning and build the probe without OpenMP: its flag is /openmp,
+    and the compiler may be a path with spaces (how Windows installs it)."""
+    compiler = stand_in(tmp_path / folder, name, MSVC_CL)
+    assert openmp_flags(compiler) == [["/openmp"], []]
+
+
+@needs_gxx
+def test_openmp_flags_none_where_the_compiler_ignores_fopenmp(tmp_path):
+    """Exit status 0 is not enough: the probe needs _OPENMP defined (cl's way with unknown options,
+    seen from a gcc-like compiler)."""
+    assert openmp_flags(stand_in(tmp_path, "ignoring-c++", IGNORES_FOPENMP)) is None
+    assert openmp_flags(stand_in(tmp_path, "cc-wrapper", MSVC_CL)) is None  # not named cl: given -fopenmp
+    assert openmp_flags(str(tmp_path / "no-such-compiler")) is None
 
 
 @needs_gxx
