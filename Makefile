@@ -5,6 +5,9 @@
 # make gpu-check  on a GPU machine: build with its own python3, tests on CUDA, benchmark sweep
 # make gpu-stack-test  the suite here, on the CPU, under the GPU machine's stack (Python 3.12,
 #                 torch 2.11 CUDA build, triton 3.6; ~5 GB in .venv-gpu-stack): what would break there
+# make aot-tritons  the ahead-of-time check (pytest -m aot) under the Tritons that torch's CUDA wheels
+#                 pin (3.7.1: torch 2.13, 3.8.0: torch 2.14), each in .venv-triton-V beside torch 2.13.0's
+#                 CPU build (~2 GB each, about 5 min each with Triton's cache cold): not in CI, for time
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +15,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 INSTALL_STAMP := $(VENV)/.fasttransformer-installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.h)
 
-.PHONY: test build demo info bench gpu-check gpu-stack-test clean
+.PHONY: test build demo info bench gpu-check gpu-stack-test aot-tritons clean
 
 $(DEPS_STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +59,17 @@ gpu-stack-test:
 	$(GPU_STACK)/bin/pip install --disable-pip-version-check -q torch==2.11.0 -r $(GPU_STACK)/requirements.txt
 	$(GPU_STACK)/bin/python setup.py -q build_ext --inplace
 	$(GPU_STACK)/bin/python -m pytest tests
+
+# Only triton's pin differs from requirements-dev.txt; the checkout's code is compiled (PYTHONPATH).
+AOT_TRITONS ?= 3.7.1 3.8.0
+aot-tritons:
+	for version in $(AOT_TRITONS); do \
+	  venv=.venv-triton-$$version; \
+	  test -x $$venv/bin/python || $(PYTHON) -m venv $$venv || exit 1; \
+	  sed "s/^triton==.*/triton==$$version/" requirements-dev.txt > $$venv/requirements.txt; \
+	  $$venv/bin/pip install --disable-pip-version-check -q -r $$venv/requirements.txt || exit 1; \
+	  PYTHONPATH=$(CURDIR) $$venv/bin/python -m pytest tests -m aot -n $(TEST_WORKERS) || exit 1; \
+	done
 
 clean:
 	rm -rf build fasttransformer/*.so *.egg-info

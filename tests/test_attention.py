@@ -921,6 +921,16 @@ def test_config_table_arch_of_each_gpu(monkeypatch, capability, shared_memory, a
         configs._cuda_arch.cache_clear()
 
 
+# triton version -> {(kernel, arch, head dim, dtype, options): stack bytes} that the table keeps
+# (configs.py: the entries for Triton 3.7 and 3.8). CI's Triton (requirements-dev.txt) has none.
+KNOWN_SPILLS = {
+    "3.7.1": {("attention_backward_dkdv_kernel", 80, 128, "bf16", ()): 16,
+              ("attention_backward_dkdv_kernel", 86, 128, "bf16", ()): 8,
+              ("attention_forward_kernel", 86, 32, "bf16", (("SPLIT_KEYS", True),)): 8},
+    "3.8.0": {("attention_forward_kernel", 86, 32, "bf16", (("SPLIT_KEYS", True),)): 16},
+}
+
+
 @pytest.mark.slow
 @pytest.mark.aot
 def test_attention_configs_do_not_spill(aot_reports):
@@ -928,9 +938,19 @@ def test_attention_configs_do_not_spill(aot_reports):
     mask on, without and with dropout (dropout's own entries), split keys or not, for both
     archs and dtypes, nor in the delta pre-pass and the split keys' merge. The compile mirrors
     the JIT's runtime specialisation (aot.py): without it, the report described kernels that
-    never run, and spilled."""
-    spilling = [report for report in aot_reports if report["stack_bytes"]]
+    never run, and spilled. Under a Triton other than CI's, the spills KNOWN_SPILLS lists for it
+    (configs.py says why each is kept) are allowed up to their size, and must still be there."""
+    import triton
+    known = KNOWN_SPILLS.get(triton.__version__, {})
+
+    def key(report):
+        return (report["kernel"], report["arch"], report["head_dim"], report["dtype"],
+                tuple(sorted(report["options"].items())))
+
+    spilling = [report for report in aot_reports if report["stack_bytes"] > known.get(key(report), 0)]
     assert not spilling, spilling
+    gone = set(known) - {key(report) for report in aot_reports if report["stack_bytes"]}
+    assert not gone, f"no longer spill under triton {triton.__version__}: remove from KNOWN_SPILLS: {gone}"
     # The block-list builder's kernels (block_lists.py) are compiled too, for both archs.
     assert {(report["kernel"], report["arch"]) for report in aot_reports
             if report["kernel"] in ("tile_classes_kernel", "block_lists_kernel")} == {
