@@ -7,6 +7,8 @@ from conftest import SANITIZE
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
+from fasttransformer.kernels.attention_forward import load_tile  # noqa: E402
+
 pytestmark = pytest.mark.skipif(not SANITIZE, reason="the sanitizer runs under TRITON_INTERPRET=1, unless "
                                                      "FASTTRANSFORMER_SANITIZE=0")
 
@@ -25,15 +27,12 @@ def _copy(X, Y, n, BLOCK: tl.constexpr, LOAD_MASKED: tl.constexpr, STORE_MASKED:
 
 
 @triton.jit
-def _block_copy(X, Y, n, BLOCK: tl.constexpr, CHECKED: tl.constexpr):
-    start = tl.program_id(0) * BLOCK
-    x_block = tl.make_block_ptr(X, shape=(n,), strides=(1,), offsets=(start,), block_shape=(BLOCK,), order=(0,))
-    if CHECKED:
-        x = tl.load(x_block, boundary_check=(0,), padding_option="zero")
-    else:
-        x = tl.load(x_block)
-    offs = start + tl.arange(0, BLOCK)
-    tl.store(Y + offs, x, mask=offs < n)
+def _tile_copy(X, Y, n, BLOCK: tl.constexpr, CHECKED: tl.constexpr):
+    """X as a (BLOCK, 1) tile per program through the attention kernels' load_tile, its rows
+    checked against n or not (as the kernels leave them on the tiles a mask does not cross)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = load_tile(X, rows, tl.arange(0, 1), 1, 1, n, 1, CHECKED, True, False)
+    tl.store(Y + rows[:, None], x, mask=rows[:, None] < n)
 
 
 def test_masked_accesses_pass_and_copy():
@@ -41,7 +40,7 @@ def test_masked_accesses_pass_and_copy():
     _copy[(2,)](x, y, 100, BLOCK=64, LOAD_MASKED=True, STORE_MASKED=True)
     assert torch.equal(x, y)
     y.fill_(float("nan"))
-    _block_copy[(2,)](x, y, 100, BLOCK=64, CHECKED=True)
+    _tile_copy[(2,)](x, y, 100, BLOCK=64, CHECKED=True)
     assert torch.equal(x, y)
 
 
@@ -53,10 +52,10 @@ def test_unmasked_access_past_the_end_fails(load_masked, store_masked, kind):
         _copy[(2,)](x, y, 100, BLOCK=64, LOAD_MASKED=load_masked, STORE_MASKED=store_masked)
 
 
-def test_block_pointer_without_boundary_check_fails():
+def test_tile_load_without_its_row_check_fails():
     x, y = torch.randn(100), torch.zeros(100)
-    with pytest.raises(Exception, match=r"masked-in load of 28 lane.*400 bytes from the start of X's storage"):
-        _block_copy[(2,)](x, y, 100, BLOCK=64, CHECKED=False)
+    with pytest.raises(Exception, match=r"masked-in load of 28 lane.*400 bytes from the start of X\W+s storage"):
+        _tile_copy[(2,)](x, y, 100, BLOCK=64, CHECKED=False)
 
 
 def test_a_view_may_read_its_whole_storage():

@@ -34,48 +34,48 @@ import triton.language as tl
 from fasttransformer.kernels.attention_forward import (LOG2E, MASK_BOOL, cdiv, dot_precision, dropout_arguments,
                                                        dropout_keep, effective_dropout_p, interior_keys,
                                                        int64_offsets, interior_queries, key_range, list_segments,
-                                                       mask_arguments, segment_range, tile_scores)
+                                                       load_tile, mask_arguments, segment_range, store_tile,
+                                                       tile_scores)
 
 
 @triton.jit
 def recompute_probabilities(q, k, lse, rows, cols, seqlen_q, seqlen_k, batch, scale_log2, causal_offset,
-                            window_left, window_right, mask_block, KeyPadding, stride_pb, stride_pn,
-                            CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
+                            window_left, window_right, mask_base, stride_mm, stride_mn, KeyPadding, stride_pb,
+                            stride_pn, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
                             HAS_KEY_PADDING: tl.constexpr, MASKED: tl.constexpr,
-                            DOT_PRECISION: tl.constexpr):
+                            DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """P = exp(S - lse) of one (rows x cols) tile, with the forward's masks (``tile_scores``),
     for the dQ kernel (the dK/dV kernel computes P^T)."""
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     scores = tile_scores(scores, rows, cols, seqlen_q, seqlen_k, batch, causal_offset, window_left,
-                         window_right, KeyPadding, stride_pb, stride_pn, mask_block,
-                         CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, MASKED)
+                         window_right, KeyPadding, stride_pb, stride_pn, mask_base, stride_mm, stride_mn,
+                         CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, MASKED, INT64_OFFSETS)
     return tl.exp2(scores - lse[:, None] * 1.4426950408889634)
 
 
 @triton.jit
-def dkdv_tile(dk, dv, k, v, q_base, do_base, mask_base, start_m, offs_m, offs_n, Lse, Delta, head_row,
-              seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left, window_right,
+def dkdv_tile(dk, dv, k, v, q_base, do_base, mask_base, start_m, offs_m, offs_n, offs_d, stride_qm, stride_qd,
+              stride_dom, stride_dod, stride_mm, stride_mn, Lse, Delta, head_row,
+              seqlen_q, seqlen_k, head_dim, batch, scale_log2, causal_offset, window_left, window_right,
               KeyPadding, stride_pb, stride_pn, seed, start_n, dropout_threshold, dropout_scale,
               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
               HAS_KEY_PADDING: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
     """One query block [start_m, start_m + BLOCK_M) into this key block's (dK, dV), computed
     transposed (S^T = K Q^T, P^T, dP^T = V dO^T): every product then has BLOCK_N rows, so a
     BLOCK_M of 32 still runs on sm_90's wgmma (which needs 64 rows per warpgroup)."""
     rows = start_m + offs_m
     m_ok = rows < seqlen_q
     row_base = head_row * seqlen_q
-    q = tl.load(tl.advance(q_base, (start_m, 0)), boundary_check=(0, 1), padding_option="zero")
-    do = tl.load(tl.advance(do_base, (start_m, 0)), boundary_check=(0, 1), padding_option="zero")
+    q = load_tile(q_base, rows, offs_d, stride_qm, stride_qd, seqlen_q, head_dim, True, True, INT64_OFFSETS)
+    do = load_tile(do_base, rows, offs_d, stride_dom, stride_dod, seqlen_q, head_dim, True, True, INT64_OFFSETS)
     lse = tl.load(Lse + row_base + rows, mask=m_ok, other=float("inf"))
     delta = tl.load(Delta + row_base + rows, mask=m_ok, other=0.0)
-    mask_block = mask_base
-    if MASK_KIND != 0:
-        mask_block = tl.advance(mask_base, (0, start_m))
     scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
     scores = tile_scores(scores, rows, offs_n, seqlen_q, seqlen_k, batch, causal_offset, window_left,
-                         window_right, KeyPadding, stride_pb, stride_pn, mask_block,
-                         CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, MASKED, True)
+                         window_right, KeyPadding, stride_pb, stride_pn, mask_base, stride_mm, stride_mn,
+                         CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, MASKED, INT64_OFFSETS, True)
     p_t = tl.exp2(scores - lse[None, :] * 1.4426950408889634)
     if DROPOUT:
         keep_t = tl.trans(dropout_keep(seed, head_row, start_m, start_n, dropout_threshold, BLOCK_M, BLOCK_N))
@@ -113,15 +113,12 @@ def attention_backward_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
 
-    k_block = tl.make_block_ptr(K + batch * stride_kb + kv_head * stride_kh, shape=(seqlen_k, head_dim),
-                                strides=(stride_kn, stride_kd), offsets=(start_n, 0),
-                                block_shape=(BLOCK_N, BLOCK_D), order=(1, 0))
-    v_block = tl.make_block_ptr(V + batch * stride_vb + kv_head * stride_vh, shape=(seqlen_k, head_dim),
-                                strides=(stride_vn, stride_vd), offsets=(start_n, 0),
-                                block_shape=(BLOCK_N, BLOCK_D), order=(1, 0))
-    k = tl.load(k_block, boundary_check=(0, 1), padding_option="zero")
-    v = tl.load(v_block, boundary_check=(0, 1), padding_option="zero")
+    k = load_tile(K + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kn, stride_kd, seqlen_k, head_dim,
+                  True, True, INT64_OFFSETS)
+    v = load_tile(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_d, stride_vn, stride_vd, seqlen_k, head_dim,
+                  True, True, INT64_OFFSETS)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     seed = Seed  # unused without dropout
@@ -144,17 +141,9 @@ def attention_backward_dkdv_kernel(
 
     for group in range(0, kv_group):
         head = kv_head * kv_group + group
-        q_base = tl.make_block_ptr(Q + batch * stride_qb + head * stride_qh, shape=(seqlen_q, head_dim),
-                                   strides=(stride_qm, stride_qd), offsets=(0, 0),
-                                   block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
-        do_base = tl.make_block_ptr(DO + batch * stride_dob + head * stride_doh, shape=(seqlen_q, head_dim),
-                                    strides=(stride_dom, stride_dod), offsets=(0, 0),
-                                    block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
-        mask_base = Mask  # unused without a mask; the transposed view (keys x queries) otherwise
-        if MASK_KIND != 0:
-            mask_base = tl.make_block_ptr(Mask + batch * stride_mb + head * stride_mh, shape=(seqlen_k, seqlen_q),
-                                          strides=(stride_mn, stride_mm), offsets=(start_n, 0),
-                                          block_shape=(BLOCK_N, BLOCK_M), order=(0, 1))
+        q_base = Q + batch * stride_qb + head * stride_qh
+        do_base = DO + batch * stride_dob + head * stride_doh
+        mask_base = Mask + batch * stride_mb + head * stride_mh  # read only with a mask
         head_row = batch * num_heads + head
         # Three segments of query blocks, masked / whole / masked: without lists, before /
         # inside / after the interior ones; with lists, this key block's PARTIAL then FULL tiles.
@@ -169,52 +158,46 @@ def attention_backward_dkdv_kernel(
                     start_m = position
                     if SPARSE:
                         start_m = tl.load(index + position) * BLOCK_M
-                    dk, dv = dkdv_tile(dk, dv, k, v, q_base, do_base, mask_base, start_m, offs_m, offs_n, Lse, Delta,
-                                       head_row, seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
-                                       window_right, KeyPadding, stride_pb, stride_pn, seed, start_n,
+                    dk, dv = dkdv_tile(dk, dv, k, v, q_base, do_base, mask_base, start_m, offs_m, offs_n, offs_d,
+                                       stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Lse, Delta,
+                                       head_row, seqlen_q, seqlen_k, head_dim, batch, scale_log2, causal_offset,
+                                       window_left, window_right, KeyPadding, stride_pb, stride_pn, seed, start_n,
                                        dropout_threshold, dropout_scale, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING,
-                                       segment != 1, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                                       segment != 1, DROPOUT, DOT_PRECISION, INT64_OFFSETS, BLOCK_M, BLOCK_N)
 
     # DK and DV have the layouts of K and V (the launcher allocates them so).
-    dk_block = tl.make_block_ptr(DK + batch * stride_kb + kv_head * stride_kh, shape=(seqlen_k, head_dim),
-                                 strides=(stride_kn, stride_kd), offsets=(start_n, 0),
-                                 block_shape=(BLOCK_N, BLOCK_D), order=(1, 0))
-    dv_block = tl.make_block_ptr(DV + batch * stride_vb + kv_head * stride_vh, shape=(seqlen_k, head_dim),
-                                 strides=(stride_vn, stride_vd), offsets=(start_n, 0),
-                                 block_shape=(BLOCK_N, BLOCK_D), order=(1, 0))
-    tl.store(dk_block, (dk * scale).to(DK.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(dv_block, dv.to(DV.dtype.element_ty), boundary_check=(0, 1))
+    store_tile(DK + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kn, stride_kd, seqlen_k, head_dim,
+               (dk * scale).to(DK.dtype.element_ty), INT64_OFFSETS)
+    store_tile(DV + batch * stride_vb + kv_head * stride_vh, offs_n, offs_d, stride_vn, stride_vd, seqlen_k, head_dim,
+               dv.to(DV.dtype.element_ty), INT64_OFFSETS)
 
 
 @triton.jit
-def dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, dbias_base, start_n, rows, offs_n,
-            seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left, window_right,
+def dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, dbias_base, start_n, rows, offs_n, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            seqlen_q, seqlen_k, head_dim, batch, scale_log2, causal_offset, window_left, window_right,
             KeyPadding, stride_pb, stride_pn, seed, head_row, start_m, dropout_threshold, dropout_scale,
             CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
             HAS_KEY_PADDING: tl.constexpr, MASKED: tl.constexpr, BIAS_GRAD: tl.constexpr,
-            DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+            DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block [start_n, start_n + BLOCK_N) into this query block's dQ (and, for a float
     attn_mask that requires grad, the tile of its gradient dS). MASKED=False: every key of the
     block is before seqlen_k and visible to every query (``tile_scores``)."""
-    if MASKED:
-        k = tl.load(tl.advance(k_base, (start_n, 0)), boundary_check=(0, 1), padding_option="zero")
-        v = tl.load(tl.advance(v_base, (start_n, 0)), boundary_check=(0, 1), padding_option="zero")
-    else:
-        k = tl.load(tl.advance(k_base, (start_n, 0)), boundary_check=(1,), padding_option="zero")
-        v = tl.load(tl.advance(v_base, (start_n, 0)), boundary_check=(1,), padding_option="zero")
-    mask_block = mask_base
-    if MASK_KIND != 0:
-        mask_block = tl.advance(mask_base, (0, start_n))
-    p = recompute_probabilities(q, k, lse, rows, start_n + offs_n, seqlen_q, seqlen_k, batch, scale_log2,
-                                causal_offset, window_left, window_right, mask_block, KeyPadding, stride_pb,
-                                stride_pn, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, MASKED, DOT_PRECISION)
+    keys = start_n + offs_n  # checked against seqlen_k only on masked tiles
+    k = load_tile(k_base, keys, offs_d, stride_kn, stride_kd, seqlen_k, head_dim, MASKED, True, INT64_OFFSETS)
+    v = load_tile(v_base, keys, offs_d, stride_vn, stride_vd, seqlen_k, head_dim, MASKED, True, INT64_OFFSETS)
+    p = recompute_probabilities(q, k, lse, rows, keys, seqlen_q, seqlen_k, batch, scale_log2,
+                                causal_offset, window_left, window_right, mask_base, stride_mm, stride_mn, KeyPadding,
+                                stride_pb, stride_pn, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, MASKED,
+                                DOT_PRECISION, INT64_OFFSETS)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
         keep = dropout_keep(seed, head_row, start_m, start_n, dropout_threshold, BLOCK_M, BLOCK_N)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])
-    if BIAS_GRAD:  # d(loss)/d(bias) = dS: the bias is added after the scale
-        tl.store(tl.advance(dbias_base, (0, start_n)), ds, boundary_check=(0, 1))
+    if BIAS_GRAD:  # d(loss)/d(bias) = dS: the bias is added after the scale; one slice may pass 2**31 elements
+        store_tile(dbias_base, rows, keys, seqlen_k, 1, seqlen_q, seqlen_k, ds, True)
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
@@ -245,34 +228,21 @@ def attention_backward_dq_kernel(
     start_m = pid_m * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
     m_ok = rows < seqlen_q
-    q_block = tl.make_block_ptr(Q + batch * stride_qb + head * stride_qh, shape=(seqlen_q, head_dim),
-                                strides=(stride_qm, stride_qd), offsets=(start_m, 0),
-                                block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
-    do_block = tl.make_block_ptr(DO + batch * stride_dob + head * stride_doh, shape=(seqlen_q, head_dim),
-                                 strides=(stride_dom, stride_dod), offsets=(start_m, 0),
-                                 block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
-    q = tl.load(q_block, boundary_check=(0, 1), padding_option="zero")
-    do = tl.load(do_block, boundary_check=(0, 1), padding_option="zero")
+    q = load_tile(Q + batch * stride_qb + head * stride_qh, rows, offs_d, stride_qm, stride_qd, seqlen_q, head_dim,
+                  True, True, INT64_OFFSETS)
+    do = load_tile(DO + batch * stride_dob + head * stride_doh, rows, offs_d, stride_dom, stride_dod, seqlen_q,
+                   head_dim, True, True, INT64_OFFSETS)
     row_base = pid_bh * seqlen_q
     lse = tl.load(Lse + row_base + rows, mask=m_ok, other=float("inf"))
     delta = tl.load(Delta + row_base + rows, mask=m_ok, other=0.0)
-    k_base = tl.make_block_ptr(K + batch * stride_kb + kv_head * stride_kh, shape=(seqlen_k, head_dim),
-                               strides=(stride_kn, stride_kd), offsets=(0, 0),
-                               block_shape=(BLOCK_N, BLOCK_D), order=(1, 0))
-    v_base = tl.make_block_ptr(V + batch * stride_vb + kv_head * stride_vh, shape=(seqlen_k, head_dim),
-                               strides=(stride_vn, stride_vd), offsets=(0, 0),
-                               block_shape=(BLOCK_N, BLOCK_D), order=(1, 0))
-    mask_base = Mask  # unused without a mask
-    if MASK_KIND != 0:
-        mask_base = tl.make_block_ptr(Mask + batch * stride_mb + head * stride_mh, shape=(seqlen_q, seqlen_k),
-                                      strides=(stride_mm, stride_mn), offsets=(start_m, 0),
-                                      block_shape=(BLOCK_M, BLOCK_N), order=(1, 0))
+    k_base = K + batch * stride_kb + kv_head * stride_kh
+    v_base = V + batch * stride_vb + kv_head * stride_vh
+    mask_base = Mask + batch * stride_mb + head * stride_mh  # read only with a mask
     dbias_base = DBias  # unused without a bias gradient
     if BIAS_GRAD:  # DBias: contiguous (B, Hq, Lq, Lk) float32, zero where no tile is visited
-        dbias_base = tl.make_block_ptr(DBias + pid_bh.to(tl.int64) * seqlen_q * seqlen_k, shape=(seqlen_q, seqlen_k),
-                                       strides=(seqlen_k, 1), offsets=(start_m, 0),
-                                       block_shape=(BLOCK_M, BLOCK_N), order=(1, 0))
+        dbias_base = DBias + pid_bh.to(tl.int64) * seqlen_q * seqlen_k
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     seed = Seed  # unused without dropout
     if DROPOUT:
@@ -298,15 +268,14 @@ def attention_backward_dq_kernel(
                 if SPARSE:
                     start_n = tl.load(index + position) * BLOCK_N
                 dq = dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, dbias_base, start_n, rows, offs_n,
-                             seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left, window_right,
-                             KeyPadding, stride_pb, stride_pn, seed, pid_bh, start_m, dropout_threshold,
+                             offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                             seqlen_q, seqlen_k, head_dim, batch, scale_log2, causal_offset, window_left,
+                             window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh, start_m, dropout_threshold,
                              dropout_scale, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, segment != 1, BIAS_GRAD,
-                             DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                             DROPOUT, DOT_PRECISION, INT64_OFFSETS, BLOCK_M, BLOCK_N)
 
-    dq_block = tl.make_block_ptr(DQ + batch * stride_qb + head * stride_qh, shape=(seqlen_q, head_dim),
-                                 strides=(stride_qm, stride_qd), offsets=(start_m, 0),
-                                 block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
-    tl.store(dq_block, (dq * scale).to(DQ.dtype.element_ty), boundary_check=(0, 1))
+    store_tile(DQ + batch * stride_qb + head * stride_qh, rows, offs_d, stride_qm, stride_qd, seqlen_q, head_dim,
+               (dq * scale).to(DQ.dtype.element_ty), INT64_OFFSETS)
 
 
 @triton.jit
@@ -321,15 +290,12 @@ def attention_delta_kernel(Out, DO, Delta,
     if INT64_OFFSETS:  # see attention_forward.int64_offsets
         head, batch = head.to(tl.int64), batch.to(tl.int64)
     pid_bh = batch * num_heads + head
-    o_block = tl.make_block_ptr(Out + batch * stride_ob + head * stride_oh, shape=(seqlen_q, head_dim),
-                                strides=(stride_om, stride_od), offsets=(pid_m * BLOCK_M, 0),
-                                block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
-    do_block = tl.make_block_ptr(DO + batch * stride_dob + head * stride_doh, shape=(seqlen_q, head_dim),
-                                 strides=(stride_dom, stride_dod), offsets=(pid_m * BLOCK_M, 0),
-                                 block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
-    o = tl.load(o_block, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-    do = tl.load(do_block, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = load_tile(Out + batch * stride_ob + head * stride_oh, rows, offs_d, stride_om, stride_od, seqlen_q, head_dim,
+                  True, True, INT64_OFFSETS).to(tl.float32)
+    do = load_tile(DO + batch * stride_dob + head * stride_doh, rows, offs_d, stride_dom, stride_dod, seqlen_q,
+                   head_dim, True, True, INT64_OFFSETS).to(tl.float32)
     tl.store(Delta + pid_bh * seqlen_q + rows, tl.sum(o * do, 1), mask=rows < seqlen_q)
 
 

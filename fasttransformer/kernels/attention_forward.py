@@ -37,25 +37,72 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def tile_pointers(base, rows, cols, stride_r, stride_c, INT64_OFFSETS: tl.constexpr):
+    """Pointers to the (len(rows), len(cols)) tile ``base + rows[:, None] * stride_r + cols[None, :]
+    * stride_c``. Offsets are int32 (every offset into a tensor of fewer than 2**31 elements fits)
+    but with INT64_OFFSETS (``int64_offsets``), where one (batch, head) slice may be larger."""
+    if INT64_OFFSETS:
+        rows, cols = rows.to(tl.int64), cols.to(tl.int64)
+    return base + rows[:, None] * stride_r + cols[None, :] * stride_c
+
+
+@triton.jit
+def tile_bounds(rows, cols, num_rows, num_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """The tile's elements inside [0, num_rows) x [0, num_cols), on the dimensions checked (at
+    least one); the rows and columns are never negative."""
+    if CHECK_ROWS and CHECK_COLS:
+        inside = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
+    elif CHECK_ROWS:
+        inside = rows[:, None] < num_rows
+    else:
+        inside = cols[None, :] < num_cols
+    return inside
+
+
+@triton.jit
+def load_tile(base, rows, cols, stride_r, stride_c, num_rows, num_cols, CHECK_ROWS: tl.constexpr,
+              CHECK_COLS: tl.constexpr, INT64_OFFSETS: tl.constexpr):
+    """The tile of a 2-D (num_rows, num_cols) view at ``base`` with those strides, zeros outside
+    it on the dimensions checked. Plain pointer arithmetic, what Triton lowered block pointers to
+    on NVIDIA GPUs: Triton 3.9 (torch 2.15's) removed ``tl.make_block_ptr``."""
+    pointers = tile_pointers(base, rows, cols, stride_r, stride_c, INT64_OFFSETS)
+    return tl.load(pointers, mask=tile_bounds(rows, cols, num_rows, num_cols, CHECK_ROWS, CHECK_COLS), other=0.0)
+
+
+@triton.jit
+def store_tile(base, rows, cols, stride_r, stride_c, num_rows, num_cols, value, INT64_OFFSETS: tl.constexpr):
+    """Stores ``value`` into the tile of a 2-D (num_rows, num_cols) view, inside it only."""
+    pointers = tile_pointers(base, rows, cols, stride_r, stride_c, INT64_OFFSETS)
+    tl.store(pointers, value, mask=tile_bounds(rows, cols, num_rows, num_cols, True, True))
+
+
+@triton.jit
 def tile_scores(scores, rows, cols, seqlen_q, seqlen_k, batch, causal_offset, window_left, window_right,
-                KeyPadding, stride_pb, stride_pn, mask_block,
+                KeyPadding, stride_pb, stride_pn, mask_base, stride_mm, stride_mn,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
-                HAS_KEY_PADDING: tl.constexpr, MASKED: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+                HAS_KEY_PADDING: tl.constexpr, MASKED: tl.constexpr, INT64_OFFSETS: tl.constexpr,
+                TRANSPOSED: tl.constexpr = False):
     """Scores (base-2 units) of one (rows x cols) tile with every mask applied: -inf where a
     query may not see a key. Shared by the forward and the backward kernels. MASKED=False: the
     tile is known to be all visible (an interior tile, see ``interior_keys``, or a FULL one of
     block_lists.py): no element-wise mask is applied, not even the sequence ends, and the
     boolean attn_mask and key padding are not read. A float attn_mask is always added.
-    TRANSPOSED: the tile is (keys x queries), S^T, and ``mask_block`` points at the mask's
-    transposed view."""
+    ``mask_base``: this (batch, head)'s attn_mask, read through its strides (0 where it
+    broadcasts). TRANSPOSED: the tile is (keys x queries), S^T."""
     if TRANSPOSED:
         query_index = rows[None, :]
         key_index = cols[:, None]
     else:
         query_index = rows[:, None]
         key_index = cols[None, :]
+    if MASK_KIND != 0:
+        if INT64_OFFSETS:
+            mask_pointers = mask_base + query_index.to(tl.int64) * stride_mm + key_index.to(tl.int64) * stride_mn
+        else:
+            mask_pointers = mask_base + query_index * stride_mm + key_index * stride_mn
+        mask_inside = (query_index < seqlen_q) & (key_index < seqlen_k)
     if MASK_KIND == 2:
-        bias = tl.load(mask_block, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+        bias = tl.load(mask_pointers, mask=mask_inside, other=0.0).to(tl.float32)
         scores = scores + bias * 1.4426950408889634
     if MASKED:
         visible = (query_index < seqlen_q) & (key_index < seqlen_k)
@@ -69,7 +116,7 @@ def tile_scores(scores, rows, cols, seqlen_q, seqlen_k, batch, causal_offset, wi
                               other=1)
             visible = visible & (padding == 0)
         if MASK_KIND == 1:
-            visible = visible & (tl.load(mask_block, boundary_check=(0, 1), padding_option="zero") != 0)
+            visible = visible & (tl.load(mask_pointers, mask=mask_inside, other=0) != 0)
         scores = tl.where(visible, scores, float("-inf"))
     return scores
 
@@ -187,12 +234,13 @@ def key_range(start_m, seqlen_k, causal_offset, window_left, window_right,
 
 
 @triton.jit
-def forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
-                 seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left, window_right,
+def forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d,
+                 stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                 seqlen_q, seqlen_k, head_dim, batch, scale_log2, causal_offset, window_left, window_right,
                  KeyPadding, stride_pb, stride_pn, seed, head_row, start_m, dropout_threshold,
                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
                  HAS_KEY_PADDING: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, POSITIVE_SCALE: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, POSITIVE_SCALE: tl.constexpr, INT64_OFFSETS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key block [start_n, start_n + BLOCK_N) into the running (acc, max, sum). With
     DROPOUT the sum counts every probability and acc only the kept ones (unscaled: the
@@ -201,19 +249,15 @@ def forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, o
     and no float mask): the row max is taken on the unscaled products, max(s * c) = max(s) * c
     exactly for c > 0, so the scale is multiplied once per row there and fused into the
     exponent's subtraction (one FFMA per score instead of an FMUL and an FFMA)."""
-    if MASKED:
-        k = tl.load(tl.advance(k_base, (0, start_n)), boundary_check=(0, 1), padding_option="zero")
-    else:
-        k = tl.load(tl.advance(k_base, (0, start_n)), boundary_check=(0,), padding_option="zero")
+    keys = start_n + offs_n
+    # K^T's (D, BLOCK_N) tile; the keys are checked against seqlen_k only on masked tiles
+    k = load_tile(k_base, offs_d, keys, stride_kd, stride_kn, head_dim, seqlen_k, True, MASKED, INT64_OFFSETS)
     scores = tl.dot(q, k, input_precision=DOT_PRECISION)
     if not POSITIVE_SCALE:
         scores = scores * scale_log2
-    mask_block = mask_base
-    if MASK_KIND != 0:
-        mask_block = tl.advance(mask_base, (0, start_n))
-    scores = tile_scores(scores, offs_m, start_n + offs_n, seqlen_q, seqlen_k, batch, causal_offset, window_left,
-                         window_right, KeyPadding, stride_pb, stride_pn, mask_block,
-                         CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, MASKED)
+    scores = tile_scores(scores, offs_m, keys, seqlen_q, seqlen_k, batch, causal_offset, window_left,
+                         window_right, KeyPadding, stride_pb, stride_pn, mask_base, stride_mm, stride_mn,
+                         CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, MASKED, INT64_OFFSETS)
     if POSITIVE_SCALE:  # -inf * c stays -inf
         m_new = tl.maximum(m_i, tl.max(scores, 1) * scale_log2)
     else:
@@ -232,10 +276,7 @@ def forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, o
     if DROPOUT:
         keep = dropout_keep(seed, head_row, start_m, start_n, dropout_threshold, BLOCK_M, BLOCK_N)
         p = tl.where(keep, p, 0.0)
-    if MASKED:
-        v = tl.load(tl.advance(v_base, (start_n, 0)), boundary_check=(0, 1), padding_option="zero")
-    else:
-        v = tl.load(tl.advance(v_base, (start_n, 0)), boundary_check=(1,), padding_option="zero")
+    v = load_tile(v_base, keys, offs_d, stride_vn, stride_vd, seqlen_k, head_dim, MASKED, True, INT64_OFFSETS)
     # Accumulate inside the dot: `acc * alpha + tl.dot(p, v)` holds a second BLOCK_M x D
     # float32 tile (at D = 128, BLOCK_M = 128, 8 warps: 468 bytes spilled on sm_90).
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -277,25 +318,17 @@ def attention_forward_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seqlen_q
 
-    # Block pointers, not 2-D pointer tensors: the latter held 64-bit addresses per element and
-    # pushed D = 64 to 255 registers (ptxas, sm_90).
-    q_block = tl.make_block_ptr(Q + batch * stride_qb + head * stride_qh, shape=(seqlen_q, head_dim),
-                                strides=(stride_qm, stride_qd), offsets=(pid_m * BLOCK_M, 0),
-                                block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
-    q = tl.load(q_block, boundary_check=(0, 1), padding_option="zero")
-    k_base = tl.make_block_ptr(K + batch * stride_kb + kv_head * stride_kh, shape=(head_dim, seqlen_k),
-                               strides=(stride_kd, stride_kn), offsets=(0, 0),
-                               block_shape=(BLOCK_D, BLOCK_N), order=(0, 1))
-    v_base = tl.make_block_ptr(V + batch * stride_vb + kv_head * stride_vh, shape=(seqlen_k, head_dim),
-                               strides=(stride_vn, stride_vd), offsets=(0, 0),
-                               block_shape=(BLOCK_N, BLOCK_D), order=(1, 0))
-    mask_base = Mask  # unused without a mask
-    if MASK_KIND != 0:
-        mask_base = tl.make_block_ptr(Mask + batch * stride_mb + head * stride_mh, shape=(seqlen_q, seqlen_k),
-                                      strides=(stride_mm, stride_mn), offsets=(pid_m * BLOCK_M, 0),
-                                      block_shape=(BLOCK_M, BLOCK_N), order=(1, 0))
+    # Each tile's pointers are computed where it is loaded, from this (batch, head)'s base and
+    # int32 offsets: pointer tensors carried from one key block to the next held 64-bit
+    # addresses per element and pushed D = 64 to 255 registers (ptxas, sm_90).
+    q = load_tile(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, head_dim,
+                  True, True, INT64_OFFSETS)
+    k_base = K + batch * stride_kb + kv_head * stride_kh
+    v_base = V + batch * stride_vb + kv_head * stride_vh
+    mask_base = Mask + batch * stride_mb + head * stride_mh  # read only with a mask
 
     seed = Seed  # unused without dropout
     if DROPOUT:
@@ -335,11 +368,12 @@ def attention_forward_kernel(
                 if SPARSE:
                     start_n = tl.load(index + position) * BLOCK_N
                 acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
-                                             seqlen_q, seqlen_k, batch, scale_log2, causal_offset, window_left,
-                                             window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh,
-                                             pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
+                                             offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                                             seqlen_q, seqlen_k, head_dim, batch, scale_log2, causal_offset,
+                                             window_left, window_right, KeyPadding, stride_pb, stride_pn, seed,
+                                             pid_bh, pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
                                              HAS_KEY_PADDING, segment != 1, DROPOUT, DOT_PRECISION, POSITIVE_SCALE,
-                                             BLOCK_M, BLOCK_N)
+                                             INT64_OFFSETS, BLOCK_M, BLOCK_N)
 
     seen = l_i > 0
     normaliser = tl.where(seen, l_i, 1.0)
@@ -354,10 +388,8 @@ def attention_forward_kernel(
     else:
         lse = tl.where(seen, log2_sum / 1.4426950408889634, float("inf"))
         lse_row = pid_bh * seqlen_q
-    o_block = tl.make_block_ptr(Out + batch * stride_ob + head * stride_oh + split * stride_os,
-                                shape=(seqlen_q, head_dim), strides=(stride_om, stride_od),
-                                offsets=(pid_m * BLOCK_M, 0), block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
-    tl.store(o_block, out.to(Out.dtype.element_ty), boundary_check=(0, 1))
+    store_tile(Out + batch * stride_ob + head * stride_oh + split * stride_os, offs_m, offs_d, stride_om, stride_od,
+               seqlen_q, head_dim, out.to(Out.dtype.element_ty), INT64_OFFSETS)
     tl.store(Lse + lse_row + offs_m, lse, mask=row_ok)
 
 

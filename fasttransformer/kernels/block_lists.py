@@ -220,7 +220,9 @@ def _append_class(base, out, found, pid_r, fine_rows, fine_cols, stride_fr, stri
         for i in tl.static_range(FACTOR_R):
             for j in tl.static_range(FACTOR_C):
                 row, col = pid_r * FACTOR_R + i, cols * FACTOR_C + j
-                ok = (row < fine_rows) & (col < fine_cols)
+                # One compare, not (row < fine_rows) & (col < fine_cols): triton 3.9's interpreter
+                # gives a scalar bool & a tensor of bools int32 values, which tl.load refuses as a mask.
+                ok = col < tl.where(row < fine_rows, fine_cols, 0)
                 fine = tl.load(base + row * stride_fr + col * stride_fc, mask=ok, other=0).to(tl.int32)
                 if KEYS_ON_ROWS:
                     past_keys = row >= fine_rows

@@ -93,7 +93,8 @@ INT64_OVERRIDES = {
 # aot-sweep-tritons.json), untimed like the rest; the comment gives the old entry's spill. One is
 # kept: sm_80's D = 128 dK/dV entry (32, 64, 8, 2) spills 16 bytes under 3.7.1 only, and every
 # config clean under all three has half its tile, for every D = 128 backward on an A100: a change
-# no timing supports (the AOT test lists it in KNOWN_SPILLS, with two on sm_86: see below).
+# no timing supports (it, and the two on sm_86 below, no longer spill since the kernels' move to
+# pointer arithmetic, 2026-12-07: see the end of the table).
 INT64_OVERRIDES[("dkdv", "2-byte", 80, 32, False)] = Config(32, 128, 8, 1)  # 2 stages: 8 bytes (3.7.1)
 INT64_OVERRIDES[("dkdv", "2-byte", 80, 128, False)] = Config(32, 32, 8, 2)  # (32, 64, 8, 2): 16 bytes (3.7.1)
 INT64_OVERRIDES[("dkdv", "fp32", 80, 16, False)] = Config(16, 64, 8, 2)  # 4 warps, 1 stage: 16 bytes (3.7.1)
@@ -137,12 +138,34 @@ DROPOUT_OVERRIDES[("forward", "2-byte", SMEM_99KB, 64)] = Config(128, 64, 8, 1) 
 DROPOUT_OVERRIDES[("dkdv", "2-byte", SMEM_99KB, 32)] = Config(32, 64, 8, 1)  # sm_80's (32, 64, 8, 2): 40 bytes (3.8.0)
 INT64_OVERRIDES[("dkdv", "2-byte", SMEM_99KB, 16, True)] = Config(32, 128, 8, 1)  # 2 stages: 16 bytes (3.8.0)
 INT64_OVERRIDES[("dq", "fp32", SMEM_99KB, 64, True)] = Config(32, 16, 4, 2)  # 1 stage: 16 bytes (3.8.0)
-# Kept, though they spill under 3.7.1 or 3.8.0 on sm_86 (KNOWN_SPILLS in the AOT test): the D = 32
+# Kept, though they spilled under 3.7.1 or 3.8.0 on sm_86 (clean since 2026-12-07): the D = 32
 # forward with split keys (8 and 16 bytes) and the D = 128 dK/dV kernel (8 bytes, 3.7.1); the
 # configs clean there under all three spill 24 to 72 bytes on sm_120 under 3.6.
 # Left as they are, clean on sm_86 but spilling 8 bytes on sm_120: the D = 128 forward with a
 # float mask (the configs clean there have 1 stage or half the tile, for every D = 128 call: a
 # change no timing supports) and the D = 256 dK/dV kernel with dropout.
+
+# Since the kernels load their tiles through pointer arithmetic (Triton 3.9 removed the block
+# pointers they used: attention_forward.load_tile), ptxas allocates their registers differently:
+# 3, 7, 8 and 14 of the attention kernels' 741 compiles above spilled 8 to 56 stack bytes under
+# 3.6.0, 3.7.1, 3.8.0 and 3.9.0 (AOT reports: benchmarks/results/2026-12-07-cpu/). These
+# replace them by the nearest config clean under all four (benchmarks/aot_sweep.py, 2026-12-07),
+# untimed like the rest; the comment gives the old entry and where it spilled. They are keyed by
+# arch (after the 99 KB parts took sm_80's entries above).
+BACKWARD_DQ[(80, 16)] = Config(128, 64, 8, 1)  # 2 stages: 8 bytes (3.6.0)
+BACKWARD_DQ_FP32[(90, 16)] = Config(32, 16, 4, 2)  # 1 stage: 16 bytes (3.9.0), 8 with dropout, int64 (3.6.0, 3.8.0)
+FORWARD_FP32[(90, 64)] = Config(32, 64, 8, 1)  # 2 stages: 16 to 56 bytes (3.9.0)
+FORWARD[(SMEM_99KB, 16)] = Config(128, 64, 4, 1)  # 2 stages: 8 to 16 bytes (3.7.1, 3.8.0, 3.9.0)
+DROPOUT_OVERRIDES[("forward", "2-byte", SMEM_99KB, 16)] = Config(128, 64, 8, 1)  # 2 stages: 8 bytes (3.7.1 to 3.9.0)
+BACKWARD_DKDV_FP32[(SMEM_99KB, 32)] = Config(16, 16, 8, 2)  # (32, 16, 8, 2): 16 to 24 bytes (3.7.1 to 3.9.0)
+# (128, 64, 8, 2): 24 bytes (3.8.0, 3.9.0); the new (128, 64, 8, 1) above: 24 bytes (3.6.0)
+INT64_OVERRIDES[("dq", "2-byte", 80, 16, False)] = Config(64, 64, 8, 2)
+INT64_OVERRIDES[("dq", "2-byte", 90, 256, False)] = Config(64, 16, 8, 2)  # (64, 32, 8, 2): 8 bytes (3.9.0)
+INT64_OVERRIDES[("dq", "2-byte", SMEM_99KB, 64, True)] = Config(128, 16, 8, 2)  # (128, 32, 8, 1): 8 bytes (3.9.0)
+INT64_OVERRIDES[("dq", "fp32", 80, 32, False)] = Config(32, 16, 8, 2)  # 4 warps, 1 stage: 8 bytes (3.7.1 to 3.9.0)
+INT64_OVERRIDES[("dq", "fp32", SMEM_99KB, 16, True)] = Config(32, 16, 4, 2)  # 1 stage: 8 bytes (3.7.1)
+INT64_OVERRIDES[("dq", "fp32", SMEM_99KB, 64, False)] = Config(32, 16, 4, 2)  # 1 stage: 16 bytes (3.9.0)
+INT64_OVERRIDES[("dkdv", "fp32", 90, 32, False)] = Config(32, 16, 8, 2)  # 4 warps, 1 stage: 8 bytes (3.6.0)
 
 # Triton's interpreter (CPU tensors): the tile sizes only change the interpreter's speed. The
 # backward's two differ, so the CPU tests run the coarsening of the tile classes.
