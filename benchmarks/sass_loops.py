@@ -42,7 +42,8 @@ def disassemble(kernel, arch, head_dim, config, options) -> str:
         signature[name] = "constexpr"
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": config[2], "num_stages": config[3]})
+                              options={"num_warps": config[2], "num_stages": config[3],
+                                       "enable_fp_fusion": True})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])

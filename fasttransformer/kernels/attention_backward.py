@@ -307,7 +307,8 @@ def attention_delta(grad_out, out):
     block_m, block_d, num_warps = delta_config(head_dim)
     attention_delta_kernel[(cdiv(seqlen_q, block_m), heads, batch)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seqlen_q, head_dim,
-        INT64_OFFSETS=int64_offsets(out, grad_out), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps)
+        INT64_OFFSETS=int64_offsets(out, grad_out), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        enable_fp_fusion=True)
     return delta
 
 
@@ -378,7 +379,7 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
         query, key, value, grad_out, lse, delta, dk, dv, mask, padding, counts, index, seed, *strides, *list_strides,
         heads, kv_heads, group, seqlen_q, seqlen_k, head_dim, *scalars, **constants,
         BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n, num_warps=dkdv_config.num_warps,
-        num_stages=dkdv_config.num_stages)
+        num_stages=dkdv_config.num_stages, enable_fp_fusion=True)
     counts, index, list_strides = list_arguments(by_query, query)
     per_batch = (query, key, value, grad_out, lse, delta, dq, mask, padding, counts, index)  # placeholders too
 
@@ -389,7 +390,7 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
         attention_backward_dq_kernel[(cdiv(seqlen_q, dq_config.block_m), heads, stop - start)](
             *tensors, dbias, seed, *strides, *list_strides, heads, group, seqlen_q, seqlen_k, head_dim, *scalars,
             BIAS_GRAD=bias_grad, **constants, BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n,
-            num_warps=dq_config.num_warps, num_stages=dq_config.num_stages)
+            num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, enable_fp_fusion=True)
 
     if not bias_grad:
         launch_dq(0, batch, query)

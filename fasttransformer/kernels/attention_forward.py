@@ -522,7 +522,7 @@ def dropout_keep_mask(seed, shape, dropout_p):
         return torch.ones(shape, dtype=torch.bool, device=seed.device)
     keep = torch.empty(shape, dtype=torch.int8, device=seed.device)
     grid = (cdiv(seqlen_q, 32) * batch * heads, cdiv(seqlen_k, 32))
-    dropout_mask_kernel[grid](seed, keep, seqlen_q, seqlen_k, threshold, BLOCK_M=32, BLOCK_N=32)
+    dropout_mask_kernel[grid](seed, keep, seqlen_q, seqlen_k, threshold, BLOCK_M=32, BLOCK_N=32, enable_fp_fusion=True)
     return keep.view(torch.bool)
 
 
@@ -611,6 +611,8 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     else:
         target, target_lse, target_strides = out, lse, (*out_strides, 0)
     grid = (query_blocks * num_splits, heads, batch)  # y, z <= 65535: ops' _triton_unsupported
+    # enable_fp_fusion, in every launch: the kernels are written for fused multiply-adds (forward_tile:
+    # one FFMA per score), Triton 3.9 warns when a launch leaves it unset and 3.10 turns it off by default.
     attention_forward_kernel[grid](
         query, key, value, target, target_lse, mask, padding, counts, index, seed,
         *query_strides, *key.stride(), *value.stride(), *target_strides, *mask_strides, *padding_strides,
@@ -622,12 +624,13 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
         DOT_PRECISION=dot_precision(query), POSITIVE_SCALE=scale > 0 and mask_kind != MASK_FLOAT,
         SPLIT_KEYS=num_splits > 1, INT64_OFFSETS=wide,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim_bucket(head_dim), num_warps=num_warps, num_stages=num_stages,
+        enable_fp_fusion=True,
     )
     if num_splits > 1:
         attention_combine_kernel[(cdiv(seqlen_q, COMBINE_BLOCK_M), heads, batch)](
             target, target_lse, out, lse, *target.stride()[:3], *target.stride()[3:], *out_strides,
             heads, num_splits, seqlen_q, head_dim, INT64_OFFSETS=wide,
-            BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=head_dim_bucket(head_dim), num_warps=4,
+            BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=head_dim_bucket(head_dim), num_warps=4, enable_fp_fusion=True,
         )
     return out, lse
 

@@ -329,7 +329,7 @@ def _build_block_lists(attn_mask, key_padding_mask, shape, tiles, causal_offset,
             HAS_MASK=attn_mask is not None, MASK_ROWS=mask_strides[2] != 0 and seqlen_q > 1,
             HAS_KEY_PADDING=key_padding_mask is not None, CAUSAL=causal_offset is not None,
             WINDOW=window is not None, BLOCK_M=block_m, BLOCK_N=block_n, TILES=class_tiles, ROWS=CLASS_ROWS,
-            num_warps=4)
+            num_warps=4, enable_fp_fusion=True)
     lists = []
     for tile_m, tile_n, by_key in tiles:
         factor_m, factor_n = tile_m // block_m, tile_n // block_n
@@ -344,6 +344,7 @@ def _build_block_lists(attn_mask, key_padding_mask, shape, tiles, causal_offset,
         if counts.numel():
             block_lists_kernel[(list_batch * list_heads * rows,)](
                 classes, counts, indices, *fine[:4], rows, cols, FACTOR_R=fine[4], FACTOR_C=fine[5],
-                TILES=LIST_TILES, KEYS_ON_ROWS=by_key, num_warps=4)
+                TILES=LIST_TILES, KEYS_ON_ROWS=by_key, num_warps=4,
+                enable_fp_fusion=True)
         lists.append(BlockLists(counts.expand(batch, heads, rows, 2), indices.expand(batch, heads, rows, cols)))
     return lists
