@@ -6,8 +6,9 @@
 # make gpu-stack-test  the suite here, on the CPU, under the GPU machine's stack (Python 3.12,
 #                 torch 2.11 CUDA build, triton 3.6; ~5 GB in .venv-gpu-stack): what would break there
 # make aot-tritons  the ahead-of-time check (pytest -m aot) under the Tritons that torch's CUDA wheels
-#                 pin (3.7.1: torch 2.13, 3.8.0: torch 2.14), each in .venv-triton-V beside torch 2.13.0's
-#                 CPU build (~2 GB each, about 5 min each with Triton's cache cold): not in CI, for time
+#                 pin (3.7.1: torch 2.13, 3.8.0: torch 2.14, 3.9.0: torch 2.15), each in .venv-triton-V
+#                 beside torch 2.13.0's CPU build (~2 GB each, about 5 min each with Triton's cache cold):
+#                 not in CI, for time (CI compiles each kernel's variants of one config under 3.9.0)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -31,10 +32,19 @@ $(INSTALL_STAMP): $(DEPS_STAMP) setup.py pyproject.toml
 build: $(INSTALL_STAMP) $(SOURCES)
 	$(PY) setup.py -q build_ext --inplace
 
+# The Triton that the newest torch's CUDA wheel pins (torch 2.15.0: triton 3.9.0), beside CI's 3.6:
+# the suite compiles every kernel under it too (pip --target: Triton alone, about 1 GB).
+NEWEST_TRITON ?= 3.9.0
+NEWEST_TRITON_STAMP := $(VENV)/triton-newest/.installed-$(NEWEST_TRITON)
+$(NEWEST_TRITON_STAMP): $(DEPS_STAMP)
+	rm -rf $(VENV)/triton-newest
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --target $(VENV)/triton-newest triton==$(NEWEST_TRITON)
+	touch $@
+
 # One pytest process per core (pytest-xdist; TEST_WORKERS=0 runs them in this process), each with
 # one torch thread (tests/conftest.py); the 15 slowest tests are listed at the end.
 TEST_WORKERS ?= auto
-test: build
+test: build $(NEWEST_TRITON_STAMP)
 	$(PY) -m pytest tests -n $(TEST_WORKERS) --durations=15
 
 demo: build
@@ -61,7 +71,7 @@ gpu-stack-test:
 	$(GPU_STACK)/bin/python -m pytest tests
 
 # Only triton's pin differs from requirements-dev.txt; the checkout's code is compiled (PYTHONPATH).
-AOT_TRITONS ?= 3.7.1 3.8.0
+AOT_TRITONS ?= 3.7.1 3.8.0 3.9.0
 aot-tritons:
 	for version in $(AOT_TRITONS); do \
 	  venv=.venv-triton-$$version; \

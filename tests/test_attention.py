@@ -6,6 +6,8 @@ operands as raw bits, so bfloat16 is covered only on CUDA (make gpu-check)."""
 import contextlib
 import functools
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -954,6 +956,36 @@ def test_attention_configs_do_not_spill(aot_reports):
     assert {(report["kernel"], report["arch"]) for report in aot_reports
             if report["kernel"] in ("tile_classes_kernel", "block_lists_kernel")} == {
         (kernel, arch) for kernel in ("tile_classes_kernel", "block_lists_kernel") for arch in (80, 86, 90)}
+
+
+NEWEST_TRITON = os.path.join(sys.prefix, "triton-newest")  # make test installs it (Makefile: NEWEST_TRITON)
+
+
+@pytest.mark.aot
+@pytest.mark.skipif(not os.path.isdir(NEWEST_TRITON), reason=f"no {NEWEST_TRITON}: make test installs the Triton "
+                                                             "that the newest torch pins there")
+def test_kernels_compile_under_the_newest_triton():
+    """Every kernel, in every variant of one config (sm_90, bf16, D = 128: each code path once),
+    compiles under the Triton that the newest torch's CUDA wheel pins (the Makefile's
+    NEWEST_TRITON, installed beside CI's), not only under CI's: Triton 3.9, torch 2.15's, removed
+    the block pointers the kernels were written with, and every CUDA call of the op would have
+    failed there while CI stayed green. Spills under it are ``make aot-tritons``' business."""
+    import json
+    import subprocess
+
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+           "PYTHONPATH": os.pathsep.join([NEWEST_TRITON, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))])}
+    result = subprocess.run([sys.executable, "-m", "fasttransformer.kernels.aot", "--quick"], capture_output=True,
+                            text=True, env=env, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = json.loads(result.stdout)
+    installed = {name[len("triton-"):-len(".dist-info")] for name in os.listdir(NEWEST_TRITON)
+                 if name.startswith("triton-") and name.endswith(".dist-info")}
+    assert {report["triton"] for report in reports} == installed, (installed, {report["triton"] for report in reports})
+    assert {report["kernel"] for report in reports} == {
+        "attention_forward_kernel", "attention_backward_dkdv_kernel", "attention_backward_dq_kernel",
+        "attention_delta_kernel", "attention_combine_kernel", "tile_classes_kernel", "block_lists_kernel"}
+    assert all(report["registers"] for report in reports), reports
 
 
 # --- the public op: fasttransformer.ops.scaled_dot_product_attention --------------------------------

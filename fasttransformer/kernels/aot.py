@@ -104,7 +104,8 @@ def compile_kernel(kernel, arch: int, head_dim: int, config, dtype: str = "bf16"
     registers = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
     return {
-        "kernel": kernel.fn.__name__, "arch": arch, "head_dim": head_dim, "config": list(config),
+        "kernel": kernel.fn.__name__, "triton": triton.__version__, "arch": arch, "head_dim": head_dim,
+        "config": list(config),
         "registers": int(registers.group(1)) if registers else None,
         "stack_bytes": int(stack.group(1)) if stack else None,
         "shared_bytes": compiled.metadata.shared,
@@ -208,6 +209,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fasttransformer.kernels.aot", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, help="only the table's entries for this arch (80, 86 or 90)")
     parser.add_argument("--target", type=int, help="compile them for this sm instead (with --arch; e.g. 89, 120)")
+    parser.add_argument("--quick", action="store_true",
+                        help="only sm_90's bf16 D = 128 entries, in every variant, and the first tile of the list "
+                             "builder: each kernel's every code path once, in about a minute")
     args = parser.parse_args(argv)
     if args.target is not None and args.arch is None:
         parser.error("--target needs --arch")
@@ -215,6 +219,10 @@ def main(argv=None) -> int:
         print("unset TRITON_INTERPRET: the interpreter cannot compile", file=sys.stderr)
         return 2
     jobs = [job for job in _jobs() if args.arch is None or job[1] == args.arch]
+    if args.quick:
+        lists = [job for job in jobs if job[0] in ("classes", "lists") and job[1] == 90]
+        jobs = [job for job in jobs if job[1:3] == (90, 128) and job[5] == "bf16"]
+        jobs += [job for job in lists if job[0] == "classes"][:3] + [job for job in lists if job[0] == "lists"][:1]
     if args.target is not None:
         jobs = [(name, args.target, *rest) for name, _, *rest in jobs]
     from concurrent.futures import ProcessPoolExecutor
