@@ -1670,14 +1670,179 @@ def test_op_second_derivative_raises(monkeypatch, through_op):
         second.backward()
 
 
-def test_op_vmap_takes_the_custom_op():
-    """Under torch.func.vmap the op runs through the custom op (torch's per-example fallback);
-    the eager path's launchers cannot read batched tensors."""
-    q, k, v = (torch.randn(3, 2, 4, 29, 24, device=DEVICE) for _ in range(3))
-    batched = torch.func.vmap(lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton"))
-    expected = torch.stack([scaled_dot_product_attention(q[i], k[i], v[i], is_causal=True, backend="triton")
-                            for i in range(3)])
-    assert torch.equal(batched(q, k, v), expected)
+@pytest.mark.parametrize("name", ["none", "bool+is_causal+padding", "float+padding", "window_pair+causal"])
+def test_op_torch_func_grad_and_vjp_give_autograds_bits(name):
+    """torch.func.vjp and grad through the kernels give autograd's bits, a float mask's gradient
+    too. (torch's autograd.Function for a custom op lacks the setup_context torch.func needs,
+    pytorch/pytorch#168393: through it, torch.func.grad raised; the op brings its own.)"""
+    q, k, v, kwargs, _, _ = op_case(name, torch.float32)
+    attn_mask = kwargs.pop("attn_mask", None)
+    inputs = (q, k, v, attn_mask) if attn_mask is not None and attn_mask.is_floating_point() else (q, k, v)
+
+    def attend(*tensors):
+        mask = tensors[3] if len(tensors) == 4 else attn_mask
+        return scaled_dot_product_attention(*tensors[:3], attn_mask=mask, **kwargs, backend="triton")
+
+    grad_out = torch.randn(q.shape, device=DEVICE)
+    leaves = [tensor.clone().requires_grad_() for tensor in inputs]
+    expected = attend(*leaves)
+    expected.backward(grad_out)
+    out, pullback = torch.func.vjp(attend, *inputs)
+    argnums = tuple(range(len(inputs)))
+    for grads in (pullback(grad_out), torch.func.grad(lambda *t: (attend(*t) * grad_out).sum(), argnums)(*inputs)):
+        assert len(grads) == len(leaves)
+        assert all(torch.equal(grad, leaf.grad) for grad, leaf in zip(grads, leaves))
+    assert torch.equal(out, expected)
+
+
+def per_example(args, in_dims, index):
+    return [arg.select(dim, index) if dim is not None else arg for arg, dim in zip(args, in_dims)]
+
+
+VMAP_CASES = {  # masks, and vmap's in_dims of (query, key, value, attn_mask, key_padding_mask)
+    "qkv": ({}, (0, 0, 0, None, None)),
+    "query-only-dim-2+causal": ({"is_causal": True}, (2, None, None, None, None)),
+    "bool-and-padding-batched": ({"attn_mask": "bool", "key_padding_mask": True}, (0, 0, 0, 0, 1)),
+    "float-per-sequence+padding+window": ({"attn_mask": "float", "key_padding_mask": True, "window_size": 9},
+                                          (0, 0, 0, None, None)),
+    "float-shared-batched-k": ({"attn_mask": "float-shared"}, (None, 1, None, None, None)),
+}
+
+
+@pytest.mark.parametrize("name", list(VMAP_CASES))
+def test_op_vmap_and_per_example_gradients_launch_once(monkeypatch, name):
+    """torch.func.vmap, and vmap(grad) for per-example gradients (a float mask's too), fold the
+    examples into the batch: one launch each way (torch's fallback would launch per example)
+    and, within float32 rounding, the results of a loop over the examples."""
+    import fasttransformer.kernels.attention_backward as backward_kernels
+    import fasttransformer.kernels.attention_forward as forward_kernels
+
+    masks, in_dims = VMAP_CASES[name]
+    examples, batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim = 3, 2, 4, 2, 29, 41, 24
+    shapes = [(batch, heads, seqlen_q, head_dim), (batch, kv_heads, seqlen_k, head_dim),
+              (batch, kv_heads, seqlen_k, head_dim), None, (batch, seqlen_k)]
+    if masks.get("attn_mask") == "bool":
+        shapes[3] = (seqlen_q, seqlen_k)
+    elif masks.get("attn_mask") == "float":
+        shapes[3] = (batch, 1, seqlen_q, seqlen_k)
+    elif masks.get("attn_mask") == "float-shared":
+        shapes[3] = (seqlen_q, seqlen_k)
+    args = []
+    for index, (shape, dim) in enumerate(zip(shapes, in_dims)):
+        if shape is None or (index == 4 and not masks.get("key_padding_mask")):
+            args.append(None)
+            continue
+        if dim is not None:
+            shape = (*shape[:dim], examples, *shape[dim:])
+        if index == 4:
+            args.append((torch.rand(shape) < 0.3).to(DEVICE))
+        elif index == 3 and masks["attn_mask"] == "bool":
+            args.append((torch.rand(shape) < 0.8).to(DEVICE))
+        else:
+            args.append(torch.randn(shape, device=DEVICE))
+    float_mask = args[3] is not None and args[3].is_floating_point()
+    kwargs = {key: value for key, value in masks.items() if key in ("is_causal", "window_size")}
+
+    def attend(q, k, v, attn_mask, key_padding_mask):
+        return scaled_dot_product_attention(q, k, v, attn_mask, key_padding_mask=key_padding_mask, enable_gqa=True,
+                                            **kwargs, backend="triton")
+
+    grad_out = torch.randn(examples, *shapes[0], device=DEVICE)
+    argnums = (0, 1, 2, 3) if float_mask else (0, 1, 2)
+
+    def gradients(q, k, v, attn_mask, key_padding_mask, grad_out):
+        loss = lambda *t: (attend(*t) * grad_out).sum()  # noqa: E731
+        return torch.func.grad(loss, argnums)(q, k, v, attn_mask, key_padding_mask)
+
+    forwards = record_launches(monkeypatch, forward_kernels, "attention_forward_kernel")
+    backwards = record_launches(monkeypatch, backward_kernels, "attention_backward_dkdv_kernel")
+    out = torch.func.vmap(attend, in_dims)(*args)
+    grads = torch.func.vmap(gradients, (*in_dims, 0))(*args, grad_out)
+    assert (len(forwards), len(backwards)) == (2, 1)  # vmap's forward, vmap(grad)'s forward and backward
+    expected = torch.stack([attend(*per_example(args, in_dims, index)) for index in range(examples)])
+    torch.testing.assert_close(out, expected)
+    for index in range(examples):
+        expected_grads = gradients(*per_example(args, in_dims, index), grad_out[index])
+        for label, grad, expected_grad in zip(("dq", "dk", "dv", "dbias"), grads, expected_grads):
+            torch.testing.assert_close(grad[index], expected_grad, msg=lambda text: f"{label}, example {index}: {text}")
+
+
+def test_op_vmap_past_the_grid_limit_runs_per_example(monkeypatch):
+    """Where the examples' folded batch would pass CUDA's grid limit, vmap launches once per
+    example (each within it) instead."""
+    import fasttransformer.kernels.attention_backward as backward_kernels
+    import fasttransformer.kernels.attention_forward as forward_kernels
+    from fasttransformer.ops import attention as attention_op
+
+    monkeypatch.setattr(attention_op, "MAX_GRID_YZ", 5)  # 3 examples x batch 2 = 6 > 5
+    q, k, v = (torch.randn(3, 2, 2, length, 16, device=DEVICE) for length in (9, 12, 12))
+    forwards = record_launches(monkeypatch, forward_kernels, "attention_forward_kernel")
+    backwards = record_launches(monkeypatch, backward_kernels, "attention_backward_dkdv_kernel")
+    loss = lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton").sum()  # noqa: E731
+    grads = torch.func.vmap(torch.func.grad(loss, (0, 1, 2)))(q, k, v)
+    assert (len(forwards), len(backwards)) == (3, 3)
+    for index in range(3):
+        expected = torch.func.grad(loss, (0, 1, 2))(q[index], k[index], v[index])
+        assert all(torch.equal(grad[index], want) for grad, want in zip(grads, expected))
+
+
+def test_op_vmap_dropout_follows_vmaps_randomness():
+    """Under vmap the dropout seed is drawn as vmap's randomness says: "error" (its default)
+    raises, "same" gives every example the eager call's mask, "different" draws one per example,
+    and each example's backward regenerates its own (out = A v and dv = A^T dout for the same
+    dropped A, so <dv, v> = <dout, out>)."""
+    q, k, v = (torch.randn(1, 2, length, 16, device=DEVICE) for length in (37, 50, 50))
+    stacked = [tensor.expand(3, *tensor.shape) for tensor in (q, k, v)]
+    grad_out = torch.randn(3, *q.shape, device=DEVICE)
+
+    def attend(q, k, v):
+        return scaled_dot_product_attention(q, k, v, dropout_p=0.3, backend="triton")
+
+    def out_and_dv(q, k, v, grad_out):
+        out, pullback = torch.func.vjp(attend, q, k, v)
+        return out, pullback(grad_out)[2]
+
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.func.vmap(attend)(*stacked)
+    torch.manual_seed(11)
+    same = torch.func.vmap(attend, randomness="same")(*stacked)
+    torch.manual_seed(11)
+    eager = attend(q, k, v)
+    assert all(torch.equal(example, eager) for example in same)
+    different, dv = torch.func.vmap(out_and_dv, randomness="different")(*stacked, grad_out)
+    assert not torch.equal(different[0], different[1]) and not torch.equal(different[1], different[2])
+    for index in range(3):
+        inner = (dv[index] * v).sum().item()
+        torch.testing.assert_close(inner, (grad_out[index] * different[index]).sum().item(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # torch's CPU SDPA under vmap
+def test_op_torch_func_jacrev_matches_the_reference():
+    """jacrev (vmap over the backward, with q, k, v unbatched): the Jacobian against the float64
+    reference's, within 3x torch's own float32 error."""
+    q, k, v = (torch.randn(1, 2, length, 16, device=DEVICE) for length in (5, 7, 7))
+    mask = (torch.rand(5, 7) < 0.7).to(DEVICE)
+    jacobians = {}
+    for label, backend, cast in (("triton", "triton", torch.float32), ("torch", "torch", torch.float32),
+                                 ("reference", None, torch.float64)):
+        def attend(q, k, v):
+            if backend is None:
+                return reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+            return scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True, backend=backend)
+        jacobians[label] = torch.func.jacrev(attend, (0, 1, 2))(*(tensor.to(cast) for tensor in (q, k, v)))
+    for index, label in enumerate(("dout/dq", "dout/dk", "dout/dv")):
+        assert_within_torch_error(jacobians["triton"][index], jacobians["reference"][index],
+                                  jacobians["torch"][index], 3.0, label)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp setup
+def test_op_torch_func_second_and_forward_mode_derivatives_raise():
+    q, k, v = (torch.randn(1, 2, 9, 16, device=DEVICE) for _ in range(3))
+    loss = lambda q: scaled_dot_product_attention(q, k, v, backend="triton").pow(2).sum()  # noqa: E731
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.func.grad(lambda q: torch.func.grad(loss)(q).pow(2).sum())(q)
+    with pytest.raises(RuntimeError, match="no forward-mode derivative"):
+        torch.func.jvp(loss, (q,), (torch.randn_like(q),))
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the validation's shape checks, traced as constants

@@ -76,6 +76,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     B' sequences at a time, as many as fit in 1 GiB (at least one); all B with dropout).
     The Triton path has no second derivative: differentiating its gradients raises.
 
+    torch.func works with the kernels: ``grad``, ``vjp``, ``jacrev`` and ``vmap`` (per-example
+    gradients, a float mask's too; vmap folds its examples into the batch, one launch, or one
+    per example with dropout, whose seed follows vmap's ``randomness``). Forward-mode
+    derivatives (``jvp``, ``jacfwd``) raise, as second derivatives do.
+
     Under ``torch.autocast`` for the inputs' device, every backend computes in the autocast
     dtype, as torch's SDPA does: the floating inputs (the float ``attn_mask`` too) but float64
     ones are cast to it first, and the output has it.
@@ -107,6 +112,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     args = (query, key, value, spec["attn_mask"], spec["key_padding_mask"], spec["scale"], spec["causal_offset"],
             list(spec["window"]) if spec["window"] else None, spec["dropout_p"], seed)
     tensors = (query, key, value, spec["attn_mask"])
+    if torch._C._are_functorch_transforms_active():  # torch.func.grad, vmap, jacrev, ...
+        return _FuncAttention.apply(*args)[0]
     if _eager(*tensors):
         # Eager calls skip the custom op's dispatch, which costs ~40 us of host time a call without
         # autograd and ~180 us with it (benchmarks/bench_attention.py::test_attention_host_time),
@@ -524,8 +531,11 @@ class _NoSecondDerivative(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError("fasttransformer's attention kernels have no second derivative: differentiating their "
-                           "gradients (create_graph=True) is not supported; backend='torch' leaves it to torch's SDPA")
+        raise RuntimeError(_NO_SECOND_DERIVATIVE)
+
+
+_NO_SECOND_DERIVATIVE = ("fasttransformer's attention kernels have no second derivative: differentiating their "
+                         "gradients (create_graph=True) is not supported; backend='torch' leaves it to torch's SDPA")
 
 
 # --- custom ops: torch.compile sees them as single nodes --------------------------------------------
@@ -549,3 +559,130 @@ def _(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, scale,
 
 _attention_forward_op.register_autograd(
     lambda ctx, grad_out, grad_lse: _gradients(ctx, grad_out, _attention_backward_op), setup_context=_setup_context)
+
+
+# --- torch.func (grad, vjp, jacrev, vmap) -------------------------------------------------------------
+
+class _FuncAttention(torch.autograd.Function):
+    """The custom op and its autograd formula under torch.func's transforms. They need an
+    autograd.Function with a setup_context staticmethod, and the one torch generates for
+    ``register_autograd`` has none: through it, torch.func.grad raises "it must override the
+    setup_context staticmethod" (pytorch/pytorch#168393, open in torch 2.15). vmap runs this
+    Function's ops under their batching rules below."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(query, key, value, attn_mask, key_padding_mask, scale, causal_offset, window, dropout_p, seed):
+        return torch.ops.fasttransformer.attention_forward(query, key, value, attn_mask, key_padding_mask, scale,
+                                                           causal_offset, window, dropout_p, seed)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _gradients(ctx, grad_out, _FuncAttentionBackward.apply)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError("fasttransformer's attention kernels have no forward-mode derivative (torch.func.jvp, "
+                           "jacfwd, ...); backend='torch' leaves it to torch's SDPA")
+
+
+class _FuncAttentionBackward(torch.autograd.Function):
+    """The backward op under torch.func: its gradients are built with a graph (torch.func.grad
+    differentiates with create_graph=True), and differentiating them raises."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return torch.ops.fasttransformer.attention_backward(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_NO_SECOND_DERIVATIVE)
+
+
+def _batched(tensor: torch.Tensor, dim: Optional[int], size: int) -> torch.Tensor:
+    """``tensor`` with vmap's dimension first; an unbatched one expanded to ``size`` (a view)."""
+    return tensor.movedim(dim, 0) if dim is not None else tensor.expand(size, *tensor.shape)
+
+
+def _folded(tensor: torch.Tensor, dim: Optional[int], size: int, batch: Optional[int] = None) -> torch.Tensor:
+    """vmap's ``size`` examples of a ``(batch, ...)`` tensor as one ``(size * batch, ...)``: every
+    example's sequences in one launch. ``batch`` expands a mask's size-1 batch dimension first."""
+    tensor = _batched(tensor, dim, size)
+    if batch is not None:
+        tensor = tensor.expand(size, batch, *tensor.shape[2:])
+    return tensor.reshape(size * tensor.shape[1], *tensor.shape[2:])
+
+
+def _one_launch_holds(batch: int, heads: int, seqlen_q: int) -> bool:
+    """Whether the folded batch stays within the limits _triton_unsupported checks per call."""
+    return batch <= MAX_GRID_YZ and batch * heads * seqlen_q < 2 ** 31
+
+
+def _per_example(op, size: int, in_dims, args) -> tuple:
+    """``op`` once per vmap example, outputs stacked: with dropout, so that each example keeps its
+    own seed (randomness="different") or shares one (randomness="same"), as vmap promises; and
+    where the folded batch would pass the kernels' grid or int32 limits."""
+    outputs = [op(*(arg.select(dim, index) if dim is not None else arg for arg, dim in zip(args, in_dims)))
+               for index in range(size)]
+    return tuple(torch.stack(parts) for parts in zip(*outputs))
+
+
+@torch.library.register_vmap("fasttransformer::attention_forward")
+def _(info, in_dims, query, key, value, attn_mask, key_padding_mask, scale, causal_offset, window=None,
+      dropout_p=0.0, seed=None):
+    """Batching rule: the examples' sequences folded into the batch, one launch (the fallback
+    would launch once per example)."""
+    op, size = torch.ops.fasttransformer.attention_forward, info.batch_size
+    args = (query, key, value, attn_mask, key_padding_mask, scale, causal_offset, window, dropout_p, seed)
+    in_dims = (*in_dims, *(None,) * (len(args) - len(in_dims)))
+    batch, heads, seqlen_q = _batched(query, in_dims[0], size).shape[1:4]
+    if dropout_p > 0 or not _one_launch_holds(size * batch, heads, seqlen_q):
+        return _per_example(op, size, in_dims, args), (0, 0)
+    query, key, value = (_folded(tensor, dim, size) for tensor, dim in zip((query, key, value), in_dims))
+    if attn_mask is not None and (in_dims[3] is not None or attn_mask.shape[0] != 1):
+        attn_mask = _folded(attn_mask, in_dims[3], size, batch)  # else it broadcasts over them all as it is
+    if key_padding_mask is not None:
+        key_padding_mask = _folded(key_padding_mask, in_dims[4], size)
+    out, lse = op(query, key, value, attn_mask, key_padding_mask, scale, causal_offset, window, dropout_p, seed)
+    return (out.unflatten(0, (size, batch)), lse.unflatten(0, (size, batch))), (0, 0)
+
+
+@torch.library.register_vmap("fasttransformer::attention_backward")
+def _(info, in_dims, grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, scale, causal_offset,
+      window=None, bias_grad=False, dropout_p=0.0, seed=None):
+    op, size = torch.ops.fasttransformer.attention_backward, info.batch_size
+    args = (grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, scale, causal_offset, window,
+            bias_grad, dropout_p, seed)
+    in_dims = (*in_dims, *(None,) * (len(args) - len(in_dims)))
+    batch, heads, seqlen_q = _batched(query, in_dims[1], size).shape[1:4]
+    if dropout_p > 0 or not _one_launch_holds(size * batch, heads, seqlen_q):
+        return _per_example(op, size, in_dims, args), (0, 0, 0, 0)
+    grad_out, query, key, value, out, lse = (_folded(tensor, dim, size) for tensor, dim in zip(args[:6], in_dims))
+    mask_batch = None
+    if attn_mask is not None and (bias_grad or in_dims[6] is not None or attn_mask.shape[0] != 1):
+        # bias_grad: each example has its own gradient, so its mask is its own too
+        mask_batch = _batched(attn_mask, in_dims[6], size).shape[1]
+        attn_mask = _folded(attn_mask, in_dims[6], size, batch)
+    if key_padding_mask is not None:
+        key_padding_mask = _folded(key_padding_mask, in_dims[7], size)
+    dq, dk, dv, dbias = op(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, scale, causal_offset,
+                           window, bias_grad, dropout_p, seed)
+    dq, dk, dv = (grad.unflatten(0, (size, batch)) for grad in (dq, dk, dv))
+    if not bias_grad:
+        return (dq, dk, dv, dbias), (0, 0, 0, None)
+    dbias = dbias.unflatten(0, (size, batch))
+    if mask_batch == 1:  # the example's mask is one for all its sequences: their gradients summed
+        dbias = dbias.sum(1, keepdim=True, dtype=torch.float32).to(dbias.dtype)
+    return (dq, dk, dv, dbias), (0, 0, 0, 0)
