@@ -35,10 +35,7 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     ``positions``: integer tensor of any shape; returns ``positions.shape + (dim,)`` in float64.
     """
     angle = positions.to(torch.float64)[..., None] * sinusoidal_inverse_frequencies(dim, device=positions.device)
-    encoding = torch.empty(*positions.shape, dim, dtype=torch.float64, device=positions.device)
-    encoding[..., 0::2] = torch.sin(angle)
-    encoding[..., 1::2] = torch.cos(angle)
-    return encoding
+    return torch.stack((torch.sin(angle), torch.cos(angle)), dim=-1).flatten(-2)  # sin, cos, sin, ...
 
 
 def token_positional_embedding(input_ids: torch.Tensor, weight: torch.Tensor,

@@ -111,6 +111,51 @@ def test_devices_without_kernels_check_indices_and_drop_out(monkeypatch):
     torch.testing.assert_close(weight_grad, expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("learned,start_pos,padding_idx", [(False, 0, None), (True, "rows", 3), (False, "rows", None)],
+                         ids=["sin", "learned-rows-pad", "sin-rows"])
+def test_torch_func_grad_and_per_example_gradients(device, learned, start_pos, padding_idx):
+    """torch.func.grad, and vmap(grad) over the examples' ids (and start positions), give the
+    gradients autograd gives through the kernels; vmap over stacked tables (an ensemble) gives
+    each table's embedding."""
+    examples, batch, seq_len, vocab, dim = 3, 2, 13, 40, 16
+    ids = torch.randint(0, vocab, (examples, batch, seq_len), device=device)
+    ids[:, 0, 0] = padding_idx if padding_idx is not None else 0
+    weight = torch.randn(vocab, dim, device=device)
+    pos_weight = torch.randn(70, dim, device=device) if learned else None
+    starts = torch.randint(0, 50, (examples, batch), device=device) if start_pos == "rows" else None
+    grad_out = torch.randn(examples, batch, seq_len, dim, device=device)
+    tables = (weight, pos_weight) if learned else (weight,)
+
+    def loss(tables, ids, starts, grad_out):
+        out = token_positional_embedding(ids, tables[0], tables[1] if learned else None, scale=2.0,
+                                         padding_idx=padding_idx, start_pos=0 if starts is None else starts)
+        return (out * grad_out).sum()
+
+    grads = torch.func.vmap(torch.func.grad(loss), (None, 0, 0 if starts is not None else None, 0))(
+        tables, ids, starts, grad_out)
+    for index in range(examples):
+        leaves = [table.clone().requires_grad_() for table in tables]
+        loss(leaves, ids[index], None if starts is None else starts[index], grad_out[index]).backward()
+        single = torch.func.grad(loss)(tables, ids[index], None if starts is None else starts[index], grad_out[index])
+        for grad, one, leaf in zip(grads, single, leaves):
+            torch.testing.assert_close(grad[index], leaf.grad)
+            torch.testing.assert_close(one, leaf.grad)
+    ensemble = torch.randn(examples, vocab, dim, device=device)
+    outs = torch.func.vmap(lambda table: token_positional_embedding(ids[0], table))(ensemble)
+    for index in range(examples):
+        torch.testing.assert_close(outs[index], token_positional_embedding(ids[0], ensemble[index]))
+
+
+def test_torch_func_vmapped_ids_outside_the_table_raise():
+    """vmap cannot read the ids back: F.embedding's own check raises (on the CPU; CUDA asserts)."""
+    weight = torch.randn(40, 8)
+    with pytest.raises(IndexError, match="index out of range"):
+        torch.func.vmap(lambda ids: token_positional_embedding(ids, weight))(torch.full((3, 2, 5), 40))
+    with pytest.raises(IndexError, match="input id 40 is outside"):  # grad alone: read back and named
+        torch.func.grad(lambda weight: token_positional_embedding(torch.full((2, 5), 40), weight).sum())(weight)
+
+
 def test_which_devices_have_no_kernel(monkeypatch):
     assert embedding_op._no_kernel_for(torch.device("cpu")) is None
     assert embedding_op._no_kernel_for(torch.device("meta")) is None  # the fake implementation

@@ -40,6 +40,33 @@ def test_seq2seq_matches_torch_nn_model(tie_output):
     assert (ours.output_projection.weight is ours.tgt_embed.weight) == tie_output
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # torch's CPU SDPA under vmap
+@pytest.mark.parametrize("device", DEVICES)
+def test_seq2seq_under_torch_func_grad_and_per_example_gradients(device):
+    """Functional training (torch.func.functional_call + grad) gives autograd's gradients, and
+    vmap(grad) each example's: the embedding, attention (the Triton kernels on CUDA) and the
+    layers all compose with torch.func."""
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(30, 31, d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2,
+                               dim_feedforward=64, dropout=0.0).to(device)
+    src, tgt = torch.randint(1, 30, (2, 9), device=device), torch.randint(1, 31, (2, 7), device=device)
+    src[1, 6:] = 0  # padding
+    params = {name: param.detach() for name, param in model.named_parameters()}
+
+    def loss(params, src, tgt):
+        return torch.func.functional_call(model, params, (src, tgt)).logsumexp(-1).sum()
+
+    grads = torch.func.grad(loss)(params, src, tgt)
+    per_example = torch.func.vmap(torch.func.grad(loss), (None, 0, 0))(params, src[:, None], tgt[:, None])
+    for index in (None, 0, 1):
+        model.zero_grad()
+        rows = slice(None) if index is None else slice(index, index + 1)
+        loss(dict(model.named_parameters()), src[rows], tgt[rows]).backward()
+        for name, param in model.named_parameters():
+            got = grads[name] if index is None else per_example[name][index]
+            torch.testing.assert_close(got, param.grad, msg=lambda text: f"{name}, example {index}: {text}")
+
+
 def test_seq2seq_start_token_equal_to_pad_id_is_a_key():
     """T5's convention, the decoder starting from the pad token: that first token is no padding.
     With no other pad in the targets, forward equals the decoder run without a target padding

@@ -62,6 +62,10 @@ def token_positional_embedding(
 
     On devices fasttransformer._C has no kernel for (MPS, XPU; CUDA in a build without CUDA
     kernels) the op runs as torch's unfused ops, with a warning, and torch's dropout masks.
+    Under torch.func's transforms (grad, vjp, jacrev, jvp, vmap: per-example gradients, model
+    ensembles) it runs as those ops too, which carry the transforms' rules; ids and positions
+    that vmap batches are then checked by ``F.embedding``'s own index check (vmap cannot read
+    them back), so a negative ``start_pos`` of the sinusoidal encoding is not caught there.
 
     Returns:
         ``(B, L, d)`` tensor in ``weight.dtype``. Differentiable in ``weight`` and
@@ -142,8 +146,9 @@ def token_positional_embedding(
         raise TypeError(f"start_pos must be an int or an integer tensor, got {type(start_pos).__name__}")
 
     missing = _no_kernel_for(weight.device)
-    if missing:
-        warnings.warn(f"token_positional_embedding: {missing}; it runs as torch's unfused ops there")
+    if missing or torch._C._are_functorch_transforms_active():
+        if missing:
+            warnings.warn(f"token_positional_embedding: {missing}; it runs as torch's unfused ops there")
         return _torch_embedding(input_ids, weight, pos_weight, start_tensor, start_offset, float(scale),
                                 float(dropout_p), padding_idx)
     _extension.require("fasttransformer.ops.token_positional_embedding")
@@ -166,12 +171,16 @@ def _no_kernel_for(device: torch.device) -> Optional[str]:
 
 
 def _torch_embedding(input_ids, weight, pos_weight, start_pos, start_offset, scale, dropout_p, padding_idx):
-    """The op in torch's own ops, for the devices _C has no kernel for: the same value, rounded once
+    """The op in torch's own ops, for the devices _C has no kernel for and under torch.func's
+    transforms (grad, vmap, jvp, ...: torch's ops carry their rules): the same value, rounded once
     from float32 (float64 for float64 tables) as the kernels do, torch's autograd and torch's
     dropout masks. The index checks read values back (a host synchronisation), as the CPU kernel
     checks always; the sinusoid is computed in float64 on the CPU (MPS has no float64)."""
     num_embeddings, dim = weight.shape
-    low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist() if input_ids.numel() else (0, 0)
+    # Values vmap batches cannot be read back: F.embedding's own index check stands in for
+    # ids and learned positions (an IndexError on the CPU, a device-side assert on CUDA).
+    check = not any(_vmapped(tensor) for tensor in (input_ids, start_pos) if tensor is not None)
+    low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist() if check and input_ids.numel() else (0, 0)
     if not 0 <= low <= high < num_embeddings:  # one host synchronisation
         bad = input_ids[(input_ids < 0) | (input_ids >= num_embeddings)][0].item()
         raise IndexError(f"token_positional_embedding: input id {bad} is outside [0, num_embeddings = "
@@ -179,7 +188,7 @@ def _torch_embedding(input_ids, weight, pos_weight, start_pos, start_offset, sca
     starts = start_pos.cpu() if start_pos is not None else torch.zeros(input_ids.shape[0], dtype=torch.int64)
     positions = _positions(starts, start_offset, input_ids.shape, "cpu")  # (B, L) on the CPU
     rows = pos_weight.shape[0] if pos_weight is not None else math.inf
-    if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < rows:
+    if check and positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < rows:
         raise IndexError(f"token_positional_embedding: positions (start_pos + t) reach "
                          f"[{int(positions.min())}, {int(positions.max())}], outside [0, {rows})")
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -191,6 +200,15 @@ def _torch_embedding(input_ids, weight, pos_weight, start_pos, start_offset, sca
         table = reference.sinusoidal_positions(positions[:1] if same else positions, dim)
         out = out + table.to(device=weight.device, dtype=compute)
     return (torch.nn.functional.dropout(out, dropout_p) if dropout_p > 0.0 else out).to(weight.dtype)
+
+
+def _vmapped(tensor: torch.Tensor) -> bool:
+    """Whether torch.func.vmap batches ``tensor``, under any of its other transforms' wrappers."""
+    from torch._C import _functorch
+
+    while _functorch.is_gradtrackingtensor(tensor) or _functorch.is_functionaltensor(tensor):
+        tensor = _functorch.get_unwrapped(tensor)
+    return _functorch.is_batchedtensor(tensor)
 
 
 def _check_tensor(name: str, value) -> None:
