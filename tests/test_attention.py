@@ -1835,7 +1835,7 @@ def test_op_torch_func_jacrev_matches_the_reference():
                                   jacobians["torch"][index], 3.0, label)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp setup
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
 def test_op_torch_func_second_and_forward_mode_derivatives_raise():
     q, k, v = (torch.randn(1, 2, 9, 16, device=DEVICE) for _ in range(3))
     loss = lambda q: scaled_dot_product_attention(q, k, v, backend="triton").pow(2).sum()  # noqa: E731
@@ -1846,7 +1846,7 @@ def test_op_torch_func_second_and_forward_mode_derivatives_raise():
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the validation's shape checks, traced as constants
-@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")  # a FutureWarning in torch 2.15
 def test_op_jit_trace_records_the_custom_op():
     """torch.jit.trace records the custom op (the eager path's kernel launches would leave the
     graph without attention), and the trace computes the attention of new inputs."""
