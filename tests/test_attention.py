@@ -1835,6 +1835,33 @@ def test_op_torch_func_jacrev_matches_the_reference():
                                   jacobians["torch"][index], 3.0, label)
 
 
+def test_op_torch_compile_over_torch_func(monkeypatch):
+    """torch.compile over vmap runs the kernels (the custom op's batching rule: one launch). Over
+    grad the custom op's autograd hits pytorch/pytorch#168393 inside the compiled region:
+    backend="triton" says so, and "auto" gives torch's SDPA there (its gradients, close to the
+    kernels' that torch.func.grad gets outside torch.compile)."""
+    import fasttransformer.kernels.attention_forward as forward_kernels
+
+    q, k, v = (torch.randn(2, 2, length, 16, device=DEVICE) for length in (9, 14, 14))
+    stacked = [tensor.expand(3, *tensor.shape) + torch.randn(3, *tensor.shape, device=DEVICE) for tensor in (q, k, v)]
+    launches = record_launches(monkeypatch, forward_kernels, "attention_forward_kernel")
+    attend = torch.func.vmap(lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton"))
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)(*stacked)
+    assert len(launches) == 1
+    torch.testing.assert_close(compiled, attend(*stacked))
+
+    def loss(backend):
+        return lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend).pow(2).sum()
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="backend='triton' cannot run this call: torch.compile over torch.func"):
+        torch.compile(torch.func.grad(loss("triton")), backend="aot_eager", fullgraph=True)(q, k, v)
+    compiled = torch.compile(torch.func.grad(loss("auto"), (0, 1, 2)), backend="aot_eager", fullgraph=True)(q, k, v)
+    eager = torch.func.grad(loss("auto"), (0, 1, 2))(q, k, v)  # the kernels on CUDA, torch on the CPU
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
 def test_op_torch_func_second_and_forward_mode_derivatives_raise():
     q, k, v = (torch.randn(1, 2, 9, 16, device=DEVICE) for _ in range(3))

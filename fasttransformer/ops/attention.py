@@ -79,7 +79,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     torch.func works with the kernels: ``grad``, ``vjp``, ``jacrev`` and ``vmap`` (per-example
     gradients, a float mask's too; vmap folds its examples into the batch, one launch, or one
     per example with dropout, whose seed follows vmap's ``randomness``). Forward-mode
-    derivatives (``jvp``, ``jacfwd``) raise, as second derivatives do.
+    derivatives (``jvp``, ``jacfwd``) raise, as second derivatives do. torch.compile over
+    ``vmap`` runs the kernels; over ``grad`` (``vjp``, ``jacrev``) the custom op's autograd meets
+    pytorch/pytorch#168393 in the compiled region: ``"auto"`` takes torch's SDPA there.
 
     Under ``torch.autocast`` for the inputs' device, every backend computes in the autocast
     dtype, as torch's SDPA does: the floating inputs (the float ``attn_mask`` too) but float64
@@ -100,6 +102,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     spec = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                      key_padding_mask, window_size, backend)
     reason = _triton_unsupported(query, spec)
+    if not reason and torch.compiler.is_compiling() and _func_differentiates():
+        reason = ("torch.compile over torch.func's grad, vjp, jacrev or jvp: in the compiled region the custom op's "
+                  "autograd hits pytorch/pytorch#168393 (torch.func outside torch.compile runs the kernels)")
     if backend == "triton" and reason:
         raise RuntimeError(f"backend='triton' cannot run this call: {reason}")
     if backend == "auto" and query.device.type != "cuda":
@@ -192,6 +197,15 @@ def _autocast(*tensors):
     return tuple(tensor.to(dtype) if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
                  and tensor.dtype != torch.float64 and not isinstance(tensor, CausalBias) else tensor
                  for tensor in tensors)
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: evaluated once, at trace time
+def _func_differentiates() -> bool:
+    """Whether a torch.func transform that differentiates (grad, vjp, jacrev, jvp) is active."""
+    from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
+
+    return any(interpreter.key() in (TransformType.Grad, TransformType.Jvp)
+               for interpreter in retrieve_all_functorch_interpreters())
 
 
 def _eager(*tensors) -> bool:
