@@ -209,13 +209,12 @@ def _func_differentiates() -> bool:
 
 
 def _eager(*tensors) -> bool:
-    """Plain tensors in eager mode: no torch.compile, torch.jit.trace, torch.func transform (vmap)
-    or dispatch mode (FakeTensorMode, ...), which need the custom op (as a graph node, its fake
-    implementation, or torch's per-example fallback)."""
+    """Plain tensors in eager mode: no torch.compile, torch.jit.trace or dispatch mode
+    (FakeTensorMode, ...), which need the custom op (as a graph node or its fake implementation).
+    torch.func's transforms are not checked again: the caller sends them to _FuncAttention first."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and not torch._C._are_functorch_transforms_active() and _get_current_dispatch_mode() is None
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None
             and all(type(tensor) is torch.Tensor for tensor in tensors if tensor is not None))
 
 
