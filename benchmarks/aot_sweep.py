@@ -7,7 +7,8 @@ variant the AOT check compiles, under every Triton given, each in its own Python
 
 ``--reports``: the output of ``python -m fasttransformer.kernels.aot`` under a Triton; the
 groups to sweep are those with a spilling variant in any of them. A group is (kernel, arch,
-head dim, dtype, dropout, int64 offsets): the key by which configs.py picks a config. Its
+head dim, dtype, dropout, int64 offsets): the key by which configs.py picks a config (a value head
+dim unlike the query's is left out: configs.PADDED_VALUE_HEAD_DIMS handles its spills). Its
 candidates are the current config with BLOCK_M and BLOCK_N kept or halved, 8 or 4 warps and 2 or
 1 stages, tried from the largest tile down; the first that is clean under every Triton wins.
 Each ``--python`` runs a worker (``--worker``) that compiles jobs read from its stdin, so the
@@ -100,10 +101,11 @@ def main(argv=None) -> int:
         parser.error("give --python and --reports")
     sys.path.insert(0, ROOT)
     from fasttransformer.kernels.aot import _jobs
-    jobs = [job for job in _jobs() if job[0] in NAMES.values()]
+    jobs = [job for job in _jobs() if job[0] in NAMES.values() and not isinstance(job[2], tuple)]
     groups = sorted({group_of(NAMES[r["kernel"]], r["arch"], r["head_dim"], r["dtype"], r["options"])
                      for path in args.reports for r in json.load(open(path))
-                     if r["stack_bytes"] and r["kernel"] in NAMES})
+                     if r["stack_bytes"] and r["kernel"] in NAMES
+                     and r.get("head_dim_v", r["head_dim"]) == r["head_dim"]})  # (D, Dv) pairs: padded instead
     workers = [Worker(python) for python in args.python]
     record = {"tritons": [w.triton for w in workers], "groups": []}
     for group in groups:

@@ -485,6 +485,118 @@ def test_dropout_forward_and_backward_match_the_reference_with_the_same_mask(sha
                              dropout_p=effective_dropout_p(0.3))
 
 
+VALUE_HEAD_DIM_CASES = [  # batch, heads, kv_heads, Lq, Lk, D, Dv, masks, num_splits, dropout_p
+    pytest.param(2, 3, 3, 37, 63, 40, 24, "padding+bool+causal", None, 0.0, id="D40-Dv24-padding+bool+causal"),
+    pytest.param(1, 4, 2, 70, 129, 16, 64, "float+padding+lower_right", 3, 0.0, id="D16-Dv64-float-split3"),
+    pytest.param(2, 4, 2, 1, 200, 64, 16, "causal", None, 0.0, id="D64-Dv16-gqa-decode-packed"),
+    pytest.param(2, 4, 1, 1, 300, 24, 40, "window+padding", 4, 0.0, id="D24-Dv40-gqa-decode-window-split4"),
+    pytest.param(2, 2, 1, 45, 50, 40, 72, "window+padding", None, 0.3, id="D40-Dv72-dropout"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch,heads,kv_heads,seqlen_q,seqlen_k,head_dim,head_dim_v,masks,num_splits,dropout_p",
+                         VALUE_HEAD_DIM_CASES)
+def test_value_head_dim_differs(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, head_dim_v, masks, num_splits,
+                                dropout_p, dtype):
+    """A value head dim Dv unlike the query's and key's D (DeepSeek's MLA: D = 192, Dv = 128):
+    Q K^T over D, P V and the output over Dv, each padded to its own tile; the forward (split
+    keys and the GQA decoding step's packing too), the backward (dV and the delta pre-pass over
+    Dv, dQ and dK over D, the float mask's gradient, dropout regenerated) against the float64
+    reference, under the accuracy rule."""
+    q, k, _, kernel_args, allowed, bias = make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim,
+                                                    masks.split("+"), dtype)
+    v = torch.randn(batch, kv_heads, seqlen_k, head_dim_v, device=DEVICE, dtype=dtype)
+    grad_out = torch.randn(batch, heads, seqlen_q, head_dim_v, device=DEVICE, dtype=dtype)
+    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=DEVICE) if dropout_p else None
+    bias_grad = bias is not None
+    with poisoned_allocations(DEVICE):
+        out, lse = attention_forward(q, k, v, **kernel_args, num_splits=num_splits, dropout_p=dropout_p, seed=seed)
+        dq, dk, dv, dbias = attention_backward(grad_out, q, k, v, out, lse, **kernel_args, dropout_p=dropout_p,
+                                               seed=seed, bias_grad=bias_grad)
+    assert out.shape == (batch, heads, seqlen_q, head_dim_v) and dv.shape == v.shape and dk.shape == k.shape
+    keep = dropout_keep_mask(seed, (batch, heads, seqlen_q, seqlen_k), dropout_p) if dropout_p else None
+    assert_matches_reference(q, k, v, allowed, bias, grad_out, out, (dq, dk, dv), keep=keep,
+                             dropout_p=effective_dropout_p(dropout_p))
+    if bias_grad:
+        runs = []
+        for cast in (torch.float64, dtype):
+            bias_leaf = bias.to(DEVICE, cast).requires_grad_()
+            reference_attention(q.to(cast), k.to(cast), v.to(cast), allowed, bias_leaf).backward(grad_out.to(cast))
+            runs.append(bias_leaf.grad)
+        assert_within_torch_error(dbias, *runs, 3.0, "mask gradient", magnitude=runs[0].abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_value_head_dim_padded_to_the_larger_tile(monkeypatch, dtype):
+    """Where configs.PADDED_VALUE_HEAD_DIMS names a kernel (it spills with each head dim's own
+    tile), the launchers give it the larger's tile for both, BLOCK_D = BLOCK_DV: the padded
+    columns are masked off and the results are the same."""
+    import fasttransformer.kernels.attention_backward as backward_kernels
+    import fasttransformer.kernels.attention_forward as forward_kernels
+    from fasttransformer.kernels import configs
+
+    def padded(kernel, device, dtype, head_dim, head_dim_v, dropout=False, int64=False):
+        tile = configs.head_dim_bucket(max(head_dim, head_dim_v))
+        return tile, tile
+
+    monkeypatch.setattr(configs, "tile_head_dims", padded)
+    tiles = ("BLOCK_D", "BLOCK_DV")
+    launches = [record_launches(monkeypatch, forward_kernels, "attention_forward_kernel", tiles),
+                record_launches(monkeypatch, backward_kernels, "attention_backward_dkdv_kernel", tiles),
+                record_launches(monkeypatch, backward_kernels, "attention_backward_dq_kernel", tiles)]
+    q, k, _, kernel_args, allowed, bias = make_case(2, 4, 2, 37, 50, 16, ["padding", "causal"], dtype)
+    v = torch.randn(2, 2, 50, 40, device=DEVICE, dtype=dtype)
+    grad_out = torch.randn(2, 4, 37, 40, device=DEVICE, dtype=dtype)
+    with poisoned_allocations(DEVICE):
+        out, lse = attention_forward(q, k, v, **kernel_args)
+        grads = attention_backward(grad_out, q, k, v, out, lse, **kernel_args)[:3]
+    assert [[blocks for _, blocks in kernel] for kernel in launches] == [[(64, 64)]] * 3
+    assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads)
+
+
+def test_tile_head_dims_pad_only_the_listed_kernels(monkeypatch):
+    """tile_head_dims: each head dim's own bucket, but the larger's for both where
+    PADDED_VALUE_HEAD_DIMS lists the (kernel, dtype kind, arch, buckets, dropout, int64
+    offsets); never off CUDA (the interpreter's tiles only change its speed)."""
+    from types import SimpleNamespace
+
+    from fasttransformer.kernels import configs
+    monkeypatch.setattr(configs, "PADDED_VALUE_HEAD_DIMS", frozenset({("dkdv", "2-byte", 80, 64, 128, False, False)}))
+    sm80 = SimpleNamespace(type="cuda", arch=80)
+    assert configs.tile_head_dims("dkdv", sm80, torch.bfloat16, 64, 128) == (128, 128)
+    assert configs.tile_head_dims("dkdv", sm80, torch.float16, 40, 100) == (128, 128)  # buckets (64, 128)
+    assert configs.tile_head_dims("dq", sm80, torch.bfloat16, 64, 128) == (64, 128)
+    assert configs.tile_head_dims("dkdv", sm80, torch.bfloat16, 64, 128, dropout=True) == (64, 128)
+    assert configs.tile_head_dims("dkdv", sm80, torch.float32, 64, 128) == (64, 128)
+    assert configs.tile_head_dims("dkdv", SimpleNamespace(type="cuda", arch=90), torch.bfloat16, 64, 128) == (64, 128)
+    assert configs.tile_head_dims("dkdv", "cpu", torch.bfloat16, 64, 128) == (64, 128)
+    assert configs.tile_head_dims("dkdv", sm80, torch.bfloat16, 100, 128) == (128, 128)  # one bucket: no pair
+    # the config is the larger head dim's entry, whichever of the two it is
+    assert configs.backward_configs(sm80, torch.bfloat16, 192, True, head_dim_v=128) == \
+        configs.backward_configs(sm80, torch.bfloat16, 128, True, head_dim_v=256) == \
+        configs.backward_configs(sm80, torch.bfloat16, 256, True)
+
+
+def test_padded_value_head_dims_are_the_committed_surveys_spills():
+    """configs.PADDED_VALUE_HEAD_DIMS is read from the committed survey (``python -m
+    fasttransformer.kernels.aot --value-head-dims all``, every pair of head-dim buckets with its
+    own tiles, under Triton 3.6.0 and 3.9.0): exactly the kernels of which a variant spills."""
+    import json
+
+    from fasttransformer.kernels import aot, configs
+    results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
+                           "2026-12-07-cpu")
+    reports = []
+    for version in ("3.6.0", "3.9.0"):
+        with open(os.path.join(results, f"aot-value-head-dims-triton-{version}.json")) as f:
+            record = json.load(f)
+        assert {report["triton"] for report in record} == {version}
+        assert {(report["head_dim"], report["head_dim_v"]) for report in record} == set(aot.ALL_VALUE_HEAD_DIMS)
+        reports += record
+    assert configs.PADDED_VALUE_HEAD_DIMS == aot.padded_value_head_dims(reports)
+
+
 def test_dropout_needs_a_seed_tensor():
     q = torch.randn(1, 1, 8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="dropout needs seed"):
@@ -850,10 +962,18 @@ def test_kernels_compile_for_each_arch_with_its_matrix_instructions(aot_reports)
     sm_80 and on sm_86, which stands for the 99 KB parts: sm_86, sm_89, sm_120). One exception, by
     design: on sm_90 a product with fewer than 64 rows cannot be a wgmma; the D = 256 dK/dV
     tile (BLOCK_N = 32, the largest without a spill) and float32's small tiles fall back to
-    mma.sync, and their report must say so."""
-    from fasttransformer.kernels import configs
+    mma.sync, and their report must say so. The (D, Dv) pairs of aot.VALUE_HEAD_DIMS (a value
+    head dim unlike the query's) are compiled in every variant too."""
+    from fasttransformer.kernels import aot, configs
     kinds = {"attention_forward_kernel": "forward", "attention_backward_dkdv_kernel": "dkdv",
              "attention_backward_dq_kernel": "dq"}
+    pairs = [report for report in aot_reports if report["head_dim_v"] != report["head_dim"]]
+    assert {(report["kernel"], report["arch"], report["head_dim"], report["head_dim_v"], report["dtype"],
+             report["options"].get("DROPOUT", False), report["options"].get("INT64_OFFSETS", False)) for report in pairs
+            } == {(kernel, arch, *pair, dtype, dropout, int64) for kernel in kinds for arch in (80, 86, 90)
+                  for pair in aot.VALUE_HEAD_DIMS for dtype in ("bf16", "fp32") if dtype == "bf16" or max(pair) <= 64
+                  for dropout in (False, True) for int64 in (False, True)}
+    everything, aot_reports = aot_reports, [report for report in aot_reports if report not in pairs]
     for kernel in ("attention_delta_kernel", "attention_combine_kernel"):  # with int64 offsets or not
         reports = [report for report in aot_reports if report["kernel"] == kernel]
         tables = (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32))
@@ -881,8 +1001,9 @@ def test_kernels_compile_for_each_arch_with_its_matrix_instructions(aot_reports)
     assert dq == {(arch, head_dim, dtype, mask_kind) for mask_kind in (None, 2)
                   for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32))
                   for (arch, head_dim) in table}
-    aot_reports = [report for report in aot_reports if report["kernel"] in kinds]  # delta, combine: no products
-    assert {(kinds[report["kernel"]], report["arch"], report["head_dim"], report["dtype"]) for report in aot_reports} == {
+    aot_reports = [report for report in everything if report["kernel"] in kinds]  # delta, combine: no products
+    assert {(kinds[report["kernel"]], report["arch"], report["head_dim"], report["dtype"]) for report in aot_reports
+            if report not in pairs} == {
         (kind, arch, head_dim, dtype) for kind in kinds.values()
         for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32)) for (arch, head_dim) in table}
     for report in aot_reports:
@@ -923,12 +1044,12 @@ def test_config_table_arch_of_each_gpu(monkeypatch, capability, shared_memory, a
         configs._cuda_arch.cache_clear()
 
 
-# triton version -> {(kernel, arch, head dim, dtype, options): stack bytes} that the table keeps
-# (configs.py). CI's Triton (requirements-dev.txt) has none. Under 3.9.0, one register of the
-# list builder goes to the stack once per program, outside its loops (an STL and an LDL in the SASS).
+# triton version -> {(kernel, arch, head dim, value head dim, dtype, options): stack bytes} that the
+# table keeps (configs.py). CI's Triton (requirements-dev.txt) has none. Under 3.9.0, one register of
+# the list builder goes to the stack once per program, outside its loops (an STL and an LDL in the SASS).
 KNOWN_SPILLS = {
-    "3.9.0": {("block_lists_kernel", 90, 0, "u8", (("FACTOR_C", 1), ("FACTOR_R", 8), ("KEYS_ON_ROWS", False),
-                                                   ("TILES", 128))): 8},
+    "3.9.0": {("block_lists_kernel", 90, 0, 0, "u8", (("FACTOR_C", 1), ("FACTOR_R", 8), ("KEYS_ON_ROWS", False),
+                                                      ("TILES", 128))): 8},
 }
 
 
@@ -945,7 +1066,7 @@ def test_attention_configs_do_not_spill(aot_reports):
     known = KNOWN_SPILLS.get(triton.__version__, {})
 
     def key(report):
-        return (report["kernel"], report["arch"], report["head_dim"], report["dtype"],
+        return (report["kernel"], report["arch"], report["head_dim"], report["head_dim_v"], report["dtype"],
                 tuple(sorted(report["options"].items())))
 
     spilling = [report for report in aot_reports if report["stack_bytes"] > known.get(key(report), 0)]
@@ -1438,11 +1559,13 @@ def test_op_other_ranks_as_torch(rank, masks, backend):
                                   magnitude=runs[0].abs().max().item())
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "auto", "torch"])
 def test_op_value_head_dim_may_differ(backend):
-    """As torch's SDPA: value (B, Hk, Lk, Dv) with Dv != D gives (B, Hq, Lq, Dv). The kernels
-    take one head dim, so it goes to torch (backend="triton" refuses it: see the bad arguments)."""
+    """As torch's SDPA: value (B, Hk, Lk, Dv) with Dv != D gives (B, Hq, Lq, Dv), in the kernels
+    too. Their output has the query's layout: a query in (B, L, H, D) memory (an nn module's
+    projection, transposed) gives an output in (B, L, H, Dv) memory."""
     q, k, v, kwargs, allowed, bias = make_case(2, 4, 2, 29, 41, 24, ["padding", "causal"], torch.float32)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
     v = torch.randn(2, 2, 41, 40, device=DEVICE)
     kwargs = {"key_padding_mask": kwargs["key_padding_mask"], "is_causal": True}
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -1450,6 +1573,8 @@ def test_op_value_head_dim_may_differ(backend):
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     assert out.shape == (2, 4, 29, 40)
+    if backend == "triton":
+        assert out.transpose(1, 2).is_contiguous()
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
     ref = reference_attention(*ref_leaves, allowed, bias)
     ref.backward(grad_out.double())
@@ -1700,7 +1825,7 @@ def per_example(args, in_dims, index):
 
 
 VMAP_CASES = {  # masks, and vmap's in_dims of (query, key, value, attn_mask, key_padding_mask)
-    "qkv": ({}, (0, 0, 0, None, None)),
+    "qkv-Dv40": ({"value_head_dim": 40}, (0, 0, 0, None, None)),  # the value's head dim unlike the query's
     "query-only-dim-2+causal": ({"is_causal": True}, (2, None, None, None, None)),
     "bool-and-padding-batched": ({"attn_mask": "bool", "key_padding_mask": True}, (0, 0, 0, 0, 1)),
     "float-per-sequence+padding+window": ({"attn_mask": "float", "key_padding_mask": True, "window_size": 9},
@@ -1719,8 +1844,9 @@ def test_op_vmap_and_per_example_gradients_launch_once(monkeypatch, name):
 
     masks, in_dims = VMAP_CASES[name]
     examples, batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim = 3, 2, 2, 1, 21, 37, 24
+    head_dim_v = masks.get("value_head_dim", head_dim)
     shapes = [(batch, heads, seqlen_q, head_dim), (batch, kv_heads, seqlen_k, head_dim),
-              (batch, kv_heads, seqlen_k, head_dim), None, (batch, seqlen_k)]
+              (batch, kv_heads, seqlen_k, head_dim_v), None, (batch, seqlen_k)]
     if masks.get("attn_mask") == "bool":
         shapes[3] = (seqlen_q, seqlen_k)
     elif masks.get("attn_mask") == "float":
@@ -1747,7 +1873,7 @@ def test_op_vmap_and_per_example_gradients_launch_once(monkeypatch, name):
         return scaled_dot_product_attention(q, k, v, attn_mask, key_padding_mask=key_padding_mask, enable_gqa=True,
                                             **kwargs, backend="triton")
 
-    grad_out = torch.randn(examples, *shapes[0], device=DEVICE)
+    grad_out = torch.randn(examples, batch, heads, seqlen_q, head_dim_v, device=DEVICE)
     argnums = (0, 1, 2, 3) if float_mask else (0, 1, 2)
 
     def gradients(q, k, v, attn_mask, key_padding_mask, grad_out):
@@ -1902,6 +2028,12 @@ def test_op_opcheck():
     grad_out, out, lse = torch.randn_like(q), torch.randn_like(q), torch.randn(q.shape[:3], device=DEVICE)
     torch.library.opcheck(torch.ops.fasttransformer.attention_backward.default,
                           (grad_out, q.detach(), k.detach(), v.detach(), out, lse, bias, None, 0.2, None, None, True))
+    # A value head dim unlike the query's, the query in (B, L, H, D) memory: the output keeps its
+    # layout, in the kernels and in the fake.
+    q_t = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    v_wide = torch.randn(*v.shape[:3], 40, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.fasttransformer.attention_forward.default,
+                          (q_t, k, v_wide, None, kwargs["key_padding_mask"], 0.2, 0))
 
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
@@ -1922,6 +2054,7 @@ def op_calls(draw):
         "seqlen_q": draw(st.sampled_from([1, 2, 16, 33, 65, 100])),
         "seqlen_k": draw(st.sampled_from([1, 7, 31, 64, 65, 150])),
         "head_dim": draw(st.sampled_from([3, 16, 40, 64, 72, 128])),
+        "value_head_dim": draw(st.sampled_from([None, None, 8, 72])),  # None: the query's
         "dtype": draw(st.sampled_from([torch.float32, torch.float16])),
         "layout": draw(st.sampled_from(["contiguous", "B,L,H,D", "sliced"])),
         "causal": draw(st.sampled_from([None, "is_causal", "lower_right", "upper_left"])),
@@ -1951,15 +2084,16 @@ def test_op_random_combinations_match_the_reference(call):
     generator = torch.Generator().manual_seed(call["seed"])
     batch, heads, kv_heads = call["batch"], call["heads"], call["kv_heads"]
     seqlen_q, seqlen_k, head_dim, dtype = call["seqlen_q"], call["seqlen_k"], call["head_dim"], call["dtype"]
+    head_dim_v = call["value_head_dim"] or head_dim
 
-    def tensor(heads_, length):
+    def tensor(heads_, length, dim=head_dim):
         if call["layout"] == "B,L,H,D":
-            return torch.randn(batch, length, heads_, head_dim, generator=generator).to(dtype).transpose(1, 2)
+            return torch.randn(batch, length, heads_, dim, generator=generator).to(dtype).transpose(1, 2)
         if call["layout"] == "sliced":
-            return torch.randn(batch, heads_, length, head_dim + 5, generator=generator).to(dtype)[..., 2:2 + head_dim]
-        return torch.randn(batch, heads_, length, head_dim, generator=generator).to(dtype)
+            return torch.randn(batch, heads_, length, dim + 5, generator=generator).to(dtype)[..., 2:2 + dim]
+        return torch.randn(batch, heads_, length, dim, generator=generator).to(dtype)
 
-    q, k, v = tensor(heads, seqlen_q), tensor(kv_heads, seqlen_k), tensor(kv_heads, seqlen_k)
+    q, k, v = tensor(heads, seqlen_q), tensor(kv_heads, seqlen_k), tensor(kv_heads, seqlen_k, head_dim_v)
     allowed = torch.ones(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool)
     kwargs, attn_mask, bias, offset = {"enable_gqa": heads != kv_heads, "scale": call["scale"]}, None, None, 0
     if call["causal"] == "is_causal":
@@ -1996,7 +2130,7 @@ def test_op_random_combinations_match_the_reference(call):
         left, right = (call["window"], 0) if isinstance(call["window"], int) else call["window"]
         allowed &= window_bool(seqlen_q, seqlen_k, offset, left, right)
     leaves = [tensor_.detach().requires_grad_() for tensor_ in (q, k, v)]
-    grad_out = torch.randn(batch, heads, seqlen_q, head_dim, generator=generator).to(dtype)
+    grad_out = torch.randn(batch, heads, seqlen_q, head_dim_v, generator=generator).to(dtype)
     from unittest import mock
 
     from fasttransformer.kernels import configs
@@ -2044,8 +2178,7 @@ def test_op_random_combinations_match_the_reference(call):
     ({"query": torch.randn(3, 2, 4, 29, 24), "key": torch.randn(3, 2, 2, 41, 24), "value": torch.randn(3, 2, 2, 41, 24),
       "key_padding_mask": torch.zeros(6, 41, dtype=torch.bool)}, ValueError,
      r"key_padding_mask must be \(..., Lk\) = \(3, 2, 41\) for 5-D inputs"),
-    ({"value": torch.randn(2, 2, 41, 16), "backend": "triton"}, RuntimeError,
-     "value's head dim 16 differs from query's and key's 24: the kernels take one head dim"),
+    ({"value": torch.randn(2, 2, 41, 264), "backend": "triton"}, RuntimeError, "value's head dim 264 > 256"),
     ({"value": torch.randn(2, 2, 41, 0)}, ValueError, "value's head dim .* must be at least 1"),
     ({"query": torch.randn(1, 1, 1, 24).expand(32768, 32768, 2, 24),  # 2**31 rows, in 24 numbers
       "key": torch.randn(1, 1, 1, 24).expand(32768, 1, 3, 24),

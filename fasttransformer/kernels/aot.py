@@ -60,7 +60,7 @@ def _signature(fn, dtype: str) -> dict:
 #  * pointers and ints divisible by 16 get the hint tt.divisibility=16.
 RUNTIME_ONES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_mn", "stride_pn",
                 "stride_pd")
-DIVISIBLE_INTS = ("seqlen_q", "seqlen_k", "head_dim")
+DIVISIBLE_INTS = ("seqlen_q", "seqlen_k", "head_dim", "head_dim_v")
 
 
 def _runtime_specialisation(fn, signature: dict):
@@ -75,7 +75,8 @@ def _runtime_specialisation(fn, signature: dict):
     return constants, attrs
 
 
-def compile_kernel(kernel, arch: int, head_dim: int, config, dtype: str = "bf16", options=None) -> dict:
+def compile_kernel(kernel, arch: int, head_dim, config, dtype: str = "bf16", options=None) -> dict:
+    """``head_dim``: D, or a pair (D, Dv) for a value head dim unlike the query's."""
     import triton
 
     from fasttransformer.kernels.configs import head_dim_bucket
@@ -83,10 +84,12 @@ def compile_kernel(kernel, arch: int, head_dim: int, config, dtype: str = "bf16"
     from triton.compiler import ASTSource
 
     block_m, block_n, num_warps, num_stages = config
+    head_dim, head_dim_v = head_dim if isinstance(head_dim, (tuple, list)) else (head_dim, head_dim)
     signature = _signature(kernel.fn, dtype)
     ones, attrs = _runtime_specialisation(kernel, signature)
-    constants = {**WORST_CASE, **(options or {}), **ones, "DOT_PRECISION": "tf32x3" if dtype == "fp32" else "tf32",
-                 "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": head_dim_bucket(head_dim)}
+    constants = {**WORST_CASE, **ones, "DOT_PRECISION": "tf32x3" if dtype == "fp32" else "tf32",
+                 "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": head_dim_bucket(head_dim),
+                 "BLOCK_DV": head_dim_bucket(head_dim_v), **(options or {})}  # options: a padded pair's tiles too
     constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
     for name in constants:
         signature[name] = "constexpr"
@@ -105,7 +108,7 @@ def compile_kernel(kernel, arch: int, head_dim: int, config, dtype: str = "bf16"
     stack = re.search(r"STACK:(\d+)", usage)
     return {
         "kernel": kernel.fn.__name__, "triton": triton.__version__, "arch": arch, "head_dim": head_dim,
-        "config": list(config),
+        "head_dim_v": head_dim_v, "config": list(config),
         "registers": int(registers.group(1)) if registers else None,
         "stack_bytes": int(stack.group(1)) if stack else None,
         "shared_bytes": compiled.metadata.shared,
@@ -113,39 +116,88 @@ def compile_kernel(kernel, arch: int, head_dim: int, config, dtype: str = "bf16"
     }
 
 
-def _jobs():
+# (D, Dv) pairs compiled besides the table's D = Dv entries, in every variant, with the tiles the
+# launchers take (configs.tile_head_dims): DeepSeek's MLA and the Differential Transformer's
+# Dv = 2 D. ``--value-head-dims all`` compiles every pair of buckets with their own tiles: what
+# configs.PADDED_VALUE_HEAD_DIMS is read from.
+VALUE_HEAD_DIMS = ((192, 128), (64, 128))
+BUCKETS = (16, 32, 64, 128, 256)  # configs.head_dim_bucket's values
+ALL_VALUE_HEAD_DIMS = tuple((d, dv) for d in BUCKETS for dv in BUCKETS if d != dv)
+
+
+def _jobs(value_head_dims=VALUE_HEAD_DIMS, own_tiles: bool = False):
     """Every (kernel, arch, D, config, options, dtype) the table (configs.py) can launch: the
     worst-case mask options for each kernel, plus the maskless, float-mask and split-key
     forward, in bf16 and in float32; the same with dropout on, with dropout's configs; the dQ
     kernel with the boolean mask and with the float mask's gradient; the int64-offset variants
     (inputs of 2**31 elements or more, with their configs) of the worst-case and float-mask
     forward and of both backward kernels, in both dtypes, with and without dropout; the
-    backward's delta pre-pass and the split keys' merge, with int64 offsets or not."""
-    import torch
-
+    backward's delta pre-pass and the split keys' merge, with int64 offsets or not. Then the
+    same attention kernels for each (D, Dv) pair of ``value_head_dims`` (D in the job: the pair;
+    float32 only where both are within configs.MAX_FP32_HEAD_DIM), with the launchers' tiles, or
+    each head dim's own with ``own_tiles`` (the padded kernels' options name their tiles)."""
     from fasttransformer.kernels import configs
     jobs = []
-    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    for dtype in ("bf16", "fp32"):
         for (arch, head_dim) in (configs.FORWARD_FP32 if dtype == "fp32" else configs.FORWARD):
-            device = _FakeDevice(arch)
-            for dropout in (False, True):
-                for int64 in (False, True):
-                    extra = {**({"DROPOUT": True} if dropout else {}), **({"INT64_OFFSETS": True} if int64 else {})}
-                    config = configs.forward_config(device, torch_dtype, head_dim, True, dropout, int64)
-                    forward_options = ({}, {"MASK_KIND": 2, "POSITIVE_SCALE": False})
-                    if not int64:
-                        forward_options += ({"SPLIT_KEYS": True},) + (() if dropout else (NO_MASK,))
-                    for options in forward_options:
-                        jobs.append(("forward", arch, head_dim, tuple(config), {**options, **extra}, dtype))
-                    dkdv, dq = configs.backward_configs(device, torch_dtype, head_dim, True, dropout, int64)
-                    jobs.append(("dkdv", arch, head_dim, tuple(dkdv), extra, dtype))
-                    for options in ({}, {"MASK_KIND": 2, "BIAS_GRAD": True}):  # bool mask, float mask and its grad
-                        jobs.append(("dq", arch, head_dim, tuple(dq), {**options, **extra}, dtype))
+            jobs += _attention_jobs(arch, head_dim, dtype)
             block_m, _, num_warps = configs.delta_config(head_dim)
             for options in ({}, {"INT64_OFFSETS": True}):
                 jobs.append(("delta", arch, head_dim, (block_m, 0, num_warps, 1), options, dtype))
                 jobs.append(("combine", arch, head_dim, COMBINE_CONFIG, options, dtype))
+    for arch in sorted({arch for arch, _ in configs.FORWARD}):
+        for pair in value_head_dims:
+            for dtype in ("bf16", "fp32") if max(pair) <= configs.MAX_FP32_HEAD_DIM else ("bf16",):
+                jobs += _attention_jobs(arch, tuple(pair), dtype, own_tiles)
     return jobs + _list_jobs(jobs)
+
+
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}  # what a block may take, per arch
+KERNEL_NAMES = {"attention_forward_kernel": "forward", "attention_backward_dkdv_kernel": "dkdv",
+                "attention_backward_dq_kernel": "dq"}
+
+
+def padded_value_head_dims(reports) -> set:
+    """configs.PADDED_VALUE_HEAD_DIMS's keys from the ``--value-head-dims all`` reports (any
+    number of Tritons'): the (kernel, "2-byte" or "fp32", arch, D's bucket, Dv's bucket,
+    dropout, int64 offsets) of which a variant spills or passes the arch's shared memory."""
+    from fasttransformer.kernels.configs import head_dim_bucket
+    return {(KERNEL_NAMES[r["kernel"]], "fp32" if r["dtype"] == "fp32" else "2-byte", r["arch"],
+             head_dim_bucket(r["head_dim"]), head_dim_bucket(r["head_dim_v"]), bool(r["options"].get("DROPOUT")),
+             bool(r["options"].get("INT64_OFFSETS")))
+            for r in reports if r["kernel"] in KERNEL_NAMES and r["head_dim_v"] != r["head_dim"]
+            and (r["stack_bytes"] or r["shared_bytes"] > SHARED_MEMORY_LIMIT[r["arch"]])}
+
+
+def _attention_jobs(arch: int, head_dim, dtype: str, own_tiles: bool = False) -> list:
+    """The forward and backward jobs of one (arch, D or (D, Dv), dtype), in every variant."""
+    import torch
+
+    from fasttransformer.kernels import configs
+    device, torch_dtype = _FakeDevice(arch), torch.float32 if dtype == "fp32" else torch.bfloat16
+    dims = (head_dim[0], head_dim[1]) if isinstance(head_dim, tuple) else (head_dim, None)
+    jobs = []
+    for dropout in (False, True):
+        for int64 in (False, True):
+            extra = {**({"DROPOUT": True} if dropout else {}), **({"INT64_OFFSETS": True} if int64 else {})}
+
+            def tiles(kernel):  # a (D, Dv) pair that the kernel pads to the larger's tiles: named in its options
+                if dims[1] is None or own_tiles:
+                    return {}
+                padded = configs.tile_head_dims(kernel, device, torch_dtype, *dims, dropout, int64)
+                own = (configs.head_dim_bucket(dims[0]), configs.head_dim_bucket(dims[1]))
+                return {} if padded == own else {"BLOCK_D": padded[0], "BLOCK_DV": padded[1]}
+            config = configs.forward_config(device, torch_dtype, dims[0], True, dropout, int64, head_dim_v=dims[1])
+            forward_options = ({}, {"MASK_KIND": 2, "POSITIVE_SCALE": False})
+            if not int64:
+                forward_options += ({"SPLIT_KEYS": True},) + (() if dropout else (NO_MASK,))
+            for options in forward_options:
+                jobs.append(("forward", arch, head_dim, tuple(config), {**options, **extra, **tiles("forward")}, dtype))
+            dkdv, dq = configs.backward_configs(device, torch_dtype, dims[0], True, dropout, int64, head_dim_v=dims[1])
+            jobs.append(("dkdv", arch, head_dim, tuple(dkdv), {**extra, **tiles("dkdv")}, dtype))
+            for options in ({}, {"MASK_KIND": 2, "BIAS_GRAD": True}):  # bool mask, float mask and its grad
+                jobs.append(("dq", arch, head_dim, tuple(dq), {**options, **extra, **tiles("dq")}, dtype))
+    return jobs
 
 
 def _list_jobs(attention_jobs):
@@ -209,6 +261,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fasttransformer.kernels.aot", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, help="only the table's entries for this arch (80, 86 or 90)")
     parser.add_argument("--target", type=int, help="compile them for this sm instead (with --arch; e.g. 89, 120)")
+    parser.add_argument("--value-head-dims", choices=("all",),
+                        help="all: every pair of unlike head-dim buckets (D, Dv), each with its own tiles (what "
+                             "configs.PADDED_VALUE_HEAD_DIMS is read from), not only VALUE_HEAD_DIMS")
     parser.add_argument("--quick", action="store_true",
                         help="only sm_90's bf16 D = 128 entries, in every variant, and the first tile of the list "
                              "builder: each kernel's every code path once, in about a minute")
@@ -218,7 +273,9 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter cannot compile", file=sys.stderr)
         return 2
-    jobs = [job for job in _jobs() if args.arch is None or job[1] == args.arch]
+    survey = args.value_head_dims == "all"
+    jobs = [job for job in _jobs(ALL_VALUE_HEAD_DIMS if survey else VALUE_HEAD_DIMS, own_tiles=survey)
+            if args.arch is None or job[1] == args.arch]
     if args.quick:
         lists = [job for job in jobs if job[0] in ("classes", "lists") and job[1] == 90]
         jobs = [job for job in jobs if job[1:3] == (90, 128) and job[5] == "bf16"]

@@ -6,6 +6,7 @@ delta = rowsum(dO * O):
 
     dV = P^T dO        dS = P * (dO V^T - delta)        dK = scale * dS^T Q        dQ = scale * dS K
 
+(Q, K, dQ, dK over the query's head dim D; V, O, dO, dV over the value's, Dv, usually equal.)
 A pre-pass kernel computes delta; then two kernels, each owning what it writes, so the
 gradients are deterministic: one program per
 (key block, batch, key head) sums dK and dV over the query blocks that can see it and over the
@@ -54,9 +55,9 @@ def recompute_probabilities(q, k, lse, rows, cols, seqlen_q, seqlen_k, batch, sc
 
 
 @triton.jit
-def dkdv_tile(dk, dv, k, v, q_base, do_base, mask_base, start_m, offs_m, offs_n, offs_d, stride_qm, stride_qd,
-              stride_dom, stride_dod, stride_mm, stride_mn, Lse, Delta, head_row,
-              seqlen_q, seqlen_k, head_dim, batch, scale_log2, causal_offset, window_left, window_right,
+def dkdv_tile(dk, dv, k, v, q_base, do_base, mask_base, start_m, offs_m, offs_n, offs_d, offs_dv, stride_qm,
+              stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Lse, Delta, head_row,
+              seqlen_q, seqlen_k, head_dim, head_dim_v, batch, scale_log2, causal_offset, window_left, window_right,
               KeyPadding, stride_pb, stride_pn, seed, start_n, dropout_threshold, dropout_scale,
               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
               HAS_KEY_PADDING: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
@@ -69,7 +70,7 @@ def dkdv_tile(dk, dv, k, v, q_base, do_base, mask_base, start_m, offs_m, offs_n,
     m_ok = rows < seqlen_q
     row_base = head_row * seqlen_q
     q = load_tile(q_base, rows, offs_d, stride_qm, stride_qd, seqlen_q, head_dim, True, True, INT64_OFFSETS)
-    do = load_tile(do_base, rows, offs_d, stride_dom, stride_dod, seqlen_q, head_dim, True, True, INT64_OFFSETS)
+    do = load_tile(do_base, rows, offs_dv, stride_dom, stride_dod, seqlen_q, head_dim_v, True, True, INT64_OFFSETS)
     lse = tl.load(Lse + row_base + rows, mask=m_ok, other=float("inf"))
     delta = tl.load(Delta + row_base + rows, mask=m_ok, other=0.0)
     scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
@@ -101,11 +102,12 @@ def attention_backward_dkdv_kernel(
     stride_pb, stride_pn,
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im,
-    num_heads, kv_heads, kv_group, seqlen_q, seqlen_k, head_dim,
+    num_heads, kv_heads, kv_group, seqlen_q, seqlen_k, head_dim, head_dim_v,
     scale, scale_log2, causal_offset, window_left, window_right, dropout_threshold, dropout_scale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     pid_n, kv_head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # grid (blocks, kv heads, batch)
     if INT64_OFFSETS:  # see attention_forward.int64_offsets
@@ -114,13 +116,14 @@ def attention_backward_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
 
     k = load_tile(K + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kn, stride_kd, seqlen_k, head_dim,
                   True, True, INT64_OFFSETS)
-    v = load_tile(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_d, stride_vn, stride_vd, seqlen_k, head_dim,
-                  True, True, INT64_OFFSETS)
+    v = load_tile(V + batch * stride_vb + kv_head * stride_vh, offs_n, offs_dv, stride_vn, stride_vd, seqlen_k,
+                  head_dim_v, True, True, INT64_OFFSETS)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     seed = Seed  # unused without dropout
     if DROPOUT:
         seed = tl.load(Seed)
@@ -159,8 +162,9 @@ def attention_backward_dkdv_kernel(
                     if SPARSE:
                         start_m = tl.load(index + position) * BLOCK_M
                     dk, dv = dkdv_tile(dk, dv, k, v, q_base, do_base, mask_base, start_m, offs_m, offs_n, offs_d,
-                                       stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Lse, Delta,
-                                       head_row, seqlen_q, seqlen_k, head_dim, batch, scale_log2, causal_offset,
+                                       offs_dv, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                                       Lse, Delta, head_row, seqlen_q, seqlen_k, head_dim, head_dim_v, batch,
+                                       scale_log2, causal_offset,
                                        window_left, window_right, KeyPadding, stride_pb, stride_pn, seed, start_n,
                                        dropout_threshold, dropout_scale, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING,
                                        segment != 1, DROPOUT, DOT_PRECISION, INT64_OFFSETS, BLOCK_M, BLOCK_N)
@@ -168,14 +172,14 @@ def attention_backward_dkdv_kernel(
     # DK and DV have the layouts of K and V (the launcher allocates them so).
     store_tile(DK + batch * stride_kb + kv_head * stride_kh, offs_n, offs_d, stride_kn, stride_kd, seqlen_k, head_dim,
                (dk * scale).to(DK.dtype.element_ty), INT64_OFFSETS)
-    store_tile(DV + batch * stride_vb + kv_head * stride_vh, offs_n, offs_d, stride_vn, stride_vd, seqlen_k, head_dim,
-               dv.to(DV.dtype.element_ty), INT64_OFFSETS)
+    store_tile(DV + batch * stride_vb + kv_head * stride_vh, offs_n, offs_dv, stride_vn, stride_vd, seqlen_k,
+               head_dim_v, dv.to(DV.dtype.element_ty), INT64_OFFSETS)
 
 
 @triton.jit
-def dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, dbias_base, start_n, rows, offs_n, offs_d,
+def dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, dbias_base, start_n, rows, offs_n, offs_d, offs_dv,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            seqlen_q, seqlen_k, head_dim, batch, scale_log2, causal_offset, window_left, window_right,
+            seqlen_q, seqlen_k, head_dim, head_dim_v, batch, scale_log2, causal_offset, window_left, window_right,
             KeyPadding, stride_pb, stride_pn, seed, head_row, start_m, dropout_threshold, dropout_scale,
             CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
             HAS_KEY_PADDING: tl.constexpr, MASKED: tl.constexpr, BIAS_GRAD: tl.constexpr,
@@ -186,7 +190,7 @@ def dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, dbias_base, start_
     block is before seqlen_k and visible to every query (``tile_scores``)."""
     keys = start_n + offs_n  # checked against seqlen_k only on masked tiles
     k = load_tile(k_base, keys, offs_d, stride_kn, stride_kd, seqlen_k, head_dim, MASKED, True, INT64_OFFSETS)
-    v = load_tile(v_base, keys, offs_d, stride_vn, stride_vd, seqlen_k, head_dim, MASKED, True, INT64_OFFSETS)
+    v = load_tile(v_base, keys, offs_dv, stride_vn, stride_vd, seqlen_k, head_dim_v, MASKED, True, INT64_OFFSETS)
     p = recompute_probabilities(q, k, lse, rows, keys, seqlen_q, seqlen_k, batch, scale_log2,
                                 causal_offset, window_left, window_right, mask_base, stride_mm, stride_mn, KeyPadding,
                                 stride_pb, stride_pn, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, MASKED,
@@ -213,12 +217,12 @@ def attention_backward_dq_kernel(
     stride_pb, stride_pn,
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im,
-    num_heads, kv_group, seqlen_q, seqlen_k, head_dim,
+    num_heads, kv_group, seqlen_q, seqlen_k, head_dim, head_dim_v,
     scale, scale_log2, causal_offset, window_left, window_right, dropout_threshold, dropout_scale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # grid (blocks, heads, batch)
     pid_bh = batch * num_heads + head
@@ -229,11 +233,12 @@ def attention_backward_dq_kernel(
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = rows < seqlen_q
     q = load_tile(Q + batch * stride_qb + head * stride_qh, rows, offs_d, stride_qm, stride_qd, seqlen_q, head_dim,
                   True, True, INT64_OFFSETS)
-    do = load_tile(DO + batch * stride_dob + head * stride_doh, rows, offs_d, stride_dom, stride_dod, seqlen_q,
-                   head_dim, True, True, INT64_OFFSETS)
+    do = load_tile(DO + batch * stride_dob + head * stride_doh, rows, offs_dv, stride_dom, stride_dod, seqlen_q,
+                   head_dim_v, True, True, INT64_OFFSETS)
     row_base = pid_bh * seqlen_q
     lse = tl.load(Lse + row_base + rows, mask=m_ok, other=float("inf"))
     delta = tl.load(Delta + row_base + rows, mask=m_ok, other=0.0)
@@ -268,8 +273,8 @@ def attention_backward_dq_kernel(
                 if SPARSE:
                     start_n = tl.load(index + position) * BLOCK_N
                 dq = dq_tile(dq, q, do, lse, delta, k_base, v_base, mask_base, dbias_base, start_n, rows, offs_n,
-                             offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                             seqlen_q, seqlen_k, head_dim, batch, scale_log2, causal_offset, window_left,
+                             offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                             seqlen_q, seqlen_k, head_dim, head_dim_v, batch, scale_log2, causal_offset, window_left,
                              window_right, KeyPadding, stride_pb, stride_pn, seed, pid_bh, start_m, dropout_threshold,
                              dropout_scale, CAUSAL, WINDOW, MASK_KIND, HAS_KEY_PADDING, segment != 1, BIAS_GRAD,
                              DROPOUT, DOT_PRECISION, INT64_OFFSETS, BLOCK_M, BLOCK_N)
@@ -333,10 +338,10 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     """
     from fasttransformer.kernels.attention_forward import list_arguments, uses_block_lists
     from fasttransformer.kernels.block_lists import build_block_lists
-    from fasttransformer.kernels.configs import backward_configs, head_dim_bucket
+    from fasttransformer.kernels.configs import backward_configs, tile_head_dims
 
     batch, heads, seqlen_q, head_dim = query.shape
-    kv_heads, seqlen_k = key.shape[1], key.shape[2]
+    kv_heads, seqlen_k, head_dim_v = key.shape[1], key.shape[2], value.shape[3]
     group = heads // kv_heads if kv_heads else 1  # query heads per key head (no heads: nothing to launch)
     overrides = {name: value for name, value in (("block_m", block_m), ("block_n", block_n),
                                                   ("num_warps", num_warps), ("num_stages", num_stages)) if value}
@@ -355,8 +360,9 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     shape = (batch, heads, seqlen_q, seqlen_k)
     mask_kind, mask, mask_strides, padding, padding_strides = mask_arguments(attn_mask, key_padding_mask, shape, query)
     wide = int64_offsets(query, key, value, grad_out, mask, padding)  # dq, dk, dv: empty_like these (no larger)
-    table = backward_configs(query.device, query.dtype, head_dim, causal_offset is not None,
-                             dropout=effective_dropout_p(dropout_p) > 0, int64=wide)
+    dropping = effective_dropout_p(dropout_p) > 0
+    table = backward_configs(query.device, query.dtype, head_dim, causal_offset is not None, dropout=dropping,
+                             int64=wide, head_dim_v=head_dim_v)
     dkdv_config, dq_config = (given or config._replace(**overrides)
                               for given, config in zip((dkdv_config, dq_config), table))
     by_query = by_key = None
@@ -370,14 +376,16 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     dropout, seed, dropout_threshold, dropout_scale = dropout_arguments(dropout_p, seed, query)
     constants = dict(CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
                      HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=by_query is not None, DROPOUT=dropout,
-                     DOT_PRECISION=dot_precision(query), INT64_OFFSETS=wide,
-                     BLOCK_D=head_dim_bucket(head_dim))
+                     DOT_PRECISION=dot_precision(query), INT64_OFFSETS=wide)
+    dkdv_tiles, dq_tiles = (
+        dict(zip(("BLOCK_D", "BLOCK_DV"), tile_head_dims(kernel, query.device, query.dtype, head_dim, head_dim_v,
+                                                          dropping, wide))) for kernel in ("dkdv", "dq"))
     strides = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mask_strides, *padding_strides)
     scalars = (scale, scale * LOG2E, causal_offset or 0, window_left, window_right, dropout_threshold, dropout_scale)
     counts, index, list_strides = list_arguments(by_key, query)
     attention_backward_dkdv_kernel[(cdiv(seqlen_k, dkdv_config.block_n), kv_heads, batch)](
         query, key, value, grad_out, lse, delta, dk, dv, mask, padding, counts, index, seed, *strides, *list_strides,
-        heads, kv_heads, group, seqlen_q, seqlen_k, head_dim, *scalars, **constants,
+        heads, kv_heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v, *scalars, **constants, **dkdv_tiles,
         BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n, num_warps=dkdv_config.num_warps,
         num_stages=dkdv_config.num_stages, enable_fp_fusion=True)
     counts, index, list_strides = list_arguments(by_query, query)
@@ -388,9 +396,10 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
         same strides), dbias ``(stop - start, Hq, Lq, Lk)``."""
         tensors = per_batch if (start, stop) == (0, batch) else [tensor[start:stop] for tensor in per_batch]
         attention_backward_dq_kernel[(cdiv(seqlen_q, dq_config.block_m), heads, stop - start)](
-            *tensors, dbias, seed, *strides, *list_strides, heads, group, seqlen_q, seqlen_k, head_dim, *scalars,
-            BIAS_GRAD=bias_grad, **constants, BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n,
-            num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, enable_fp_fusion=True)
+            *tensors, dbias, seed, *strides, *list_strides, heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
+            *scalars, BIAS_GRAD=bias_grad, **constants, **dq_tiles, BLOCK_M=dq_config.block_m,
+            BLOCK_N=dq_config.block_n, num_warps=dq_config.num_warps, num_stages=dq_config.num_stages,
+            enable_fp_fusion=True)
 
     if not bias_grad:
         launch_dq(0, batch, query)

@@ -1,6 +1,7 @@
 """Masked flash-attention forward in Triton: online softmax, the Lq x Lk scores never stored.
 
-One program computes a BLOCK_M x D tile of the output for one (batch, query head): it walks the
+One program computes a BLOCK_M x Dv tile of the output for one (batch, query head) (Dv the value's
+head dim, D the query's and key's: usually equal, each padded to its own tile): it walks the
 key blocks that its causal / window bounds leave (the others are never loaded), masks the scores
 (sequence ends, causal, window, key padding, a boolean or float ``attn_mask`` read through its
 strides, so broadcast dimensions cost nothing), and keeps running max / sum in base 2. Key
@@ -234,9 +235,9 @@ def key_range(start_m, seqlen_k, causal_offset, window_left, window_right,
 
 
 @triton.jit
-def forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d,
+def forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n, offs_d, offs_dv,
                  stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                 seqlen_q, seqlen_k, head_dim, batch, scale_log2, causal_offset, window_left, window_right,
+                 seqlen_q, seqlen_k, head_dim, head_dim_v, batch, scale_log2, causal_offset, window_left, window_right,
                  KeyPadding, stride_pb, stride_pn, seed, head_row, start_m, dropout_threshold,
                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
                  HAS_KEY_PADDING: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
@@ -276,7 +277,7 @@ def forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, o
     if DROPOUT:
         keep = dropout_keep(seed, head_row, start_m, start_n, dropout_threshold, BLOCK_M, BLOCK_N)
         p = tl.where(keep, p, 0.0)
-    v = load_tile(v_base, keys, offs_d, stride_vn, stride_vd, seqlen_k, head_dim, MASKED, True, INT64_OFFSETS)
+    v = load_tile(v_base, keys, offs_dv, stride_vn, stride_vd, seqlen_k, head_dim_v, MASKED, True, INT64_OFFSETS)
     # Accumulate inside the dot: `acc * alpha + tl.dot(p, v)` holds a second BLOCK_M x D
     # float32 tile (at D = 128, BLOCK_M = 128, 8 warps: 468 bytes spilled on sm_90).
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -295,6 +296,7 @@ def attention_forward_kernel(
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im,
     num_heads, kv_group, seqlen_q, seqlen_k, head_dim,
+    head_dim_v,             # the value's (and output's) head dim, BLOCK_DV its tile's; D the query's and key's
     num_splits,             # SPLIT_KEYS: programs per query block, each over its share of the key tiles
     scale_log2,             # softmax scale * log2(e)
     causal_offset,          # query i is aligned with key i + causal_offset
@@ -304,7 +306,7 @@ def attention_forward_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     POSITIVE_SCALE: tl.constexpr, SPLIT_KEYS: tl.constexpr, INT64_OFFSETS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # grid (blocks, heads, batch)
     split = 0
@@ -319,6 +321,7 @@ def attention_forward_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < seqlen_q
 
     # Each tile's pointers are computed where it is loaded, from this (batch, head)'s base and
@@ -336,7 +339,7 @@ def attention_forward_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     # Three segments of tiles: masked element-wise, whole (every query sees every key: no
     # element-wise mask), masked. Without lists they are the key blocks within the causal /
     # window bounds (the others are never loaded): before the interior ones (window start), the
@@ -368,12 +371,12 @@ def attention_forward_kernel(
                 if SPARSE:
                     start_n = tl.load(index + position) * BLOCK_N
                 acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
-                                             offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                                             seqlen_q, seqlen_k, head_dim, batch, scale_log2, causal_offset,
-                                             window_left, window_right, KeyPadding, stride_pb, stride_pn, seed,
-                                             pid_bh, pid_m * BLOCK_M, dropout_threshold, CAUSAL, WINDOW, MASK_KIND,
-                                             HAS_KEY_PADDING, segment != 1, DROPOUT, DOT_PRECISION, POSITIVE_SCALE,
-                                             INT64_OFFSETS, BLOCK_M, BLOCK_N)
+                                             offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
+                                             stride_mn, seqlen_q, seqlen_k, head_dim, head_dim_v, batch, scale_log2,
+                                             causal_offset, window_left, window_right, KeyPadding, stride_pb,
+                                             stride_pn, seed, pid_bh, pid_m * BLOCK_M, dropout_threshold, CAUSAL,
+                                             WINDOW, MASK_KIND, HAS_KEY_PADDING, segment != 1, DROPOUT,
+                                             DOT_PRECISION, POSITIVE_SCALE, INT64_OFFSETS, BLOCK_M, BLOCK_N)
 
     seen = l_i > 0
     normaliser = tl.where(seen, l_i, 1.0)
@@ -388,8 +391,8 @@ def attention_forward_kernel(
     else:
         lse = tl.where(seen, log2_sum / 1.4426950408889634, float("inf"))
         lse_row = pid_bh * seqlen_q
-    store_tile(Out + batch * stride_ob + head * stride_oh + split * stride_os, offs_m, offs_d, stride_om, stride_od,
-               seqlen_q, head_dim, out.to(Out.dtype.element_ty), INT64_OFFSETS)
+    store_tile(Out + batch * stride_ob + head * stride_oh + split * stride_os, offs_m, offs_dv, stride_om, stride_od,
+               seqlen_q, head_dim_v, out.to(Out.dtype.element_ty), INT64_OFFSETS)
     tl.store(Lse + lse_row + offs_m, lse, mask=row_ok)
 
 
@@ -541,7 +544,8 @@ def list_arguments(lists, placeholder):
 def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=None, scale=None,
                       causal_offset=None, window=None, dropout_p=0.0, seed=None, block_m=None, block_n=None,
                       num_warps=None, num_stages=None, num_splits=None, block_list_store=None, pack_gqa=True):
-    """Launches the kernel on already validated ``(B, H, L, D)`` tensors.
+    """Launches the kernel on already validated ``(B, H, L, D)`` tensors (the value's head dim Dv
+    may differ from the query's and key's D).
 
     attn_mask: bool (True = may attend) or float, already broadcastable to (B, Hq, Lq, Lk)
     (expanded views are fine: stride 0 dimensions are read in place). key_padding_mask: bool
@@ -557,16 +561,17 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     lists of the boolean masks are kept and reused (``block_lists.build_block_lists``).
     pack_gqa: a GQA decoding step computes each key head's group of query heads in one program
     where ``gqa_packing`` allows it (False: one program per query head, as for other calls).
-    Returns (out (B, Hq, Lq, D) in the query's dtype, lse (B, Hq, Lq) float32).
+    Returns (out (B, Hq, Lq, Dv) in the query's dtype, with the query's layout (``output_like``),
+    lse (B, Hq, Lq) float32).
     """
     from fasttransformer.kernels.block_lists import build_block_lists
-    from fasttransformer.kernels.configs import forward_config, forward_splits, head_dim_bucket
+    from fasttransformer.kernels.configs import forward_config, forward_splits, head_dim_bucket, tile_head_dims
 
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):  # before any launch
         raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
     unpacked_shape = query.shape
     batch, heads, seqlen_q, head_dim = unpacked_shape
-    kv_heads, seqlen_k = key.shape[1], key.shape[2]
+    kv_heads, seqlen_k, head_dim_v = key.shape[1], key.shape[2], value.shape[3]
     group = 1  # query heads computed as one program's rows (gqa_packing)
     if pack_gqa and seqlen_q == 1 and kv_heads != heads:  # (a quick test first: host time)
         keys = gqa_packing(heads, kv_heads, seqlen_q, seqlen_k, causal_offset, window, dropout_p)
@@ -580,11 +585,13 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     # The split keys' partial results are left out: forward_splits keeps them to one wave of
     # programs (SMs x block_m x D floats at most).
     wide = int64_offsets(query, key, value, mask, padding)
-    config = forward_config(query.device, query.dtype, head_dim, causal_offset is not None,
-                            dropout=effective_dropout_p(dropout_p) > 0, int64=wide)
+    dropping = effective_dropout_p(dropout_p) > 0
+    config = forward_config(query.device, query.dtype, head_dim, causal_offset is not None, dropout=dropping,
+                            int64=wide, head_dim_v=head_dim_v)
+    block_d, block_dv = tile_head_dims("forward", query.device, query.dtype, head_dim, head_dim_v, dropping, wide)
     block_m, block_n = block_m or config.block_m, block_n or config.block_n
     num_warps, num_stages = num_warps or config.num_warps, num_stages or config.num_stages
-    out = torch.empty_like(query)
+    out = output_like(query, head_dim_v)
     query_strides, out_strides = packed_strides(query.stride(), group), packed_strides(out.stride(), group)
     # Packed, the kernels' row (batch * Hk + hk) * group + r is row batch * Hq + head: the same lse
     lse = torch.empty(unpacked_shape[:3], device=query.device, dtype=torch.float32)
@@ -605,7 +612,8 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
             visible_keys = min(visible_keys, block_m + window_left + window_right + block_n)
         num_splits = forward_splits(query.device, query_blocks * heads * batch, cdiv(visible_keys, block_n))
     if num_splits > 1:  # float32 partial results per split, merged below
-        target = torch.empty(batch, heads, num_splits, seqlen_q, head_dim, device=query.device, dtype=torch.float32)
+        target = torch.empty(batch, heads, num_splits, seqlen_q, head_dim_v, device=query.device,
+                             dtype=torch.float32)
         target_lse = torch.empty(batch, heads, num_splits, seqlen_q, device=query.device, dtype=torch.float32)
         target_strides = (*target.stride()[:2], *target.stride()[3:], target.stride(2))
     else:
@@ -617,25 +625,36 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
         query, key, value, target, target_lse, mask, padding, counts, index, seed,
         *query_strides, *key.stride(), *value.stride(), *target_strides, *mask_strides, *padding_strides,
         *list_strides,
-        heads, heads // kv_heads if kv_heads else 1, seqlen_q, seqlen_k, head_dim, num_splits,
+        heads, heads // kv_heads if kv_heads else 1, seqlen_q, seqlen_k, head_dim, head_dim_v, num_splits,
         scale * LOG2E, causal_offset or 0, window_left, window_right, dropout_threshold, dropout_scale,
         CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
         HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=lists is not None, DROPOUT=dropout,
         DOT_PRECISION=dot_precision(query), POSITIVE_SCALE=scale > 0 and mask_kind != MASK_FLOAT,
         SPLIT_KEYS=num_splits > 1, INT64_OFFSETS=wide,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim_bucket(head_dim), num_warps=num_warps, num_stages=num_stages,
-        enable_fp_fusion=True,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
     )
     if num_splits > 1:
         attention_combine_kernel[(cdiv(seqlen_q, COMBINE_BLOCK_M), heads, batch)](
             target, target_lse, out, lse, *target.stride()[:3], *target.stride()[3:], *out_strides,
-            heads, num_splits, seqlen_q, head_dim, INT64_OFFSETS=wide,
-            BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=head_dim_bucket(head_dim), num_warps=4, enable_fp_fusion=True,
+            heads, num_splits, seqlen_q, head_dim_v, INT64_OFFSETS=wide,
+            BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=head_dim_bucket(head_dim_v), num_warps=4, enable_fp_fusion=True,
         )
     return out, lse
 
 
 COMBINE_BLOCK_M = 16  # query rows per program of the split merge: a decoding step has one
+
+
+def output_like(query, head_dim_v: int):
+    """The output ``(B, Hq, Lq, Dv)`` with the query's layout (its dimensions in the same order in
+    memory): ``empty_like(query)`` when Dv = D. The op's fake (meta) implementation gives the
+    same strides."""
+    if query.shape[-1] == head_dim_v:
+        return torch.empty_like(query)
+    order = sorted(range(query.dim()), key=lambda dim: -query.stride(dim))  # outermost first; stable on ties
+    shape = (*query.shape[:-1], head_dim_v)
+    return query.new_empty([shape[dim] for dim in order]).permute([order.index(dim) for dim in range(query.dim())])
 
 
 def gqa_packing(heads, kv_heads, seqlen_q, seqlen_k, causal_offset, window, dropout_p):

@@ -167,6 +167,80 @@ INT64_OVERRIDES[("dq", "fp32", SMEM_99KB, 16, True)] = Config(32, 16, 4, 2)  # 1
 INT64_OVERRIDES[("dq", "fp32", SMEM_99KB, 64, False)] = Config(32, 16, 4, 2)  # 1 stage: 16 bytes (3.9.0)
 INT64_OVERRIDES[("dkdv", "fp32", 90, 32, False)] = Config(32, 16, 8, 2)  # 4 warps, 1 stage: 8 bytes (3.6.0)
 
+# A value head dim Dv unlike the query's and key's D (DeepSeek's MLA: D = 192, Dv = 128; the
+# Differential Transformer: Dv = 2 D) takes the entry of the larger's bucket above, and each is
+# padded to its own tile (BLOCK_D, BLOCK_DV: ``tile_head_dims``). With their own tiles, the
+# kernels below spill (registers to the stack) under Triton 3.6.0 or 3.9.0, in at least one of
+# their variants: ``python -m fasttransformer.kernels.aot --value-head-dims all`` compiles every
+# pair of buckets so (records: benchmarks/results/2026-12-07-cpu/aot-value-head-dims-*.json).
+# Those pad both to the larger's bucket instead: they are then the table's own D = Dv kernel,
+# which compiles clean, and pay for the padded columns' products. Keys: (kernel, "2-byte" or
+# "fp32", arch, D's bucket, Dv's bucket, dropout, int64 offsets), written below as (kernel, kind,
+# arch, D's, Dv's): its spilling (dropout, int64 offsets) variants. 140 of the 936 such kernels
+# (110 under 3.6.0, 131 under 3.9.0), 80 of them the dK/dV kernel with Dv > D; DeepSeek's MLA
+# (256, 128) has one, sm_90's dQ with dropout and int64 offsets, under 3.9.0 only.
+EVERY_VARIANT = ((False, False), (False, True), (True, False), (True, True))
+PADDED_VALUE_HEAD_DIMS = frozenset((*key, dropout, int64) for key, variants in {
+    ('forward', '2-byte', 80, 16, 32): ((False, False),),
+    ('forward', '2-byte', 80, 128, 64): ((False, False),),
+    ('forward', '2-byte', 80, 256, 64): ((False, False), (False, True)),
+    ('forward', '2-byte', 86, 32, 64): ((False, False),),
+    ('forward', '2-byte', 86, 64, 16): ((False, False),),
+    ('forward', '2-byte', 86, 128, 64): ((False, False), (True, True)),
+    ('forward', 'fp32', 80, 64, 16): EVERY_VARIANT,
+    ('forward', 'fp32', 80, 64, 32): EVERY_VARIANT,
+    ('forward', 'fp32', 86, 32, 16): ((False, False),),
+    ('forward', 'fp32', 86, 64, 16): EVERY_VARIANT,
+    ('forward', 'fp32', 86, 64, 32): EVERY_VARIANT,
+    ('forward', 'fp32', 90, 64, 16): ((False, False), (False, True)),
+    ('forward', 'fp32', 90, 64, 32): ((False, False), (False, True)),
+    ('dkdv', '2-byte', 80, 16, 32): ((True, True),),
+    ('dkdv', '2-byte', 80, 16, 64): EVERY_VARIANT,
+    ('dkdv', '2-byte', 80, 16, 128): ((False, True), (True, False), (True, True)),
+    ('dkdv', '2-byte', 80, 16, 256): EVERY_VARIANT,
+    ('dkdv', '2-byte', 80, 32, 64): EVERY_VARIANT,
+    ('dkdv', '2-byte', 80, 32, 128): EVERY_VARIANT,
+    ('dkdv', '2-byte', 80, 32, 256): EVERY_VARIANT,
+    ('dkdv', '2-byte', 80, 64, 128): ((False, False),),
+    ('dkdv', '2-byte', 86, 16, 32): ((True, True),),
+    ('dkdv', '2-byte', 86, 16, 64): EVERY_VARIANT,
+    ('dkdv', '2-byte', 86, 16, 128): EVERY_VARIANT,
+    ('dkdv', '2-byte', 86, 16, 256): EVERY_VARIANT,
+    ('dkdv', '2-byte', 86, 32, 16): ((True, True),),
+    ('dkdv', '2-byte', 86, 32, 64): EVERY_VARIANT,
+    ('dkdv', '2-byte', 86, 32, 128): EVERY_VARIANT,
+    ('dkdv', '2-byte', 86, 32, 256): EVERY_VARIANT,
+    ('dkdv', '2-byte', 86, 64, 128): ((False, False),),
+    ('dkdv', '2-byte', 90, 16, 256): EVERY_VARIANT,
+    ('dkdv', '2-byte', 90, 32, 256): EVERY_VARIANT,
+    ('dkdv', 'fp32', 80, 16, 32): EVERY_VARIANT,
+    ('dkdv', 'fp32', 80, 16, 64): EVERY_VARIANT,
+    ('dkdv', 'fp32', 86, 16, 32): ((True, True),),
+    ('dkdv', 'fp32', 86, 16, 64): EVERY_VARIANT,
+    ('dkdv', 'fp32', 90, 16, 32): EVERY_VARIANT,
+    ('dkdv', 'fp32', 90, 16, 64): EVERY_VARIANT,
+    ('dkdv', 'fp32', 90, 32, 16): ((False, False),),
+    ('dkdv', 'fp32', 90, 64, 32): ((False, True),),
+    ('dq', '2-byte', 80, 16, 64): ((False, False),),
+    ('dq', '2-byte', 80, 16, 128): ((False, False), (True, False), (True, True)),
+    ('dq', '2-byte', 80, 16, 256): ((True, False), (True, True)),
+    ('dq', '2-byte', 80, 32, 256): ((True, False), (True, True)),
+    ('dq', '2-byte', 86, 16, 64): ((False, False),),
+    ('dq', '2-byte', 86, 32, 128): ((False, False),),
+    ('dq', '2-byte', 86, 32, 256): ((False, True),),
+    ('dq', '2-byte', 86, 64, 256): ((False, False), (False, True)),
+    ('dq', '2-byte', 86, 256, 16): ((True, True),),
+    ('dq', '2-byte', 86, 256, 64): ((False, False), (False, True)),
+    ('dq', '2-byte', 90, 256, 16): ((True, True),),
+    ('dq', '2-byte', 90, 256, 32): ((True, True),),
+    ('dq', '2-byte', 90, 256, 64): ((True, True),),
+    ('dq', '2-byte', 90, 256, 128): ((True, True),),
+    ('dq', 'fp32', 90, 16, 64): ((True, False), (True, True)),
+    ('dq', 'fp32', 90, 32, 64): EVERY_VARIANT,
+    ('dq', 'fp32', 90, 64, 16): ((True, True),),
+    ('dq', 'fp32', 90, 64, 32): ((True, True),),
+}.items() for dropout, int64 in variants)
+
 # Triton's interpreter (CPU tensors): the tile sizes only change the interpreter's speed. The
 # backward's two differ, so the CPU tests run the coarsening of the tile classes.
 INTERPRETER = Config(64, 64, 4, 1)
@@ -194,13 +268,15 @@ def _cuda_arch(device_index: int) -> int:
     return 80 if properties.shared_memory_per_block_optin > SMEM_99KB_BYTES else SMEM_99KB
 
 
-def _lookup(kernel, tables, device, dtype, head_dim, interpreter: Config, dropout: bool, int64: bool) -> Config:
-    """tables: (2-byte dtypes' table, float32's table)."""
+def _lookup(kernel, tables, device, dtype, head_dim, interpreter: Config, dropout: bool, int64: bool,
+            head_dim_v=None) -> Config:
+    """tables: (2-byte dtypes' table, float32's table). ``head_dim_v``: the value's head dim
+    (None: ``head_dim``): the entry is the larger's."""
     if not hasattr(device, "arch"):
         device = torch.device(device)
     if device.type != "cuda":
         return interpreter
-    key = (_arch(device), head_dim_bucket(head_dim))
+    key = (_arch(device), head_dim_bucket(max(head_dim, head_dim if head_dim_v is None else head_dim_v)))
     table = tables[1] if dtype == torch.float32 else tables[0]
     kind = "fp32" if dtype == torch.float32 else "2-byte"
     if int64 and (kernel, kind, *key, dropout) in INT64_OVERRIDES:
@@ -210,19 +286,39 @@ def _lookup(kernel, tables, device, dtype, head_dim, interpreter: Config, dropou
     return table[key]
 
 
-def forward_config(device, dtype, head_dim: int, causal: bool, dropout: bool = False, int64: bool = False) -> Config:
+def forward_config(device, dtype, head_dim: int, causal: bool, dropout: bool = False, int64: bool = False,
+                   head_dim_v=None) -> Config:
     """The forward kernel's config. ``causal`` is part of the key for the table to come; no
     entry differs by it yet (no GPU timing has shown a reason). ``int64``: the launch uses the
-    int64-offset variant."""
-    return _lookup("forward", (FORWARD, FORWARD_FP32), device, dtype, head_dim, INTERPRETER, dropout, int64)
+    int64-offset variant. ``head_dim_v``: the value's head dim, when it differs from ``head_dim``."""
+    return _lookup("forward", (FORWARD, FORWARD_FP32), device, dtype, head_dim, INTERPRETER, dropout, int64,
+                   head_dim_v)
 
 
 def backward_configs(device, dtype, head_dim: int, causal: bool, dropout: bool = False,
-                     int64: bool = False) -> Tuple[Config, Config]:
+                     int64: bool = False, head_dim_v=None) -> Tuple[Config, Config]:
     """(dK/dV kernel config, dQ kernel config)."""
     return (_lookup("dkdv", (BACKWARD_DKDV, BACKWARD_DKDV_FP32), device, dtype, head_dim, INTERPRETER_DKDV, dropout,
-                    int64),
-            _lookup("dq", (BACKWARD_DQ, BACKWARD_DQ_FP32), device, dtype, head_dim, INTERPRETER_DQ, dropout, int64))
+                    int64, head_dim_v),
+            _lookup("dq", (BACKWARD_DQ, BACKWARD_DQ_FP32), device, dtype, head_dim, INTERPRETER_DQ, dropout, int64,
+                    head_dim_v))
+
+
+def tile_head_dims(kernel: str, device, dtype, head_dim: int, head_dim_v: int, dropout: bool = False,
+                   int64: bool = False) -> Tuple[int, int]:
+    """(BLOCK_D, BLOCK_DV) of ``kernel`` ("forward", "dkdv" or "dq"): each head dim's bucket, but
+    the larger's for both where PADDED_VALUE_HEAD_DIMS says that kernel spills with its own
+    (CUDA only: the interpreter has no registers to spill)."""
+    buckets = (head_dim_bucket(head_dim), head_dim_bucket(head_dim_v))
+    if buckets[0] == buckets[1]:
+        return buckets
+    if not hasattr(device, "arch"):
+        device = torch.device(device)
+    if device.type == "cuda":
+        kind = "fp32" if dtype == torch.float32 else "2-byte"
+        if (kernel, kind, _arch(device), *buckets, dropout, int64) in PADDED_VALUE_HEAD_DIMS:
+            return max(buckets), max(buckets)
+    return buckets
 
 
 # Split keys (flash-decoding): a call with fewer forward programs than the GPU has SMs (a

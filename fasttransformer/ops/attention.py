@@ -37,8 +37,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``(B, Hq, Lq, Dv)`` in the query's dtype. As torch, other ranks work too, all three the same:
     ``(..., Hq, Lq, D)`` with any leading dims (equal in the three, none broadcast), folded into
     the batch; ``(Hq, Lq, D)`` and ``(Lq, D)``. ``key_padding_mask`` is then ``(..., Lk)``, the
-    leading dims (none for ranks 2 and 3) followed by Lk. ``Dv != D`` goes to torch (the kernels
-    take one head dim).
+    leading dims (none for ranks 2 and 3) followed by Lk. The value's head dim may differ from
+    the query's (``Dv != D``, as in DeepSeek's MLA: D = 192, Dv = 128); the kernels then pad
+    each to its own tile and take the config of the larger.
 
     Masks (they combine):
       * ``attn_mask``: bool (True = may attend) or float (added to the scores), broadcastable to
@@ -61,8 +62,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``TRITON_INTERPRET=1``, set before triton is imported), ``"torch"`` (torch's SDPA, masks
     merged into one), or ``"auto"``: Triton for CUDA tensors when the kernels support the case,
     torch otherwise; the reason is logged at DEBUG level by the ``fasttransformer`` logger. Not
-    in the kernels, so sent to torch by ``"auto"``: head dims above 256, ``Dv != D``, a batch or query heads
-    above 65535, and float32 CUDA tensors with head dims above 64 (float32 runs as tf32x3
+    in the kernels, so sent to torch by ``"auto"``: head dims (D or Dv) above 256, a batch or query
+    heads above 65535, and float32 CUDA tensors with head dims above 64 (float32 runs as tf32x3
     products on CUDA).
 
     ``dropout_p > 0`` (applied whenever it is given, as torch's SDPA; pass 0 in eval): the
@@ -355,11 +356,10 @@ def _triton_unsupported(query, spec) -> Optional[str]:
         return "bfloat16 under Triton's interpreter multiplies raw bits (triton 3.6); use float16/float32 on CPU"
     if query.dtype == torch.float64:
         return "float64 is not in the Triton kernels (torch computes it)"
-    if spec["value_head_dim"] != query.shape[-1]:
-        return (f"value's head dim {spec['value_head_dim']} differs from query's and key's {query.shape[-1]}: "
-                "the kernels take one head dim")
-    if query.shape[-1] > MAX_HEAD_DIM:
-        return f"head dim {query.shape[-1]} > {MAX_HEAD_DIM}"
+    head_dim = max(query.shape[-1], spec["value_head_dim"])  # the kernels' tiles and config follow the larger
+    if head_dim > MAX_HEAD_DIM:
+        return (f"head dim {query.shape[-1]} > {MAX_HEAD_DIM}" if query.shape[-1] > MAX_HEAD_DIM else
+                f"value's head dim {spec['value_head_dim']} > {MAX_HEAD_DIM}")
     if max(query.shape[:2]) > MAX_GRID_YZ:
         return (f"batch {query.shape[0]} or heads {query.shape[1]} > {MAX_GRID_YZ}: the kernels' grid has one "
                 "program per (block, head, batch), and CUDA caps its y and z axes at 65535")
@@ -367,8 +367,8 @@ def _triton_unsupported(query, spec) -> Optional[str]:
         return (f"batch * heads * Lq = {query.shape[0] * query.shape[1] * query.shape[2]} >= 2**31: the kernels "
                 "index their float32 row statistics (logsumexp) with int32 offsets")
     from fasttransformer.kernels.configs import MAX_FP32_HEAD_DIM
-    if query.device.type == "cuda" and query.dtype == torch.float32 and query.shape[-1] > MAX_FP32_HEAD_DIM:
-        return (f"float32 with head dim {query.shape[-1]} > {MAX_FP32_HEAD_DIM} on CUDA: the kernels' backward "
+    if query.device.type == "cuda" and query.dtype == torch.float32 and head_dim > MAX_FP32_HEAD_DIM:
+        return (f"float32 with head dim {head_dim} > {MAX_FP32_HEAD_DIM} on CUDA: the kernels' backward "
                 "spills registers there (use bfloat16/float16, or torch computes it)")
     try:
         import triton  # noqa: F401
@@ -560,7 +560,8 @@ _attention_backward_op = torch.library.custom_op("fasttransformer::attention_bac
 
 @_attention_forward_op.register_fake
 def _(query, key, value, attn_mask, key_padding_mask, scale, causal_offset, window=None, dropout_p=0.0, seed=None):
-    return torch.empty_like(query), query.new_empty(query.shape[:3], dtype=torch.float32)
+    from fasttransformer.kernels.attention_forward import output_like
+    return output_like(query, value.shape[-1]), query.new_empty(query.shape[:3], dtype=torch.float32)
 
 
 @_attention_backward_op.register_fake
