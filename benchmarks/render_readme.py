@@ -85,7 +85,9 @@ def attention_rows(record):
         if ours and row["mask"].startswith("decode"):  # a decoding step is bound by the bytes read
             figure = (f"{row['gbps']['fasttransformer']:.0f} GB/s "
                       f"({row['fraction_of_copy']['fasttransformer']:.0%} of copy)")
-        cells = [row["mask"], str(row["head_dim"]), str(row["seqlen"]), row["mode"], figure]
+        head_dim_v = row.get("head_dim_v", row["head_dim"])  # "D/Dv" where the value's head dim differs
+        dims = str(row["head_dim"]) if head_dim_v == row["head_dim"] else f"{row['head_dim']}/{head_dim_v}"
+        cells = [row["mask"], dims, str(row["seqlen"]), row["mode"], figure]
         cells += [f"{row['speedup'][name]:.2f}x" if name in row.get("speedup", {}) else "n/a" for name in baselines]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -26,6 +26,11 @@ def test_flop_and_byte_accounting_by_hand():
     assert attention.bytes_moved(2, 3, 4, 8, 2, "bwd") == 8 * 2 * 3 * 4 * 8 * 2
     # a decoding step: Q and O of one query, K and V of 4 keys, per (sequence, head)
     assert attention.bytes_moved(2, 3, 4, 8, 2, "fwd", seqlen_q=1) == 2 * 3 * (2 * 1 + 2 * 4) * 8 * 2
+    # a value head dim of 24 (D = 8): QK^T 2 * 8 and PV 2 * 24 FLOPs a pair; Q, K of 8 values a
+    # row, V, O of 24; the backward reads Q, K, V, O, dO and writes dQ, dK, dV
+    assert attention.flops(96, 8, "fwd", head_dim_v=24) == 96 * (16 + 48)
+    assert attention.bytes_moved(2, 3, 4, 8, 2, "fwd", head_dim_v=24) == 2 * 3 * 4 * (8 + 8 + 24 + 24) * 2
+    assert attention.bytes_moved(2, 3, 4, 8, 2, "bwd", head_dim_v=24) == 2 * 3 * 4 * 2 * (8 + 8 + 24 + 24) * 2
 
 
 @pytest.mark.parametrize("mask,expected", [("none", 1.0), ("causal", 0.5), ("window", None), ("padding", None)])
@@ -134,6 +139,28 @@ def test_attention_sweep_rows_small():
     assert "| causal | 16 | 64 | bwd |" in attention.markdown(record)
 
 
+def test_attention_sweep_value_head_dim():
+    """--value-head-dim: V, O and dO have it, the FLOPs and bytes count it, every baseline gets
+    the same inputs (torch's flash backend refuses D != Dv: n/a with its reason), and the table
+    shows "D/Dv"."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = attention.sweep(device, masks=("padding",), head_dims=(16,), seqlens=(32,), dtype=torch.float32,
+                             tokens=64, hidden=32, implementations=("fasttransformer", "torch-math", "naive"),
+                             modes=("fwd",), head_dim_v=40)
+    row, = record["results"]
+    assert (row["head_dim"], row["head_dim_v"]) == (16, 40)
+    visible = row["visible_fraction"] * 2 * 2 * 32 * 32
+    assert row["flops"] == pytest.approx(attention.flops(round(visible), 16, "fwd", 40))
+    assert row["bytes"] == attention.bytes_moved(2, 2, 32, 16, 4, "fwd", head_dim_v=40)
+    assert {"fasttransformer", "torch-math", "naive"} <= set(row["times_ms"]), row["not_run"]
+    assert "| padding | 16/40 | 32 | fwd |" in attention.markdown(record)
+    case = attention.Case("none", 32, 16, device, torch.float32, 64, 32, head_dim_v=40)
+    assert case.v.shape[-1] == case.grad.shape[-1] == 40
+    outputs = [case.run(fn, "fwd") for fn in (case.ours, case.naive, case.sdpa("MATH"))]
+    assert all(out.shape == (2, 2, 32, 40) for out in outputs)
+    torch.testing.assert_close(outputs[0], outputs[1])
+
+
 def test_attention_sweep_checkpoints_partial_records():
     """After every case but the last, the sweep hands the record so far to ``checkpoint`` marked
     partial (the CLI writes it: a sweep stopped at a deadline keeps what it timed); its table
@@ -232,6 +259,7 @@ def test_render_readme_from_a_recorded_gpu_json(tmp_path):
 @pytest.mark.parametrize("argv,pattern", [
     (["bench", "attention", "--mask", "diagonal"], "--mask 'diagonal' is not one of"),
     (["bench", "attention", "--head-dim", "512"], "--head-dim must be <= 256"),
+    (["bench", "attention", "--value-head-dim", "0"], r"--value-head-dim must be in \[1, 256\]"),
     (["bench", "attention", "--seq-len", "0"], "--seq-len must be >= 1"),
     (["bench", "attention", "--dropout", "1.5"], r"--dropout must be in \[0, 1\)"),
     (["bench", "attention", "--mask", "decode", "--bwd"], "a decoding step is forward only"),

@@ -4,8 +4,9 @@ naive PyTorch implementation, on the same inputs in the same process.
 
 Shapes (issue 3): B * L = 16k tokens, 2048 hidden (H = 2048 / D), D in {64, 128}, L from 512 to
 16k, bf16. FLOPs count the (query, key) pairs the mask leaves visible: forward 4 * D per pair
-(QK^T and PV), backward 2.5x that (FlashAttention's convention); TFLOP/s are reported against the
-measured bf16 matmul rate. A baseline that cannot run a case is "n/a" with its reason.
+(QK^T and PV; 2 * (D + Dv) with ``--value-head-dim Dv``), backward 2.5x that (FlashAttention's
+convention); TFLOP/s are reported against the measured bf16 matmul rate. A baseline that cannot
+run a case is "n/a" with its reason.
 The ``decode`` case is a decoding step: one query per sequence against L cached keys (B * L =
 16k keys), forward only, reported in GB/s (K, V and Q read, O written) against the measured copy
 bandwidth: with few sequences it has too few programs to fill the GPU unless the keys are split
@@ -16,6 +17,7 @@ Triton forward with one program per query head instead of one per key head (``pa
 the speedup over it is the packing's gain.
 
     python -m fasttransformer bench attention [--quick] [--mask causal] [--head-dim 128] ...
+    python -m fasttransformer bench attention --head-dim 192 --value-head-dim 128   # DeepSeek's MLA
 """
 from __future__ import annotations
 
@@ -39,10 +41,11 @@ WINDOW = 256
 BACKWARD_FLOP_RATIO = 2.5
 
 
-def flops(visible_pairs: int, head_dim: int, mode: str) -> float:
-    """FLOPs of one call: 2 matmuls of 2 * D FLOPs per visible (query, key) pair forward; the
-    backward (5 matmuls) counted as 2.5x the forward; ``fwd+bwd`` both."""
-    forward = 4.0 * head_dim * visible_pairs
+def flops(visible_pairs: int, head_dim: int, mode: str, head_dim_v: Optional[int] = None) -> float:
+    """FLOPs of one call: 2 matmuls of 2 * D FLOPs per visible (query, key) pair forward (QK^T
+    over D, PV over the value's head dim ``head_dim_v``, default D); the backward (5 matmuls)
+    counted as 2.5x the forward; ``fwd+bwd`` both."""
+    forward = 2.0 * (head_dim + (head_dim if head_dim_v is None else head_dim_v)) * visible_pairs
     return {"fwd": forward, "bwd": BACKWARD_FLOP_RATIO * forward,
             "fwd+bwd": (1 + BACKWARD_FLOP_RATIO) * forward}[mode]
 
@@ -57,21 +60,27 @@ def gqa_kv_heads(heads: int) -> int:
 
 
 def bytes_moved(batch: int, heads: int, seqlen: int, head_dim: int, itemsize: int, mode: str,
-                seqlen_q: Optional[int] = None, kv_heads: Optional[int] = None) -> int:
+                seqlen_q: Optional[int] = None, kv_heads: Optional[int] = None,
+                head_dim_v: Optional[int] = None) -> int:
     """The minimum traffic of a fused kernel: read Q, K, V and write O (forward); the backward
     reads Q, K, V, O, dO and writes dQ, dK, dV. ``seqlen_q``: the queries' length (default L);
-    ``kv_heads``: the keys' and values' heads (default ``heads``; GQA: fewer)."""
-    keys = batch * (heads if kv_heads is None else kv_heads) * seqlen * head_dim * itemsize
-    queries = batch * heads * (seqlen if seqlen_q is None else seqlen_q) * head_dim * itemsize
-    return {"fwd": 2 * (queries + keys), "bwd": 4 * (queries + keys), "fwd+bwd": 6 * (queries + keys)}[mode]
+    ``kv_heads``: the keys' and values' heads (default ``heads``; GQA: fewer); ``head_dim_v``:
+    the value's and output's head dim (default D)."""
+    rows_kv = batch * (heads if kv_heads is None else kv_heads) * seqlen * itemsize
+    rows_q = batch * heads * (seqlen if seqlen_q is None else seqlen_q) * itemsize
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    once = (rows_q + rows_kv) * (head_dim + head_dim_v)  # Q and K over D, V and O over Dv
+    return {"fwd": once, "bwd": 2 * once, "fwd+bwd": 3 * once}[mode]
 
 
 class Case:
-    """Inputs and every implementation's callable for one (mask, L, D)."""
+    """Inputs and every implementation's callable for one (mask, L, D); ``head_dim_v``: the
+    value's head dim, when it differs (H = hidden / D all the same)."""
 
     def __init__(self, mask: str, seqlen: int, head_dim: int, device: str, dtype=torch.bfloat16, tokens=TOKENS,
-                 hidden=HIDDEN, dropout_p: float = 0.0, backend: str = "triton"):
+                 hidden=HIDDEN, dropout_p: float = 0.0, backend: str = "triton", head_dim_v: Optional[int] = None):
         self.mask, self.seqlen, self.head_dim, self.device, self.dtype = mask, seqlen, head_dim, device, dtype
+        self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
         self.backend = backend  # fasttransformer's: "auto" on the CPU times its dispatch to torch
         self.dropout_p = dropout_p  # every implementation that has dropout applies it (each its own masks)
         self.batch, self.heads = max(1, tokens // seqlen), hidden // head_dim
@@ -79,9 +88,10 @@ class Case:
         self.kv_heads = gqa_kv_heads(self.heads) if mask == "decode-gqa" else self.heads
         shape = (self.batch, self.kv_heads, seqlen, head_dim)
         query_shape = (self.batch, self.heads, self.seqlen_q, head_dim)
+        value_shape = (*shape[:3], self.head_dim_v)
         self.q, self.k, self.v = (torch.randn(size, device=device, dtype=dtype, requires_grad=True)
-                                  for size in (query_shape, shape, shape))
-        self.grad = torch.randn(query_shape, device=device, dtype=dtype)
+                                  for size in (query_shape, shape, value_shape))
+        self.grad = torch.randn(*query_shape[:3], self.head_dim_v, device=device, dtype=dtype)
         self.ours_kwargs: dict = {}
         self.torch_kwargs: dict = {}  # torch's SDPA: the masks merged into one bool mask (True = attend)
         self.allowed = None           # (B or 1, 1, L, L) bool, for torch, naive and the FLOP count
@@ -221,13 +231,14 @@ SKIPPED_WITHOUT_GPU = ("no CUDA GPU: the Triton kernels run on the CPU only unde
 
 def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=None, modes=None,
           dtype=torch.bfloat16, progress=None, tokens=TOKENS, hidden=HIDDEN, implementations=IMPLEMENTATIONS,
-          dropout_p: float = 0.0, checkpoint=None) -> dict:
+          dropout_p: float = 0.0, checkpoint=None, head_dim_v: Optional[int] = None) -> dict:
     """Every (mask, D, L, implementation, mode); the record holds a row per case and mode, and a
     "bwd" row (fwd+bwd time minus fwd time) when both were timed. Meant for CUDA (the CLI skips
     it elsewhere); on the CPU it runs too, for the tests, with small ``tokens``/``hidden``.
     ``dropout_p``: every implementation applies it (FlexAttention, which has none, is n/a).
     ``checkpoint(record)`` is called after each case with the record so far, marked
-    ``"partial": "<done> of <total> cases"``: a run stopped midway (a deadline) keeps what it timed."""
+    ``"partial": "<done> of <total> cases"``: a run stopped midway (a deadline) keeps what it timed.
+    ``head_dim_v``: the value's head dim in every case (default: each case's D)."""
     cuda = device == "cuda"
     masks = masks or (("none", "causal", "padding", "document", "decode", "decode-gqa") if quick else MASKS)
     head_dims = head_dims or ((128,) if quick else (64, 128))
@@ -239,7 +250,7 @@ def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=
     peak = record["ceilings"]["matmul_tflops"]
     cases = [(mask, head_dim, seqlen) for mask in masks for head_dim in head_dims for seqlen in seqlens]
     for index, (mask, head_dim, seqlen) in enumerate(cases):
-        case = Case(mask, seqlen, head_dim, device, dtype, tokens, hidden, dropout_p)
+        case = Case(mask, seqlen, head_dim, device, dtype, tokens, hidden, dropout_p, head_dim_v=head_dim_v)
         by_mode = {}
         for mode in modes:
             if mask in DECODE_MASKS and mode != "fwd":  # a decoding step has no backward
@@ -286,13 +297,20 @@ def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=
 
 def _row(case: Case, mode: str) -> dict:
     seqlen, seqlen_q = case.seqlen, case.seqlen_q
-    return {"mask": case.mask, "head_dim": case.head_dim, "seqlen": seqlen, "seqlen_q": seqlen_q, "batch": case.batch,
-            "heads": case.heads, "kv_heads": case.kv_heads, "mode": mode,
+    return {"mask": case.mask, "head_dim": case.head_dim, "head_dim_v": case.head_dim_v, "seqlen": seqlen,
+            "seqlen_q": seqlen_q, "batch": case.batch, "heads": case.heads, "kv_heads": case.kv_heads, "mode": mode,
             "visible_fraction": case.visible_pairs / (case.batch * case.heads * seqlen_q * seqlen),
-            "flops": flops(case.visible_pairs, case.head_dim, mode),
+            "flops": flops(case.visible_pairs, case.head_dim, mode, case.head_dim_v),
             "bytes": bytes_moved(case.batch, case.heads, seqlen, case.head_dim, case.q.element_size(), mode, seqlen_q,
-                                 case.kv_heads),
+                                 case.kv_heads, case.head_dim_v),
             "times_ms": {}, "peak_mib": {}, "not_run": {}}
+
+
+def head_dims(row: dict) -> str:
+    """A row's head dim as tables and plots show it: "D", or "D/Dv" when the value's differs
+    (records before Dv was recorded have no head_dim_v)."""
+    head_dim_v = row.get("head_dim_v", row["head_dim"])
+    return str(row["head_dim"]) if head_dim_v == row["head_dim"] else f"{row['head_dim']}/{head_dim_v}"
 
 
 def _reason(error: Exception) -> str:
@@ -309,7 +327,8 @@ def markdown(record: dict) -> str:
              f"{env.get('driver')}, commit {env['commit']}. Command: `{env['command']}`",
              f"B*L = {record['tokens']} tokens, hidden {record['hidden']}, {record['dtype']}"
              + (f", dropout {record['dropout_p']}" if record.get("dropout_p") else "") + ". Measured bf16 matmul: "
-             f"{ceil['matmul_tflops']:.0f} TFLOP/s. TFLOP/s count visible (query, key) pairs only; speedup = "
+             f"{ceil['matmul_tflops']:.0f} TFLOP/s. D/Dv: a value head dim unlike the query's. TFLOP/s count "
+             "visible (query, key) pairs only; speedup = "
              "baseline time / fasttransformer time. decode: one query per sequence, L keys (decode-gqa: "
              f"{GQA_GROUP} query heads per key head); GB/s of K, V and Q "
              f"read and O written (measured copy: {ceil['copy_gbps']:.0f} GB/s).", ""]
@@ -328,7 +347,7 @@ def markdown(record: dict) -> str:
             figure = f"{ours:.0f} ({row['fraction_of_matmul']['fasttransformer']:.0%})"
         else:
             figure = f"n/a: {row['not_run'].get('fasttransformer', '')}"
-        cells = [row["mask"], str(row["head_dim"]), str(row["seqlen"]), row["mode"], f"{row['visible_fraction']:.0%}",
+        cells = [row["mask"], head_dims(row), str(row["seqlen"]), row["mode"], f"{row['visible_fraction']:.0%}",
                  figure]
         for name in baselines:
             if name in row["speedup"]:
@@ -355,12 +374,12 @@ def plot(record: dict, path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    panels = sorted({(row["mask"], row["head_dim"], row["mode"]) for row in record["results"]})
+    panels = sorted({(row["mask"], head_dims(row), row["mode"]) for row in record["results"]})
     columns = min(4, len(panels))
     rows_count = math.ceil(len(panels) / columns)
     figure, axes = plt.subplots(rows_count, columns, figsize=(4.2 * columns, 3.2 * rows_count), squeeze=False)
     for axis, (mask, head_dim, mode) in zip(axes.flat, panels):
-        rows = sorted((r for r in record["results"] if (r["mask"], r["head_dim"], r["mode"]) == (mask, head_dim, mode)),
+        rows = sorted((r for r in record["results"] if (r["mask"], head_dims(r), r["mode"]) == (mask, head_dim, mode)),
                       key=lambda r: r["seqlen"])
         for name in IMPLEMENTATIONS:
             metric = "gbps" if mask in DECODE_MASKS else "tflops"

@@ -31,6 +31,9 @@ def build_parser(parser=None) -> argparse.ArgumentParser:
     attention = parser.add_argument_group("attention")
     attention.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     attention.add_argument("--head-dim", type=int, action="append", help="head dim (repeatable; default 64 and 128)")
+    attention.add_argument("--value-head-dim", type=int, default=None,
+                           help="the value's head dim, when it differs from --head-dim (DeepSeek's MLA: --head-dim "
+                           "192 --value-head-dim 128)")
     attention.add_argument("--seq-len", type=int, action="append", help="sequence length (repeatable; default 512..16k)")
     attention.add_argument("--mask", action="append", help="mask kind (repeatable): none, causal, padding, document, "
                            "window, causal+padding, decode (one query per sequence, forward only), "
@@ -55,6 +58,8 @@ def run(args) -> dict:
             raise SystemExit(f"{name} must be >= 1, got {values}")
     if args.head_dim and any(d > 256 for d in args.head_dim):
         raise SystemExit(f"--head-dim must be <= 256 (the kernels' limit), got {args.head_dim}")
+    if args.value_head_dim is not None and not 1 <= args.value_head_dim <= 256:
+        raise SystemExit(f"--value-head-dim must be in [1, 256] (the kernels' limit), got {args.value_head_dim}")
     if args.mask and (unknown := sorted(set(args.mask) - set(attention.MASKS))):
         raise SystemExit(f"--mask {unknown[0]!r} is not one of {', '.join(attention.MASKS)}")
     if args.bwd and args.mask and set(args.mask) <= set(attention.DECODE_MASKS):
@@ -75,7 +80,7 @@ def run(args) -> dict:
             record = attention.sweep(device, args.quick, masks=args.mask, head_dims=args.head_dim,
                                      seqlens=args.seq_len, modes=("fwd",) if args.fwd else ("fwd+bwd",) if args.bwd
                                      else None, dtype=DTYPES[args.dtype], progress=_progress(),
-                                     dropout_p=args.dropout,
+                                     dropout_p=args.dropout, head_dim_v=args.value_head_dim,
                                      checkpoint=lambda partial: common.write_results(
                                          str(out), "attention", partial, attention.markdown(partial)))
         else:
@@ -96,6 +101,7 @@ def run(args) -> dict:
 
 def _progress():
     """tqdm over the attention cases when tqdm is installed, else a line per case."""
+    from fasttransformer.bench.attention import head_dims
     try:
         from tqdm import tqdm
     except ImportError:
@@ -104,10 +110,10 @@ def _progress():
 
     def update(done, total, row):
         if tqdm is None:
-            print(f"[{done}/{total}] {row['mask']} D={row['head_dim']} L={row['seqlen']} {row['mode']}", flush=True)
+            print(f"[{done}/{total}] {row['mask']} D={head_dims(row)} L={row['seqlen']} {row['mode']}", flush=True)
             return
         bar = state.setdefault("bar", tqdm(total=total, unit="case"))
-        bar.set_postfix_str(f"{row['mask']} D={row['head_dim']} L={row['seqlen']}")
+        bar.set_postfix_str(f"{row['mask']} D={head_dims(row)} L={row['seqlen']}")
         bar.update(done - bar.n)
         if done == total:
             bar.close()
