@@ -89,7 +89,8 @@ def compile_kernel(kernel, arch: int, head_dim, config, dtype: str = "bf16", opt
     ones, attrs = _runtime_specialisation(kernel, signature)
     constants = {**WORST_CASE, **ones, "DOT_PRECISION": "tf32x3" if dtype == "fp32" else "tf32",
                  "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": head_dim_bucket(head_dim),
-                 "BLOCK_DV": head_dim_bucket(head_dim_v), **(options or {})}  # options: a padded pair's tiles too
+                 "BLOCK_DV": head_dim_bucket(head_dim_v), "DV_DIFFERS": head_dim_v != head_dim,
+                 **(options or {})}  # options: a padded pair's tiles too
     constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
     for name in constants:
         signature[name] = "constexpr"

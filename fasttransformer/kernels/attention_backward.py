@@ -106,9 +106,11 @@ def attention_backward_dkdv_kernel(
     scale, scale_log2, causal_offset, window_left, window_right, dropout_threshold, dropout_scale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, DV_DIFFERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    if not DV_DIFFERS:  # Dv = D: one bound for both (as in the forward kernel)
+        head_dim_v = head_dim
     pid_n, kv_head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # grid (blocks, kv heads, batch)
     if INT64_OFFSETS:  # see attention_forward.int64_offsets
         kv_head, batch = kv_head.to(tl.int64), batch.to(tl.int64)
@@ -221,9 +223,11 @@ def attention_backward_dq_kernel(
     scale, scale_log2, causal_offset, window_left, window_right, dropout_threshold, dropout_scale,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, BIAS_GRAD: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, DV_DIFFERS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    if not DV_DIFFERS:  # Dv = D: one bound for both (as in the forward kernel)
+        head_dim_v = head_dim
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # grid (blocks, heads, batch)
     pid_bh = batch * num_heads + head
     kv_head = head // kv_group
@@ -376,7 +380,7 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     dropout, seed, dropout_threshold, dropout_scale = dropout_arguments(dropout_p, seed, query)
     constants = dict(CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
                      HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=by_query is not None, DROPOUT=dropout,
-                     DOT_PRECISION=dot_precision(query), INT64_OFFSETS=wide)
+                     DOT_PRECISION=dot_precision(query), INT64_OFFSETS=wide, DV_DIFFERS=head_dim_v != head_dim)
     dkdv_tiles, dq_tiles = (
         dict(zip(("BLOCK_D", "BLOCK_DV"), tile_head_dims(kernel, query.device, query.dtype, head_dim, head_dim_v,
                                                           dropping, wide))) for kernel in ("dkdv", "dq"))
