@@ -173,8 +173,10 @@ INT64_OVERRIDES[("dkdv", "fp32", 90, 32, False)] = Config(32, 16, 8, 2)  # 4 war
 # kernels below spill (registers to the stack) under Triton 3.6.0 or 3.9.0, in at least one of
 # their variants: ``python -m fasttransformer.kernels.aot --value-head-dims all`` compiles every
 # pair of buckets so (records: benchmarks/results/2026-12-07-cpu/aot-value-head-dims-*.json).
-# Those pad both to the larger's bucket instead: they are then the table's own D = Dv kernel,
-# which compiles clean, and pay for the padded columns' products. Keys: (kernel, "2-byte" or
+# Those pad both to the larger's bucket instead, like the table's own D = Dv kernel (with a second
+# bound, for Dv), and pay for the padded columns' products: clean under 3.6.0; under 3.9.0, 11 of
+# their 227 compiles still spill 8 to 64 bytes, in rare variants (float32 dQ with the float mask's
+# gradient on sm_90; dK/dV with dropout and int64 offsets at D, Dv <= 32), left as they are. Keys: (kernel, "2-byte" or
 # "fp32", arch, D's bucket, Dv's bucket, dropout, int64 offsets), written below as (kernel, kind,
 # arch, D's, Dv's): its spilling (dropout, int64 offsets) variants. 140 of the 936 such kernels
 # (110 under 3.6.0, 131 under 3.9.0), 80 of them the dK/dV kernel with Dv > D; DeepSeek's MLA
