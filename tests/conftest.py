@@ -30,6 +30,19 @@ DEVICES = [
 SANITIZE = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FASTTRANSFORMER_SANITIZE", "1") != "0"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _interpreter_once_per_launch():
+    # Triton's interpreter swaps the language's builtins at every call of a jit helper, not only
+    # at the launch: interpreter_speedup.py skips the repeats (FASTTRANSFORMER_FAST_INTERPRETER=0
+    # keeps them).
+    if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("FASTTRANSFORMER_FAST_INTERPRETER", "1") == "0":
+        yield
+        return
+    from interpreter_speedup import once_per_launch
+    with once_per_launch():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _sanitized():
     # Under the interpreter every kernel access must fall inside a tensor argument's storage, and
