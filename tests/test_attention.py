@@ -1585,6 +1585,26 @@ def test_op_value_head_dim_may_differ(backend):
     assert empty.shape == (2, 4, 29, 40) and (empty == 0).all()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "B,L,H,D", "H,B,L,D", "batch-expanded", "heads-expanded", "sliced"])
+def test_output_with_another_value_head_dim_is_laid_out_as_empty_like(layout):
+    """With Dv != D the output takes the layout ``empty_like(query)`` would (what it is when Dv =
+    D): the query's order in memory when the query is dense, contiguous when it is not (an
+    expanded query's stride-0 dimensions once made the output's last dimension strided)."""
+    from fasttransformer.kernels.attention_forward import output_like
+    query = {"contiguous": lambda: torch.randn(2, 3, 5, 8),
+             "B,L,H,D": lambda: torch.randn(2, 5, 3, 8).transpose(1, 2),
+             "H,B,L,D": lambda: torch.randn(3, 2, 5, 8).transpose(0, 1),
+             "batch-expanded": lambda: torch.randn(1, 3, 5, 8).expand(2, 3, 5, 8),
+             "heads-expanded": lambda: torch.randn(2, 1, 5, 8).expand(2, 3, 5, 8),
+             "sliced": lambda: torch.randn(2, 3, 5, 12)[..., 2:10]}[layout]()
+    for head_dim_v in (8, 20):
+        out, like = output_like(query, head_dim_v), torch.empty_like(query)
+        assert out.shape == (2, 3, 5, head_dim_v) and out.stride(-1) == 1
+        order = [sorted(range(4), key=lambda dim: -t.stride(dim)) for t in (out, like)]
+        assert order[0] == order[1], (layout, out.stride(), like.stride())
+        assert out.is_contiguous() == like.is_contiguous()
+
+
 @pytest.mark.parametrize("masks", [{}, {"attn_mask": "float"}, {"key_padding_mask": True, "is_causal": True}])
 def test_op_meta_tensors_give_the_output_shape(masks):
     """Meta tensors (shape inference, models built on the meta device) get the output's shape

@@ -650,12 +650,14 @@ COMBINE_BLOCK_M = 16  # query rows per program of the split merge: a decoding st
 
 
 def output_like(query, head_dim_v: int):
-    """The output ``(B, Hq, Lq, Dv)`` with the query's layout (its dimensions in the same order in
-    memory): ``empty_like(query)`` when Dv = D. The op's fake (meta) implementation gives the
-    same strides."""
+    """The output ``(B, Hq, Lq, Dv)`` laid out as ``empty_like(query)`` is, which it is when Dv =
+    D: the query's order of dimensions in memory where the query is dense, else contiguous (an
+    expanded query's stride-0 dimensions are not kept, nor a slice's gaps). The op's fake (meta)
+    implementation gives the same strides."""
     if query.shape[-1] == head_dim_v:
         return torch.empty_like(query)
-    order = sorted(range(query.dim()), key=lambda dim: -query.stride(dim))  # outermost first; stable on ties
+    like = torch.empty_like(query, device="meta")  # torch's choice of layout, without allocating
+    order = sorted(range(query.dim()), key=lambda dim: -like.stride(dim))  # outermost first; stable on ties
     shape = (*query.shape[:-1], head_dim_v)
     return query.new_empty([shape[dim] for dim in order]).permute([order.index(dim) for dim in range(query.dim())])
 
