@@ -5,6 +5,9 @@
 # make gpu-check  on a GPU machine: build with its own python3, tests on CUDA, benchmark sweep
 # make gpu-stack-test  the suite here, on the CPU, under the GPU machine's stack (Python 3.12,
 #                 torch 2.11 CUDA build, triton 3.6; ~5 GB in .venv-gpu-stack): what would break there
+# make aot-record  the AOT check's record (tests/data/aot-record.json): every job compiled under CI's
+#                 Triton with the hash of what the reports depend on (8 min on 2 cores): after a change
+#                 to fasttransformer/kernels, or the AOT check compiles everything and a test fails
 # make aot-tritons  the ahead-of-time check (pytest -m aot) under the Tritons that torch's CUDA wheels
 #                 pin (3.7.1: torch 2.13, 3.8.0: torch 2.14, 3.9.0: torch 2.15), each in .venv-triton-V
 #                 beside torch 2.13.0's CPU build (~2 GB each, about 5 min each with Triton's cache cold):
@@ -16,7 +19,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 INSTALL_STAMP := $(VENV)/.fasttransformer-installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.h)
 
-.PHONY: test build demo info bench gpu-check gpu-stack-test aot-tritons clean
+.PHONY: test build demo info bench gpu-check gpu-stack-test aot-record aot-tritons clean
 
 $(DEPS_STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +72,10 @@ gpu-stack-test:
 	$(GPU_STACK)/bin/pip install --disable-pip-version-check -q torch==2.11.0 -r $(GPU_STACK)/requirements.txt
 	$(GPU_STACK)/bin/python setup.py -q build_ext --inplace
 	$(GPU_STACK)/bin/python -m pytest tests
+
+aot-record: $(DEPS_STAMP)
+	mkdir -p tests/data
+	env -u TRITON_INTERPRET $(PY) -m fasttransformer.kernels.aot --record tests/data/aot-record.json > /dev/null
 
 # Only triton's pin differs from requirements-dev.txt; the checkout's code is compiled (PYTHONPATH).
 AOT_TRITONS ?= 3.7.1 3.8.0 3.9.0

@@ -918,40 +918,95 @@ def test_interior_tiles_are_exact_at_every_edge(name, extra):
 
 # --- ahead-of-time compilation for the GPUs CI does not have ----------------------------------------
 
+AOT_RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "aot-record.json")
+AOT_SAMPLE = 64  # jobs recompiled against the record in each run: about 40 s on 2 cores
+
+
+def _aot(*args, timeout):
+    import json
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "fasttransformer.kernels.aot", *args], capture_output=True,
+                            text=True, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def _aot_reports_from_record():
+    """The committed record's reports (``make aot-record``), if they were compiled from these
+    sources under this Triton (aot.record_key()), after a random sample of their jobs, compiled
+    again, gave the same reports; None if the key differs."""
+    import json
+    from fasttransformer.kernels import aot
+    if not os.path.exists(AOT_RECORD):
+        return None
+    with open(AOT_RECORD) as f:
+        record = json.load(f)
+    if record["key"] != aot.record_key():
+        return None
+    seed = int.from_bytes(os.urandom(4), "little")
+    recorded = {aot.report_identity(report): report for report in record["reports"]}
+    compiled = _aot("--sample", str(AOT_SAMPLE), "--seed", str(seed), timeout=600)
+    assert len(compiled) == AOT_SAMPLE
+    for report in compiled:
+        assert recorded.get(aot.report_identity(report)) == report, (
+            f"{AOT_RECORD} is not what a compile gives (--sample {AOT_SAMPLE} --seed {seed}): compiled {report}, "
+            f"recorded {recorded.get(aot.report_identity(report))}")
+    return record["reports"]
+
+
 @pytest.fixture(scope="module")
 def aot_reports(tmp_path_factory):
-    """Compiles every config of the table for sm_80, sm_86 and sm_90 in a subprocess (the
-    interpreter, on here, replaces triton.jit and cannot compile). Under pytest-xdist the workers
-    share one compile: the first to get here runs it, under a lock in the run's temporary folder,
-    and the others read its record (when the two aot tests landed on two workers, both compiled,
-    on the same 2 cores: the suite took 14 min 6 s instead of about 10; xdist's loadgroup, which
-    would keep them on one worker, does not group under pytest 9.2, pytest-xdist#1386)."""
+    """The reports of every config of the table compiled for sm_80, sm_86 and sm_90, in a
+    subprocess (the interpreter, on here, replaces triton.jit and cannot compile). The compile
+    is deterministic: while the kernels' sources and Triton are those the committed record was
+    made from (``make aot-record``; aot.record_key()), the reports are the record's, and
+    AOT_SAMPLE of its jobs drawn at random are compiled again and must match (about 40 s
+    instead of 8 to 13 min); otherwise every job is compiled. Under pytest-xdist the workers
+    share one compile: the first to get here runs it, under a lock in the run's temporary
+    folder, and the others read its result (when the two aot tests landed on two workers, both
+    compiled, on the same 2 cores: the suite took 14 min 6 s instead of about 10; xdist's
+    loadgroup, which would keep them on one worker, does not group under pytest 9.2,
+    pytest-xdist#1386)."""
     import fcntl
     import json
-    import os
-    import subprocess
-    import sys
 
-    def compile_all():
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        # With Triton's cache cold, the 741 compiles took 4 min 54 s on an idle 2-core machine (9.3
-        # CPU minutes; 2026-12-04, a faster day than the 5 min 18 s of 493 on 12-03); in the suite
-        # they share the cores with the other worker, and a 600 s limit was once reached on a
-        # loaded machine. The limit is there for a hang, not for a slow machine.
-        result = subprocess.run([sys.executable, "-m", "fasttransformer.kernels.aot"], capture_output=True,
-                                text=True, env=env, timeout=1800)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result.stdout
+    def reports():
+        # With Triton's cache cold, the 882 compiles took 7 min 55 s on an idle 2-core machine
+        # (2026-12-07); in the suite they share the cores with the other worker. The limit is
+        # there for a hang, not for a slow machine.
+        return _aot_reports_from_record() or _aot(timeout=1800)
 
     if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return json.loads(compile_all())
+        return reports()
     shared = tmp_path_factory.getbasetemp().parent  # this run's folder, above every worker's own
     record = shared / "aot-reports.json"
     with open(shared / "aot-reports.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the compile fails
         if not record.exists():
-            record.write_text(compile_all())
+            record.write_text(json.dumps(reports()))
     return json.loads(record.read_text())
+
+
+@pytest.mark.aot
+def test_aot_record_is_of_these_kernels():
+    """The committed record of the AOT check (tests/data/aot-record.json) was made from the
+    kernels' sources as they are, under CI's Triton: a change to fasttransformer/kernels comes
+    with ``make aot-record`` (8 min on 2 cores), whose diff shows what the change did to each
+    kernel's registers, spills and shared memory. Under another Triton (make aot-tritons) the
+    check compiles everything, and this test has nothing to say."""
+    import json
+
+    import triton
+    from fasttransformer.kernels import aot
+    with open(AOT_RECORD) as f:
+        record = json.load(f)
+    if triton.__version__ != record["triton"]:
+        pytest.skip(f"the record is of triton {record['triton']}, this is {triton.__version__}")
+    assert record["key"] == aot.record_key(), (
+        "fasttransformer/kernels changed since tests/data/aot-record.json was made: run `make aot-record` and "
+        "commit it (until then the AOT check compiles every job, 8 to 13 min)")
+    assert record["jobs"] == len(record["reports"]) == len(aot._jobs())
 
 
 @pytest.mark.slow

@@ -7,6 +7,13 @@ Triton's cuobjdump, shared memory) and which matrix instructions its PTX has (wg
 mma.sync on sm_80 and sm_86). ``--arch 86 --target 120`` compiles one arch's entries for another
 target (sm_89 and sm_120 take sm_86's). It must run without TRITON_INTERPRET (the interpreter
 replaces ``triton.jit``), so tests call it in a subprocess.
+
+``--record FILE`` writes the reports with ``record_key()``, a hash of everything they depend on
+(this folder's sources, Triton's and Python's versions): the compile is deterministic, so while
+the key is unchanged the record is what a compile would print. CI's check reads the committed
+record (``make aot-record`` writes it) and recompiles a random ``--sample`` of its jobs, which
+must give the same reports; after a change to the kernels or another Triton it compiles
+everything.
 """
 from __future__ import annotations
 
@@ -235,6 +242,30 @@ def _list_jobs(attention_jobs):
     return jobs
 
 
+def record_key() -> str:
+    """A hash of what the reports of a compile depend on: the sources in this folder (the
+    kernels and their helpers, the config table, this job list and compile), Triton's version
+    (its ptxas comes with it, unless TRITON_PTXAS_PATH names another) and Python's."""
+    import hashlib
+
+    import triton
+    digest = hashlib.sha256()
+    folder = os.path.dirname(os.path.abspath(__file__))
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as source:
+                digest.update(name.encode() + b"\0" + source.read() + b"\0")
+    digest.update(f"triton {triton.__version__}, ptxas {os.environ.get('TRITON_PTXAS_PATH', 'its own')}, "
+                  f"python {sys.version_info[0]}.{sys.version_info[1]}".encode())
+    return digest.hexdigest()
+
+
+def report_identity(report) -> tuple:
+    """What a report was compiled from: its kernel, arch, head dims, config, options and dtype."""
+    return (report["kernel"], report["arch"], report["head_dim"], report["head_dim_v"], tuple(report["config"]),
+            json.dumps(report["options"], sort_keys=True), report["dtype"])
+
+
 class _FakeDevice:
     """What configs.py reads of a CUDA device, for an arch that is not here."""
     type = "cuda"
@@ -268,9 +299,18 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="only sm_90's bf16 D = 128 entries, in every variant, and the first tile of the list "
                              "builder: each kernel's every code path once, in about a minute")
+    parser.add_argument("--record", metavar="FILE",
+                        help="also write the reports to FILE with record_key(), for CI's check (make aot-record): "
+                             "every job, so none of the options that leave some out")
+    parser.add_argument("--sample", type=int, metavar="N", help="only N jobs drawn at random (with --seed)")
+    parser.add_argument("--seed", type=int, default=0, help="the draw of --sample (default 0)")
     args = parser.parse_args(argv)
     if args.target is not None and args.arch is None:
         parser.error("--target needs --arch")
+    if args.record and (args.arch is not None or args.quick or args.value_head_dims or args.sample):
+        parser.error("--record writes every job: not with --arch, --target, --quick, --value-head-dims or --sample")
+    if args.sample is not None and (args.sample < 1 or args.quick):
+        parser.error("--sample needs N >= 1, and not --quick")
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter cannot compile", file=sys.stderr)
         return 2
@@ -281,11 +321,20 @@ def main(argv=None) -> int:
         lists = [job for job in jobs if job[0] in ("classes", "lists") and job[1] == 90]
         jobs = [job for job in jobs if job[1:3] == (90, 128) and job[5] == "bf16"]
         jobs += [job for job in lists if job[0] == "classes"][:3] + [job for job in lists if job[0] == "lists"][:1]
+    if args.sample is not None:
+        import random
+        jobs = [jobs[index] for index in sorted(random.Random(args.seed).sample(range(len(jobs)),
+                                                                                 min(args.sample, len(jobs))))]
     if args.target is not None:
         jobs = [(name, args.target, *rest) for name, _, *rest in jobs]
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
         reports = list(pool.map(_compile_job, jobs))
+    if args.record:
+        import triton
+        with open(args.record, "w") as record:  # one report a line: a change to the kernels diffs by line
+            record.write(f'{{"key": "{record_key()}", "triton": "{triton.__version__}", "jobs": {len(reports)}, '
+                         '"reports": [\n' + ",\n".join(json.dumps(report) for report in reports) + "\n]}\n")
     print(json.dumps(reports, indent=1))
     return 0
 
