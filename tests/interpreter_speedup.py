@@ -1,7 +1,8 @@
 """A faster Triton interpreter for the suite: the same kernels, the same bits, less waste.
 
 Two things Triton's interpreter (3.6 to 3.9) does that change nothing, and that ``once_per_launch()``
-skips (cProfile of a split-keys test, 2026-12-07: 75 s, of which 16 s and 21 s were these two):
+skips (cProfile of a split-keys test, 2026-12-07: 75 s, of which 18 s and 21 s were these two;
+benchmarks/results/2026-12-07-cpu/interpreter-profile-split-keys.txt):
 
 * It swaps ``triton.language``'s builtins for numpy-backed ones when a launch starts
   (``GridExecutor.__call__``), and again at every call of a ``@triton.jit`` helper from inside
