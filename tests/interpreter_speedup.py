@@ -98,4 +98,5 @@ def as_triton_does():
     try:
         yield
     finally:
-        interpreter._patch_lang, TritonSemantic.binary_op_sanitize_overflow_impl = patch_once, overflow_check_if_asserted
+        interpreter._patch_lang = patch_once
+        TritonSemantic.binary_op_sanitize_overflow_impl = overflow_check_if_asserted
