@@ -333,7 +333,8 @@ def main(argv=None) -> int:
     if args.record:
         import triton
         with open(args.record, "w") as record:  # one report a line: a change to the kernels diffs by line
-            record.write(f'{{"key": "{record_key()}", "triton": "{triton.__version__}", "jobs": {len(reports)}, '
+            record.write(f'{{"key": "{record_key()}", "triton": "{triton.__version__}", '
+                         f'"python": "{sys.version_info[0]}.{sys.version_info[1]}", "jobs": {len(reports)}, '
                          '"reports": [\n' + ",\n".join(json.dumps(report) for report in reports) + "\n]}\n")
     print(json.dumps(reports, indent=1))
     return 0
