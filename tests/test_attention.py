@@ -2067,13 +2067,59 @@ def test_op_torch_compile_over_torch_func(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
-def test_op_torch_func_second_and_forward_mode_derivatives_raise():
+def test_op_torch_func_second_and_forward_mode_derivatives_of_the_kernels_raise():
     q, k, v = (torch.randn(1, 2, 9, 16, device=DEVICE) for _ in range(3))
     loss = lambda q: scaled_dot_product_attention(q, k, v, backend="triton").pow(2).sum()  # noqa: E731
     with pytest.raises(RuntimeError, match="no second derivative"):
         torch.func.grad(lambda q: torch.func.grad(loss)(q).pow(2).sum())(q)
-    with pytest.raises(RuntimeError, match="no forward-mode derivative"):
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run this call: forward-mode AD"):
         torch.func.jvp(loss, (q,), (torch.randn_like(q),))
+    import torch.autograd.forward_ad as forward_ad
+    with forward_ad.dual_level(), pytest.raises(RuntimeError, match="cannot run this call: forward-mode AD"):
+        scaled_dot_product_attention(forward_ad.make_dual(q, torch.randn_like(q)), k, v, backend="triton")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # jacrev on the CPU: torch's flash backward under vmap
+@pytest.mark.parametrize("name", ["none", "lower_right", "padding+window_int", "bool+is_causal+padding",
+                                  "float+padding"])
+def test_op_forward_mode_derivatives_match_the_reference(name, backend):
+    """torch.func.jvp (tangents for q, k, v and a float mask) gives the float64 reference's
+    output and tangent, fully masked rows included (zeros, zero tangent), through torch's math
+    SDPA: torch's other kernels, the CPU's flash among them, have no forward-mode derivative.
+    torch.autograd.forward_ad's dual tensors give the same, and jacfwd is jacrev."""
+    import torch.autograd.forward_ad as forward_ad
+
+    q, k, v, kwargs, allowed, bias = op_case(name, torch.float64, batch=2, heads=4, kv_heads=2, seqlen_q=9,
+                                             seqlen_k=13, head_dim=8)
+    primals = [q, k, v] + ([kwargs.pop("attn_mask")] if bias is not None else [])
+    tangents = [torch.randn_like(tensor) for tensor in primals]
+
+    def attend(q, k, v, bias=None):
+        return scaled_dot_product_attention(q, k, v, **kwargs, **({"attn_mask": bias} if bias is not None else {}),
+                                            backend=backend)
+
+    def attend_reference(q, k, v, bias=None):
+        return reference_attention(q, k, v, allowed, bias)
+
+    out, tangent = torch.func.jvp(attend, tuple(primals), tuple(tangents))
+    want_out, want_tangent = torch.func.jvp(attend_reference, tuple(primals), tuple(tangents))
+    torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tangent, want_tangent, rtol=1e-10, atol=1e-12)
+    assert tangent.abs().sum() > 0
+    if "padding" in name:  # the second sequence is all padding: zeros, and so are their tangents
+        assert (out[1] == 0).all() and (tangent[1] == 0).all()
+    with forward_ad.dual_level():
+        dual = attend(*(forward_ad.make_dual(primal, t) for primal, t in zip(primals, tangents)))
+        torch.testing.assert_close(forward_ad.unpack_dual(dual).tangent, want_tangent, rtol=1e-10, atol=1e-12)
+    if name == "bool+is_causal+padding":
+        small = [tensor[:1, :, :3] for tensor in (q, k, v)]
+        kwargs = {"attn_mask": kwargs["attn_mask"][:3, :3], "is_causal": True, "enable_gqa": True}
+        forward, reverse = (jacobian(lambda q, k, v: scaled_dot_product_attention(q, k, v, **kwargs, backend=backend),
+                                     (0, 1, 2))(*small) for jacobian in (torch.func.jacfwd, torch.func.jacrev))
+        for got, want in zip(forward, reverse):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the validation's shape checks, traced as constants

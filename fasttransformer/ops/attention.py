@@ -80,7 +80,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     torch.func works with the kernels: ``grad``, ``vjp``, ``jacrev`` and ``vmap`` (per-example
     gradients, a float mask's too; vmap folds its examples into the batch, one launch, or one
     per example with dropout, whose seed follows vmap's ``randomness``). Forward-mode
-    derivatives (``jvp``, ``jacfwd``) raise, as second derivatives do. torch.compile over
+    derivatives (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) go to torch's SDPA
+    with its math backend, the one of torch's that has them (its fused kernels raise): exact,
+    but it writes the (B, Hq, Lq, Lk) scores; ``backend="triton"`` raises. torch.compile over
     ``vmap`` runs the kernels; over ``grad`` (``vjp``, ``jacrev``) the custom op's autograd meets
     pytorch/pytorch#168393 in the compiled region: ``"auto"`` takes torch's SDPA there.
 
@@ -103,6 +105,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     spec = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                      key_padding_mask, window_size, backend)
     reason = _triton_unsupported(query, spec)
+    forward_mode = not torch.compiler.is_compiling() and _forward_mode(query, key, value, spec["attn_mask"])
+    if not reason and forward_mode:
+        reason = ("forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad): the kernels have no "
+                  "forward-mode derivative; torch's SDPA gives it with its math backend")
     if not reason and torch.compiler.is_compiling() and _func_differentiates():
         reason = ("torch.compile over torch.func's grad, vjp, jacrev or jvp: in the compiled region the custom op's "
                   "autograd hits pytorch/pytorch#168393 (torch.func outside torch.compile runs the kernels)")
@@ -113,6 +119,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if backend == "torch" or reason:
         if backend == "auto" and not torch.compiler.is_compiling():  # dynamo cannot trace logging
             logger.debug("scaled_dot_product_attention: torch backend (%s)", reason)
+        if forward_mode:  # torch's fused kernels (flash, efficient, cuDNN, CPU flash) have no jvp either
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel(SDPBackend.MATH):
+                return _torch_attention(query, key, value, spec)
         return _torch_attention(query, key, value, spec)
     seed = _dropout_seed(query.device) if spec["dropout_p"] > 0 else None
     args = (query, key, value, spec["attn_mask"], spec["key_padding_mask"], spec["scale"], spec["causal_offset"],
@@ -207,6 +217,18 @@ def _func_differentiates() -> bool:
 
     return any(interpreter.key() in (TransformType.Grad, TransformType.Jvp)
                for interpreter in retrieve_all_functorch_interpreters())
+
+
+def _forward_mode(*tensors) -> bool:
+    """Whether forward-mode AD sees the call: torch.func's jvp or jacfwd, or a dual tensor of
+    torch.autograd.forward_ad among ``tensors``."""
+    import torch.autograd.forward_ad as forward_ad
+    if torch._C._are_functorch_transforms_active():
+        from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
+        if any(interpreter.key() == TransformType.Jvp for interpreter in retrieve_all_functorch_interpreters()):
+            return True
+    return getattr(forward_ad, "_current_level", -1) >= 0 and any(
+        tensor is not None and forward_ad.unpack_dual(tensor).tangent is not None for tensor in tensors)
 
 
 def _eager(*tensors) -> bool:
