@@ -37,15 +37,14 @@ def _languages(fn) -> frozenset:
                      if inspect.ismodule(value) and value in (tl, tl.core))
 
 
-_saved = {}  # the interpreter's own _patch_lang while once_per_launch() is on
+_saved = {}  # Triton's own _patch_lang and overflow check, while once_per_launch() is on
 counts = {"swapped": 0, "skipped": 0, "unasserted checks": 0}  # what once_per_launch() did and skipped
 
 
 @contextlib.contextmanager
 def once_per_launch():
-    from triton.runtime import interpreter
-
     from triton.language.semantic import TritonSemantic
+    from triton.runtime import interpreter
 
     patch_lang, call = interpreter._patch_lang, interpreter.GridExecutor.__call__
     overflow_check = TritonSemantic.binary_op_sanitize_overflow_impl

@@ -2115,9 +2115,11 @@ def test_op_forward_mode_derivatives_match_the_reference(name, backend):
         torch.testing.assert_close(forward_ad.unpack_dual(dual).tangent, want_tangent, rtol=1e-10, atol=1e-12)
     if name == "bool+is_causal+padding":
         small = [tensor[:1, :, :3] for tensor in (q, k, v)]
-        kwargs = {"attn_mask": kwargs["attn_mask"][:3, :3], "is_causal": True, "enable_gqa": True}
-        forward, reverse = (jacobian(lambda q, k, v: scaled_dot_product_attention(q, k, v, **kwargs, backend=backend),
-                                     (0, 1, 2))(*small) for jacobian in (torch.func.jacfwd, torch.func.jacrev))
+        small_kwargs = {"attn_mask": kwargs["attn_mask"][:3, :3], "is_causal": True, "enable_gqa": True}
+        def attend_small(q, k, v):
+            return scaled_dot_product_attention(q, k, v, **small_kwargs, backend=backend)
+        forward, reverse = (jacobian(attend_small, (0, 1, 2))(*small)
+                            for jacobian in (torch.func.jacfwd, torch.func.jacrev))
         for got, want in zip(forward, reverse):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 

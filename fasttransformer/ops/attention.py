@@ -18,6 +18,7 @@ import os
 from typing import List, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 logger = logging.getLogger("fasttransformer")
@@ -221,8 +222,7 @@ def _func_differentiates() -> bool:
 
 def _forward_mode(*tensors) -> bool:
     """Whether forward-mode AD sees the call: torch.func's jvp or jacfwd, or a dual tensor of
-    torch.autograd.forward_ad among ``tensors``."""
-    import torch.autograd.forward_ad as forward_ad
+    torch.autograd.forward_ad among ``tensors`` (an eager call pays two attribute reads)."""
     if torch._C._are_functorch_transforms_active():
         from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
         if any(interpreter.key() == TransformType.Jvp for interpreter in retrieve_all_functorch_interpreters()):
