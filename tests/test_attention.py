@@ -2360,6 +2360,46 @@ def test_compiled_calls_with_a_scale_that_changes(backend):
         compiled(query, key, value, float("nan"))
 
 
+@pytest.mark.parametrize("dynamic", [True, None], ids=["dynamic", "automatic-dynamic"])
+@pytest.mark.parametrize("name", ["bool+is_causal+padding", "float+padding", "padding+window_int"])
+def test_compiled_calls_with_lengths_that_change(name, dynamic):
+    """torch.compile with symbolic sizes (dynamic=True, or torch's default, which recompiles once
+    with symbolic sizes when a length changes): the op's checks, the masks' handling and the fake
+    implementation trace without specialising on a batch or length (their guards are bounds,
+    such as the int32 index limit), so one graph serves them all: training on variable-length
+    batches compiles no more often than that. Forward and gradients, a float mask's too.
+    (dynamo may trace a call twice, restarting once it knows the default scale is a float; that
+    is one graph, not a recompile.)"""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    def attend(q, k, v, kwargs):
+        return scaled_dot_product_attention(q, k, v, **kwargs, backend="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    # No two sizes of the first call alike (heads 4, kv heads 2, D 24): torch would guard on
+    # their equality (duck sizing) and compile again at the next call.
+    for batch, seqlen_q, seqlen_k in ((3, 29, 41), (5, 37, 19), (2, 11, 70)):
+        q, k, v, kwargs, allowed, bias = op_case(name, torch.float32, batch=batch, seqlen_q=seqlen_q,
+                                                 seqlen_k=seqlen_k)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        if bias is not None:
+            kwargs["attn_mask"] = kwargs["attn_mask"].clone().requires_grad_()
+        with poisoned_allocations(DEVICE):
+            out = compiled(*leaves, kwargs)
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+        assert_matches_reference(q, k, v, allowed, bias, grad_out, out, [leaf.grad for leaf in leaves])
+        if bias is not None:
+            ref_bias = bias.double().requires_grad_()
+            reference_attention(*(t.double() for t in (q, k, v)), allowed, ref_bias).backward(grad_out.double())
+            base_bias = bias.clone().requires_grad_()
+            reference_attention(q, k, v, allowed, base_bias).backward(grad_out)
+            assert_within_torch_error(kwargs["attn_mask"].grad, ref_bias.grad, base_bias.grad, 3.0, "dbias")
+    graphs = len(_debug_get_cache_entry_list(attend))  # dynamo's compiled variants of `attend`
+    assert graphs == (1 if dynamic else 2), f"{graphs} compiled graphs for three shapes"
+
+
 # --- on CUDA only (make gpu-check): real sizes, bfloat16, reruns, graphs, compile -------------------
 
 LARGE_CASES = {  # name: (batch, heads, kv_heads, Lq, Lk, D, masks)
