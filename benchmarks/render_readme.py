@@ -67,7 +67,8 @@ def model_rows(record):
     config = record["config"]
     lines = [f"Seq2SeqTransformer vs the same model from torch.nn parts ({record['dtype']}; d_model "
              f"{config['d_model']}, {config['layers']}+{config['layers']} layers, length {config['seqlen']}, "
-             f"batch {config['batch']}).", "", "| subject | speedup vs torch.nn | peak memory vs torch.nn |", "|---|---|---|"]
+             f"batch {config['batch']}).", "",
+             "| subject | speedup vs torch.nn | peak memory vs torch.nn |", "|---|---|---|"]
     for row in record["results"]:
         ours, theirs = row.get("peak_mib_fasttransformer"), row.get("peak_mib_torch.nn")
         memory = f"{ours / theirs:.2f}x" if ours and theirs else "n/a (CPU)"

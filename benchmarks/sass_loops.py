@@ -89,7 +89,8 @@ def main(argv=None) -> int:
         dkdv, dq = configs.backward_configs(device, torch.bfloat16, head_dim, False)
         for name, kernel, config in (("forward", attention_forward_kernel,
                                       configs.forward_config(device, torch.bfloat16, head_dim, False)),
-                                     ("dkdv", attention_backward_dkdv_kernel, dkdv), ("dq", attention_backward_dq_kernel, dq)):
+                                     ("dkdv", attention_backward_dkdv_kernel, dkdv),
+                                     ("dq", attention_backward_dq_kernel, dq)):
             for case, options in CASES.items():
                 if case == "split" and name != "forward":
                     continue

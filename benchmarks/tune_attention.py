@@ -69,7 +69,8 @@ def parse_args(argv=None):
     parser.add_argument("--arch", type=int, default=None, help="the AOT check's arch (default: this GPU's; 90 on cpu)")
     parser.add_argument("--skip-aot", action="store_true", help="time every candidate, spilling or not")
     parser.add_argument("--warm-workers", type=int, default=None,
-                        help="processes that JIT-compile the candidates before the timing (default: 16 on cuda, 0 on cpu)")
+                        help="processes that JIT-compile the candidates before the timing "
+                             "(default: 16 on cuda, 0 on cpu)")
     args = parser.parse_args(argv)
     args.kernels = args.kernels.split(",")
     args.head_dims = [int(d) for d in args.head_dims.split(",")]
@@ -232,7 +233,8 @@ def main(argv=None) -> int:
             if report is not None:
                 row.update(registers=report["registers"], stack_bytes=report["stack_bytes"])
                 if report["stack_bytes"]:
-                    rows.append({**row, "skipped": f"spills {report['stack_bytes']} bytes on sm_{arch} with every mask on"})
+                    spilled = f"spills {report['stack_bytes']} bytes on sm_{arch} with every mask on"
+                    rows.append({**row, "skipped": spilled})
                     continue
             if index > 0 and time.time() > deadline:
                 rows.append({**row, "skipped": "not timed: its share of --budget-s ran out"})

@@ -1389,8 +1389,9 @@ def test_op_autocast_computes_in_the_autocast_dtype(backend):
                for leaf in (q, k, v, bias))
 
 
-BIAS_SHAPES = {"Lk": lambda b, h, m, n: (n,), "Lq,Lk": lambda b, h, m, n: (m, n), "B,1,Lq,Lk": lambda b, h, m, n: (b, 1, m, n),
-               "1,H,1,Lk": lambda b, h, m, n: (1, h, 1, n), "B,H,Lq,Lk": lambda b, h, m, n: (b, h, m, n)}
+BIAS_SHAPES = {"Lk": lambda b, h, m, n: (n,), "Lq,Lk": lambda b, h, m, n: (m, n),
+               "B,1,Lq,Lk": lambda b, h, m, n: (b, 1, m, n), "1,H,1,Lk": lambda b, h, m, n: (1, h, 1, n),
+               "B,H,Lq,Lk": lambda b, h, m, n: (b, h, m, n)}
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -1836,8 +1837,9 @@ def test_op_eager_calls_skip_the_custom_op(monkeypatch, grad):
     def run(dropout_p):
         leaves = [tensor.detach().clone().requires_grad_(grad) for tensor in (q, k, v, kwargs["attn_mask"])]
         torch.manual_seed(7)
-        out = scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3], key_padding_mask=kwargs["key_padding_mask"],
-                                           enable_gqa=True, dropout_p=dropout_p, backend="triton")
+        out = scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3],
+                                           key_padding_mask=kwargs["key_padding_mask"], enable_gqa=True,
+                                           dropout_p=dropout_p, backend="triton")
         if grad:
             out.backward(torch.ones_like(out))
         return [out.detach()] + [leaf.grad for leaf in leaves if grad]

@@ -251,7 +251,8 @@ def test_render_readme_from_a_recorded_gpu_json(tmp_path):
     (folder / "attention.json").write_text(json.dumps(synthetic_attention_record()))
     text = render_readme.render("intro\n<!-- performance:start -->old<!-- performance:end -->\nrest", tmp_path)
     assert text.startswith("intro\n<!-- performance:start -->") and text.endswith("<!-- performance:end -->\nrest")
-    assert "### attention: Synthetic GPU (2026-01-01-h100)" in text and "| causal | 128 | 4096 | fwd | 500 (62%)" in text
+    assert "### attention: Synthetic GPU (2026-01-01-h100)" in text
+    assert "| causal | 128 | 4096 | fwd | 500 (62%)" in text
     assert "| decode | 128 | 8192 | fwd | 2500 GB/s (83% of copy) |" in text
     assert "old" not in text
 
@@ -351,7 +352,8 @@ def test_tune_attention_plumbing_on_cpu(tmp_path):
                str(tmp_path), "--kernels", "forward,dq", "--head-dims", "32", "--masks", "causal", "--seqlen", "64",
                "--tokens", "64", "--hidden", "32", "--candidates", "32x32x4x1", "--warm-workers", "1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                            env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(torch.__file__).parents[1])})
+                            env={**os.environ, "TRITON_INTERPRET": "1",
+                                 "PYTHONPATH": str(Path(torch.__file__).parents[1])})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "JIT-compiled 4 candidates in 1 workers" in result.stdout  # table entry + 1, for 2 kernels
     record = json.loads((tmp_path / "tune.json").read_text())
@@ -416,8 +418,8 @@ def test_pytest_benchmark_suites_collect_and_record(tmp_path):
                   "bench_model.py::test_model"):
         assert suite in collected.stdout
     record_path = tmp_path / "attention.json"
-    ran = subprocess.run([*pytest_command, "benchmarks/bench_attention.py", "-k", "cpu", "-rs", "--benchmark-min-rounds=1",
-                          "--benchmark-max-time=0.001", f"--benchmark-json={record_path}"],
+    ran = subprocess.run([*pytest_command, "benchmarks/bench_attention.py", "-k", "cpu", "-rs",
+                          "--benchmark-min-rounds=1", "--benchmark-max-time=0.001", f"--benchmark-json={record_path}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert ran.returncode == 0, ran.stdout[-3000:]
     assert "n/a: RuntimeError: No viable backend" in ran.stdout  # torch's CUDA-only backends on the CPU

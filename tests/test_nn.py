@@ -643,7 +643,8 @@ def test_autocast_bfloat16_matches_torch(device):
     """On CUDA this runs the Triton kernels in bfloat16 (the interpreter cannot, on the CPU)."""
     torch_model, ours = make_transformers(dtype=torch.float32, device=device)
     inputs, kwargs = transformer_inputs(dtype=torch.float32, device=device)
-    reference = torch_model.double()(*[x.double() for x in inputs], **{**kwargs, "tgt_mask": kwargs["tgt_mask"].double()})
+    reference = torch_model.double()(*[x.double() for x in inputs],
+                                     **{**kwargs, "tgt_mask": kwargs["tgt_mask"].double()})
     torch_model.float()
     with torch.autocast(device, dtype=torch.bfloat16):
         out_t = torch_model(*inputs, **kwargs)

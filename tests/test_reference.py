@@ -63,7 +63,8 @@ def test_sdpa_matches_torch(mask_kind):
     if mask_kind == "scale":
         kwargs["scale"] = 0.3
     if mask_kind == "bool+causal":  # torch does not take both: merge for it
-        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=kwargs["attn_mask"] & torch.ones(7, 7, dtype=torch.bool).tril())
+        causal = torch.ones(7, 7, dtype=torch.bool).tril()
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=kwargs["attn_mask"] & causal)
     else:
         expected = F.scaled_dot_product_attention(q, k, v, **kwargs)
     close(reference.scaled_dot_product_attention(q, k, v, **kwargs), expected)

@@ -34,7 +34,8 @@ def build_parser(parser=None) -> argparse.ArgumentParser:
     attention.add_argument("--value-head-dim", type=int, default=None,
                            help="the value's head dim, when it differs from --head-dim (DeepSeek's MLA: --head-dim "
                            "192 --value-head-dim 128)")
-    attention.add_argument("--seq-len", type=int, action="append", help="sequence length (repeatable; default 512..16k)")
+    attention.add_argument("--seq-len", type=int, action="append",
+                           help="sequence length (repeatable; default 512..16k)")
     attention.add_argument("--mask", action="append", help="mask kind (repeatable): none, causal, padding, document, "
                            "window, causal+padding, decode (one query per sequence, forward only), "
                            "decode-gqa (the same, 4 query heads per key head)")

@@ -82,7 +82,8 @@ def sweep(device: str, quick: bool) -> dict:
                     row[f"fwd_ms_{impl}"] = common.time_ms(lambda: case.forward(impl, dropout_p), device)
                     row[f"fwd_bwd_ms_{impl}"] = common.time_ms(lambda: case.step(impl, dropout_p), device)
                 if device == "cuda":  # on the CPU the check costs no synchronisation
-                    row["fwd_ms_fused_unchecked"] = common.time_ms(lambda: case.forward("fused_unchecked", dropout_p), device)
+                    row["fwd_ms_fused_unchecked"] = common.time_ms(lambda: case.forward("fused_unchecked", dropout_p),
+                                                                   device)
                 row["fwd_gbps_fused"] = case.bytes_per_forward() / row["fwd_ms_fused"] / 1e6
                 row["fwd_fraction_of_copy"] = row["fwd_gbps_fused"] / copy_gbps
                 row["fwd_speedup"] = row["fwd_ms_unfused"] / row["fwd_ms_fused"]

@@ -40,8 +40,9 @@ class Case:
         model_config = dict(d_model=config["d_model"], nhead=config["nhead"], num_encoder_layers=config["layers"],
                             num_decoder_layers=config["layers"], dim_feedforward=config["dim_feedforward"],
                             dropout=0.1, pad_id=PAD, tie_output=False)
-        self.models = {"fasttransformer": ft.models.Seq2SeqTransformer(config["vocab"], config["vocab"], **model_config),
-                       "torch.nn": TorchSeq2Seq(config["vocab"], config["vocab"], **model_config)}
+        vocab = config["vocab"]
+        self.models = {"fasttransformer": ft.models.Seq2SeqTransformer(vocab, vocab, **model_config),
+                       "torch.nn": TorchSeq2Seq(vocab, vocab, **model_config)}
         self.models["torch.nn"].load_state_dict(self.models["fasttransformer"].state_dict(), strict=True)
         with torch.no_grad():
             self.models["fasttransformer"].output_projection.weight[EOS] = 0
@@ -137,7 +138,8 @@ def sweep(device: str, quick: bool = False) -> dict:
     tokens = case.tokens()
     for subject, run in subjects:
         row = {"subject": subject}
-        for _ in range(2 if device == "cpu" and not quick else 1):  # interleaved rounds, best kept: CPU timings are noisy
+        # interleaved rounds, the best kept: CPU timings are noisy
+        for _ in range(2 if device == "cpu" and not quick else 1):
             for name in ("fasttransformer", "torch.nn"):
                 ms, row[f"peak_mib_{name}"] = measure(lambda: run(name), device)
                 row[f"ms_{name}"] = min(ms, row.get(f"ms_{name}", ms))
@@ -168,8 +170,8 @@ def markdown(record):
              f"{env['cpu_threads']} CPU threads. Command: `{env['command']}`",
              f"Seq2SeqTransformer vs the same model from torch.nn parts ({record['dtype']}): d_model "
              f"{config['d_model']}, {config['nhead']} heads, {config['layers']}+{config['layers']} layers, FFN "
-             f"{config['dim_feedforward']}, vocab {config['vocab']}, length {config['seqlen']}, batch {config['batch']}, "
-             f"~{PADDING:.0%} padding.", "", HEADER]
+             f"{config['dim_feedforward']}, vocab {config['vocab']}, length {config['seqlen']}, "
+             f"batch {config['batch']}, ~{PADDING:.0%} padding.", "", HEADER]
     lines += [markdown_row(row) for row in record["results"]]
     for row in record["results"]:
         if "tokens_per_s_fasttransformer" in row:

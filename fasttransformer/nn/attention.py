@@ -256,7 +256,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             elif not cache.static:
                 seqlen_k, keys = cache.length + seqlen_k, "cached + new positions"
         if not reuse and batched and (key.shape[batch_dim] != batch or value.shape[batch_dim] != batch):
-            raise ValueError(f"batch sizes differ: query {batch}, key {key.shape[batch_dim]}, value {value.shape[batch_dim]}")
+            raise ValueError(f"batch sizes differ: query {batch}, key {key.shape[batch_dim]}, "
+                             f"value {value.shape[batch_dim]}")
         if not reuse and key.shape[:-1] != value.shape[:-1]:
             raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} differ in batch or length")
         if key_padding_mask is not None:

@@ -257,7 +257,8 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         if tensor.dtype not in _DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
         if tensor.dtype != query.dtype or tensor.device != query.device:
-            raise ValueError(f"{name} is {tensor.dtype} on {tensor.device} but query is {query.dtype} on {query.device}")
+            raise ValueError(f"{name} is {tensor.dtype} on {tensor.device} but query is {query.dtype} on "
+                             f"{query.device}")
     for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
         if not isinstance(flag, (bool, numbers.Integral)) or flag not in (0, 1):  # torch: "must be bool"
             raise TypeError(f"{name} must be a bool, got {flag!r}")
@@ -308,7 +309,8 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
             raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
         try:
-            if torch.broadcast_shapes(attn_mask.shape, (batch, heads, seqlen_q, seqlen_k)) != (batch, heads, seqlen_q, seqlen_k):
+            full = (batch, heads, seqlen_q, seqlen_k)
+            if torch.broadcast_shapes(attn_mask.shape, full) != full:
                 raise RuntimeError
         except RuntimeError:
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
@@ -319,7 +321,8 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a bool tensor (True = padding)")
         if key_padding_mask.shape != (batch, seqlen_k):
-            raise ValueError(f"key_padding_mask must be (batch, Lk) = {(batch, seqlen_k)}, got {tuple(key_padding_mask.shape)}")
+            raise ValueError(f"key_padding_mask must be (batch, Lk) = {(batch, seqlen_k)}, got "
+                             f"{tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != query.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but query is on {query.device}")
     window = None
@@ -330,7 +333,8 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             pair = ()
         if len(pair) != 2 or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 0
                                      for w in pair):
-            raise ValueError(f"window_size must be an int >= 0 or a pair (left, right) of ints >= 0, got {window_size!r}")
+            raise ValueError(f"window_size must be an int >= 0 or a pair (left, right) of ints >= 0, "
+                             f"got {window_size!r}")
         window = (int(pair[0]), int(pair[1]))
         if causal_offset is None and window[0] >= seqlen_q - 1:
             # No query's window starts after key 0: it is the causal mask j <= i + right (what
