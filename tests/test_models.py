@@ -67,6 +67,45 @@ def test_seq2seq_under_torch_func_grad_and_per_example_gradients(device):
             torch.testing.assert_close(got, param.grad, msg=lambda text: f"{name}, example {index}: {text}")
 
 
+def test_seq2seq_compiled_training_on_variable_lengths_compiles_twice(monkeypatch):
+    """A training step under torch.compile on batches of changing lengths, with the Triton
+    kernels (the interpreter here, the GPU under make gpu-check): torch compiles it once, and once
+    more with symbolic sizes when the lengths change; nothing in the model (padding masks from
+    the ids, the causal mask, the layers) specialises on a length, so no later batch compiles
+    again. The loss and every gradient match the eager model's."""
+    import functools
+
+    import fasttransformer as ft
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    monkeypatch.setattr(ft.nn.attention, "scaled_dot_product_attention",
+                        functools.partial(ft.ops.scaled_dot_product_attention, backend="triton"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(VOCAB_SRC, VOCAB_TGT, d_model=32, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
+                               dim_feedforward=48, dropout=0.0, pad_id=PAD).to(device)
+
+    def step(src, tgt):
+        return model(src, tgt).float().logsumexp(-1).mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager")
+    for source_length, target_length in ((7, 5), (11, 9), (13, 6), (17, 10)):
+        src = padded_ids(3, source_length, VOCAB_SRC).to(device)
+        tgt = padded_ids(3, target_length, VOCAB_TGT).to(device)
+        tgt[:, 0] = 1
+        results = []
+        for run in (compiled, step):
+            model.zero_grad()
+            loss = run(src, tgt)
+            loss.backward()
+            results.append([loss.detach()] + [parameter.grad.clone() for parameter in model.parameters()])
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    graphs = len(_debug_get_cache_entry_list(step))
+    assert graphs == 2, f"{graphs} compiled graphs for four batches of different lengths"
+
+
 def test_seq2seq_start_token_equal_to_pad_id_is_a_key():
     """T5's convention, the decoder starting from the pad token: that first token is no padding.
     With no other pad in the targets, forward equals the decoder run without a target padding
