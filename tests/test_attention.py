@@ -1540,6 +1540,28 @@ def test_op_float_mask_at_float32_min_acts_as_minus_inf():
     torch.testing.assert_close(out.transpose(1, 2)[others], expected.transpose(1, 2)[others], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["none", "lower_right", "window_pair+causal", "bool+is_causal+padding"])
+def test_op_nan_inputs_give_nan_where_the_reference_does(name):
+    """A NaN in the query, a key or a value (a diverging run) gives NaN in exactly the output
+    rows that the float64 reference gives NaN in (the rows that see it), never a silent number:
+    torch's CPU flash kernel gives a NaN query's row zeros (pytorch/pytorch#141128). An online
+    softmax can lose it: a row max that skips NaN, a rescale or tile skip keyed on the max.
+    Masks are bool here: a NaN key that a mask hides is dropped, as torch's masked_fill does."""
+    for which in range(3):
+        q, k, v, kwargs, allowed, bias = op_case(name, torch.float32)
+        tensor = (q, k, v)[which]
+        visible = allowed.nonzero()  # (b, query head, i, j): query i of that head sees key j
+        b, head, i, j = visible[torch.randint(len(visible), ())].tolist()
+        group = q.shape[1] // k.shape[1]
+        tensor[b, head if which == 0 else head // group, i if which == 0 else j, 5] = float("nan")
+        out = scaled_dot_product_attention(q, k, v, **kwargs, backend="triton")
+        ref = reference_attention(q.double(), k.double(), v.double(), allowed, bias)
+        nan_rows = ref.isnan().any(-1)
+        assert nan_rows.any() and not nan_rows.all(), "the case tests too little"
+        assert torch.equal(out.isnan().any(-1), nan_rows), f"NaN in {'qkv'[which]}: rows differ"
+        assert torch.isfinite(out[~nan_rows]).all()
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("shapes", [((0, 2, 5, 16), (0, 2, 7, 16)), ((2, 0, 5, 16), (2, 0, 7, 16)),
                                     ((2, 2, 0, 16), (2, 2, 7, 16)), ((2, 2, 5, 16), (2, 2, 0, 16))],
