@@ -129,6 +129,16 @@ def assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads, live_
         assert_within_torch_error(grad, ref_grad, base_grad, 3.0, name, magnitude=scale)
 
 
+def assert_bias_grad_matches_reference(q, k, v, allowed, bias, grad_out, bias_grad):
+    """A float mask's gradient ``bias_grad`` (``bias``'s shape) under the accuracy rule: within
+    3x plain PyTorch's error in the inputs' dtype, against the float64 reference's."""
+    ref_bias = bias.double().requires_grad_()
+    reference_attention(*[t.detach().double() for t in (q, k, v)], allowed, ref_bias).backward(grad_out.double())
+    base_bias = bias.clone().requires_grad_()
+    reference_attention(q.detach(), k.detach(), v.detach(), allowed, base_bias).backward(grad_out)
+    assert_within_torch_error(bias_grad, ref_bias.grad, base_bias.grad, 3.0, "dbias")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("masks", MASKS)
 @pytest.mark.parametrize("batch,heads,kv_heads,seqlen_q,seqlen_k,head_dim", SHAPES)
@@ -1835,11 +1845,7 @@ def test_op_offsets_past_int32(masks, monkeypatch):
     assert lookups == [True, True]
     assert_matches_reference(q, k, v, allowed, bias, grad_out, out, [leaf.grad for leaf in leaves])
     if bias is not None:
-        ref_bias = bias.double().requires_grad_()
-        reference_attention(*[t.detach().double() for t in (q, k, v)], allowed, ref_bias).backward(grad_out.double())
-        base_bias = bias.clone().requires_grad_()
-        reference_attention(q.detach(), k.detach(), v.detach(), allowed, base_bias).backward(grad_out)
-        assert_within_torch_error(kwargs["attn_mask"].grad, ref_bias.grad, base_bias.grad, 3.0, "dbias")
+        assert_bias_grad_matches_reference(q, k, v, allowed, bias, grad_out, kwargs["attn_mask"].grad)
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
@@ -2415,11 +2421,7 @@ def test_compiled_calls_with_lengths_that_change(name, dynamic):
         out.backward(grad_out)
         assert_matches_reference(q, k, v, allowed, bias, grad_out, out, [leaf.grad for leaf in leaves])
         if bias is not None:
-            ref_bias = bias.double().requires_grad_()
-            reference_attention(*(t.double() for t in (q, k, v)), allowed, ref_bias).backward(grad_out.double())
-            base_bias = bias.clone().requires_grad_()
-            reference_attention(q, k, v, allowed, base_bias).backward(grad_out)
-            assert_within_torch_error(kwargs["attn_mask"].grad, ref_bias.grad, base_bias.grad, 3.0, "dbias")
+            assert_bias_grad_matches_reference(q, k, v, allowed, bias, grad_out, kwargs["attn_mask"].grad)
     graphs = len(_debug_get_cache_entry_list(attend))  # dynamo's compiled variants of `attend`
     assert graphs == (1 if dynamic else 2), f"{graphs} compiled graphs for three shapes"
 
