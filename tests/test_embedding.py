@@ -148,10 +148,35 @@ def test_torch_func_grad_and_per_example_gradients(device, learned, start_pos, p
 
 
 def test_torch_func_vmapped_ids_outside_the_table_raise():
-    """vmap cannot read the ids back: F.embedding's own check raises (on the CPU; CUDA asserts)."""
+    """vmap cannot read the ids and positions back: F.embedding's own check raises (on the CPU;
+    CUDA asserts), for an id outside the table, a negative start of the sinusoid and a position
+    past a learned table, also when vmap runs over stacked tables (an ensemble), where torch's
+    batching rule would read an id past one example's rows from the next example's table."""
     weight = torch.randn(40, 8)
     with pytest.raises(IndexError, match="index out of range"):
         torch.func.vmap(lambda ids: token_positional_embedding(ids, weight))(torch.full((3, 2, 5), 40))
+    tables, positions = torch.randn(3, 40, 8), torch.randn(3, 10, 8)
+    ids, starts = torch.randint(0, 40, (3, 2, 5)), torch.tensor([[0, 1], [2, 5], [0, 3]])
+    ensemble = torch.func.vmap(lambda table, pos_table, ids, start: token_positional_embedding(
+        ids, table, pos_table, start_pos=start))
+    sinusoid = torch.func.vmap(lambda table, ids, start: token_positional_embedding(ids, table, start_pos=start))
+    for index in range(3):  # in range: each example's own embedding
+        torch.testing.assert_close(ensemble(tables, positions, ids, starts)[index],
+                                   token_positional_embedding(ids[index], tables[index], positions[index],
+                                                              start_pos=starts[index]))
+    for bad_id in (40, -1):
+        bad = ids.clone()
+        bad[1, 0, 2] = bad_id  # example 1's table has no such row; example 2's row 0 (or 0's row 39) is not its
+        with pytest.raises(IndexError, match="index out of range"):
+            sinusoid(tables, bad, starts)
+        with pytest.raises(IndexError, match="index out of range"):
+            ensemble(tables, positions, bad, starts)
+    late, negative = starts.clone(), starts.clone()
+    late[1, 1], negative[2, 0] = 6, -1  # positions 6..10 of 10 rows; -1..3
+    with pytest.raises(IndexError, match="index out of range"):
+        ensemble(tables, positions, ids, late)
+    with pytest.raises(IndexError, match="index out of range"):
+        sinusoid(tables, ids, negative)
     with pytest.raises(IndexError, match="input id 40 is outside"):  # grad alone: read back and named
         torch.func.grad(lambda weight: token_positional_embedding(torch.full((2, 5), 40), weight).sum())(weight)
 

@@ -64,8 +64,10 @@ def token_positional_embedding(
     kernels) the op runs as torch's unfused ops, with a warning, and torch's dropout masks.
     Under torch.func's transforms (grad, vjp, jacrev, jvp, vmap: per-example gradients, model
     ensembles) it runs as those ops too, which carry the transforms' rules; ids and positions
-    that vmap batches are then checked by ``F.embedding``'s own index check (vmap cannot read
-    them back), so a negative ``start_pos`` of the sinusoidal encoding is not caught there.
+    that vmap batches cannot be read back, so ``F.embedding``'s own index check raises for
+    them (an ``IndexError`` on the CPU, a device-side assert on CUDA), on a lookup of its own:
+    under vmap over a stacked table too, torch's batching rule would let an id past one
+    example's rows read the next example's.
 
     Returns:
         ``(B, L, d)`` tensor in ``weight.dtype``. Differentiable in ``weight`` and
@@ -177,8 +179,7 @@ def _torch_embedding(input_ids, weight, pos_weight, start_pos, start_offset, sca
     dropout masks. The index checks read values back (a host synchronisation), as the CPU kernel
     checks always; the sinusoid is computed in float64 on the CPU (MPS has no float64)."""
     num_embeddings, dim = weight.shape
-    # Values vmap batches cannot be read back: F.embedding's own index check stands in for
-    # ids and learned positions (an IndexError on the CPU, a device-side assert on CUDA).
+    # Values vmap batches cannot be read back: see _check_batched_indices.
     check = not any(_vmapped(tensor) for tensor in (input_ids, start_pos) if tensor is not None)
     low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist() if check and input_ids.numel() else (0, 0)
     if not 0 <= low <= high < num_embeddings:  # one host synchronisation
@@ -191,6 +192,8 @@ def _torch_embedding(input_ids, weight, pos_weight, start_pos, start_offset, sca
     if check and positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < rows:
         raise IndexError(f"token_positional_embedding: positions (start_pos + t) reach "
                          f"[{int(positions.min())}, {int(positions.max())}], outside [0, {rows})")
+    if not check:
+        _check_batched_indices(input_ids, num_embeddings, positions, rows)
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     out = torch.nn.functional.embedding(input_ids, weight, padding_idx).to(compute) * scale
     if pos_weight is not None:
@@ -200,6 +203,19 @@ def _torch_embedding(input_ids, weight, pos_weight, start_pos, start_offset, sca
         table = reference.sinusoidal_positions(positions[:1] if same else positions, dim)
         out = out + table.to(device=weight.device, dtype=compute)
     return (torch.nn.functional.dropout(out, dropout_p) if dropout_p > 0.0 else out).to(weight.dtype)
+
+
+def _check_batched_indices(input_ids, num_embeddings, positions, rows) -> None:
+    """The index checks for ids and positions that vmap batches, which cannot be read back to
+    raise on: ``F.embedding``'s own check, on a lookup that fails where an id is outside
+    ``[0, num_embeddings)`` or a position outside ``[0, rows)`` (an IndexError on the CPU, a
+    device-side assert on CUDA). Not the lookups into the tables themselves: under vmap over a
+    stacked table too (an ensemble), torch's batching rule offsets each example's indices into
+    one flattened table, where an id past an example's rows reads the next one's, silently."""
+    outside = (input_ids < 0) | (input_ids >= num_embeddings)
+    outside = outside | ((positions < 0) | (positions >= rows)).to(input_ids.device)
+    # index 1 of a one-row table (unbatched: made here) is out of range; 0 is not
+    torch.nn.functional.embedding(outside.long(), torch.zeros(1, 1, device=input_ids.device))
 
 
 def _vmapped(tensor: torch.Tensor) -> bool:
