@@ -1552,11 +1552,14 @@ def test_op_float_mask_at_float32_min_acts_as_minus_inf():
 
 @pytest.mark.parametrize("name", ["none", "lower_right", "window_pair+causal", "bool+is_causal+padding"])
 def test_op_nan_inputs_give_nan_where_the_reference_does(name):
-    """A NaN in the query, a key or a value (a diverging run) gives NaN in exactly the output
-    rows that the float64 reference gives NaN in (the rows that see it), never a silent number:
+    """A NaN in the query or a key (a diverging run) gives NaN in exactly the output rows that
+    the float64 reference gives NaN in (the rows that see it), a NaN value in at least the rows
+    that see it, never a silent number:
     torch's CPU flash kernel gives a NaN query's row zeros (pytorch/pytorch#141128). An online
     softmax can lose it: a row max that skips NaN, a rescale or tile skip keyed on the max.
-    Masks are bool here: a NaN key that a mask hides is dropped, as torch's masked_fill does."""
+    Masks are bool here: a NaN key that a mask hides is dropped, as torch's masked_fill does.
+    A NaN value reaches every row that sees it, and others through a 0 * NaN product: the
+    reference's matmul forms it for every row, the kernels for the rows of the tiles that load it."""
     for which in range(3):
         q, k, v, kwargs, allowed, bias = op_case(name, torch.float32)
         tensor = (q, k, v)[which]
@@ -1566,10 +1569,17 @@ def test_op_nan_inputs_give_nan_where_the_reference_does(name):
         tensor[b, head if which == 0 else head // group, i if which == 0 else j, 5] = float("nan")
         out = scaled_dot_product_attention(q, k, v, **kwargs, backend="triton")
         ref = reference_attention(q.double(), k.double(), v.double(), allowed, bias)
-        nan_rows = ref.isnan().any(-1)
-        assert nan_rows.any() and not nan_rows.all(), "the case tests too little"
-        assert torch.equal(out.isnan().any(-1), nan_rows), f"NaN in {'qkv'[which]}: rows differ"
-        assert torch.isfinite(out[~nan_rows]).all()
+        nan_rows, got = ref.isnan().any(-1), out.isnan().any(-1)
+        assert nan_rows.any(), "the case tests too little"
+        if which < 2:
+            assert not nan_rows.all(), "the case tests too little"
+            assert torch.equal(got, nan_rows), f"NaN in {'qk'[which]}: rows differ"
+        else:  # the rows that see the value must be NaN; the others are where a product 0 * NaN
+            # was formed: every row in the reference, the rows of the tiles that load it here
+            heads = slice(head // group * group, (head // group + 1) * group)  # the value's key head's
+            assert got[b, heads][allowed[b, heads, :, j].to(got.device)].all(), "NaN in v: a row that sees it"
+            assert not (got & ~nan_rows).any(), "NaN in v: a row the reference has no NaN in"
+        assert torch.isfinite(out[~got]).all()
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
