@@ -671,9 +671,14 @@ def test_compile_fullgraph_matches_eager(device):
     torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=2e-2)
 
 
-def test_export_on_triton_kernels_matches_eager(monkeypatch):
+@pytest.mark.parametrize("symbolic", [False, True], ids=["static", "symbolic-sizes"])
+def test_export_on_triton_kernels_matches_eager(monkeypatch, symbolic):
     """torch.export.export of a whole model: the attention is the custom op in the exported graph
-    (its fake implementation gives the shapes), and the exported program computes what eager does."""
+    (its fake implementation gives the shapes), and the exported program computes what eager does.
+    With the batch and both lengths symbolic, nothing in the layers or the op specialises on them:
+    the one program runs batches of other sizes and lengths. The batch needs an upper bound of
+    65535 (``Dim("B", max=65535)``): the kernels' grid holds it on an axis CUDA caps there, and
+    the op guards on it."""
     monkeypatch.setattr(ft.nn.attention, "scaled_dot_product_attention",
                         functools.partial(ft.ops.scaled_dot_product_attention, backend="triton"))
     device = "cuda" if HAS_CUDA else "cpu"
@@ -681,31 +686,17 @@ def test_export_on_triton_kernels_matches_eager(monkeypatch):
     model.eval()
     (src, tgt), kwargs = transformer_inputs(dtype=torch.float32, device=device)
     kwargs["tgt_is_causal"] = True
-    program = torch.export.export(model, (src, tgt), kwargs)
+    dynamic_shapes = None
+    if symbolic:
+        batch, source, target = (torch.export.Dim(name, max=bound)
+                                 for name, bound in (("B", 65535), ("S", 4096), ("T", 4096)))
+        dynamic_shapes = {"src": {0: batch, 1: source}, "tgt": {0: batch, 1: target},
+                          "tgt_mask": {0: target, 1: target}, "src_key_padding_mask": {0: batch, 1: source},
+                          "memory_key_padding_mask": {0: batch, 1: source}, "tgt_is_causal": None}
+    program = torch.export.export(model, (src, tgt), kwargs, dynamic_shapes=dynamic_shapes)
     launches = [node for node in program.graph.nodes if "fasttransformer.attention_forward" in str(node.target)]
     assert len(launches) == 6  # 2 encoder, 2 decoder self- and 2 cross-attention layers
-    torch.testing.assert_close(program.module()(src, tgt, **kwargs), model(src, tgt, **kwargs), atol=1e-6, rtol=1e-6)
-
-
-def test_export_with_symbolic_batch_and_lengths_runs_at_other_sizes(monkeypatch):
-    """torch.export.export with the batch and both lengths symbolic: nothing in the layers or the
-    op specialises on them, so the one exported program runs batches of other sizes and lengths
-    and matches eager. The batch needs an upper bound of 65535 (``Dim("B", max=65535)``): the
-    kernels' grid holds it on an axis CUDA caps there, and the op guards on it."""
-    monkeypatch.setattr(ft.nn.attention, "scaled_dot_product_attention",
-                        functools.partial(ft.ops.scaled_dot_product_attention, backend="triton"))
-    device = "cuda" if HAS_CUDA else "cpu"
-    _, model = make_transformers(dtype=torch.float32, device=device, nhead=4)
-    model.eval()
-    (src, tgt), kwargs = transformer_inputs(dtype=torch.float32, device=device)
-    kwargs["tgt_is_causal"] = True
-    batch, source, target = (torch.export.Dim(name, max=bound) for name, bound in (("B", 65535), ("S", 4096),
-                                                                                    ("T", 4096)))
-    program = torch.export.export(model, (src, tgt), kwargs, dynamic_shapes={
-        "src": {0: batch, 1: source}, "tgt": {0: batch, 1: target}, "tgt_mask": {0: target, 1: target},
-        "src_key_padding_mask": {0: batch, 1: source}, "memory_key_padding_mask": {0: batch, 1: source},
-        "tgt_is_causal": None})
-    for size in ((2, 13, 5), (5, 6, 11)):
+    for size in [(3, 9, 7)] + ([(2, 13, 5), (5, 6, 11)] if symbolic else []):
         (src, tgt), kwargs = transformer_inputs(*size, dtype=torch.float32, device=device)
         kwargs["tgt_is_causal"] = True
         torch.testing.assert_close(program.module()(src, tgt, **kwargs), model(src, tgt, **kwargs), atol=1e-6,
