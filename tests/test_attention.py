@@ -1554,12 +1554,12 @@ def test_op_float_mask_at_float32_min_acts_as_minus_inf():
 def test_op_nan_inputs_give_nan_where_the_reference_does(name):
     """A NaN in the query or a key (a diverging run) gives NaN in exactly the output rows that
     the float64 reference gives NaN in (the rows that see it), a NaN value in at least the rows
-    that see it, never a silent number:
-    torch's CPU flash kernel gives a NaN query's row zeros (pytorch/pytorch#141128). An online
-    softmax can lose it: a row max that skips NaN, a rescale or tile skip keyed on the max.
-    Masks are bool here: a NaN key that a mask hides is dropped, as torch's masked_fill does.
-    A NaN value reaches every row that sees it, and others through a 0 * NaN product: the
-    reference's matmul forms it for every row, the kernels for the rows of the tiles that load it."""
+    that see it: never a silent number, as torch's CPU flash kernel gives a NaN query's row
+    (zeros, pytorch/pytorch#141128). An online softmax can lose it: a row max that skips NaN, a
+    rescale or tile skip keyed on the max. Masks are bool here: a NaN key that a mask hides is
+    dropped, as torch's masked_fill does. A NaN value also reaches other rows through a 0 * NaN
+    product: the reference's matmul forms it for every row, the kernels for the rows of the
+    tiles that load it."""
     for which in range(3):
         q, k, v, kwargs, allowed, bias = op_case(name, torch.float32)
         tensor = (q, k, v)[which]
