@@ -1324,7 +1324,7 @@ def test_op_unsupported_gpus_go_to_torch_with_the_reason(monkeypatch, capability
     # the op's support check, for a stand-in of a CUDA query that the kernels otherwise take
     from types import SimpleNamespace
     query = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(2, 4, 100, 64))
-    assert attention._triton_unsupported(query, {"value_head_dim": 64}) == reason
+    assert attention._triton_unsupported(query, {"value_head_dim": 64, "dropout_p": 0.0}) == reason
     backends = attention_backends({"gpu": {"name": "fake"}, "triton": "3.6.0"})
     assert backends["triton"] == (reason or "usable")
     monkeypatch.setattr(torch.version, "hip", "6.4.0")  # ROCm: torch's "cuda" device on AMD GPUs
@@ -1722,20 +1722,20 @@ def test_op_meta_tensors_give_the_output_shape(masks):
         scaled_dot_product_attention(q, k, v, **kwargs, backend="triton")
 
 
-@pytest.mark.parametrize("batch,heads", [(7000, 10), (65535, 1), (65536, 1)], ids=["B7000-H10", "B65535", "B65536"])
+@pytest.mark.parametrize("batch,heads", [(7000, 10), (65535, 1), (65536, 1), (131071, 1)],
+                         ids=["B7000-H10", "B65535", "B65536", "B131071"])
 def test_op_grids_stay_within_cuda_limits(monkeypatch, batch, heads):
     """CUDA caps a grid's y and z at 65535 (x at 2**31 - 1). The attention kernels' grids are
-    (blocks, heads, batch): any number of (batch, head) pairs runs, and a batch or head count
-    above 65535 is refused by the Triton path (backend="triton" raises, "auto" goes to torch)
-    instead of failing at the launch. The list builder and the dropout mask fit at any size.
-    The kernels are replaced by recorders (the interpreter has no limit to hit, and 70000
-    programs would take long). The kernels' side (every block of every (batch, head) computed
-    once) is what every correctness test checks, on poisoned outputs, with several blocks,
-    batches and heads."""
+    (blocks, heads, batch): any number of (batch, head) pairs runs, and a batch above 65535
+    (window attention's windows x images, vmap's examples x batch) takes one launch per 65535
+    sequences. The list builder and the dropout mask fit at any size. The kernels are replaced
+    by recorders (the interpreter has no limit to hit, and 70000 programs would take long); what
+    the launches on slices compute is test_launches_in_chunks_of_the_batch_give_the_same_bits."""
     import fasttransformer.kernels.attention_backward as backward_kernels
     import fasttransformer.kernels.attention_forward as forward_kernels
     import fasttransformer.kernels.block_lists as block_list_kernels
 
+    assert forward_kernels.MAX_GRID_YZ == 65535
     grids = {}
 
     class Recorder:
@@ -1756,19 +1756,108 @@ def test_op_grids_stay_within_cuda_limits(monkeypatch, batch, heads):
     padding = torch.rand(batch, seqlen_k) < 0.3
     forward_kernels.dropout_keep_mask(torch.zeros(1, dtype=torch.int64), (batch, heads, seqlen_q, seqlen_k), 0.1)
     block_list_kernels.build_block_lists(mask, padding, mask.shape, [(16, 16, False)])
-    expected = {"tile_classes_kernel", "block_lists_kernel", "dropout_mask_kernel"}
-    if batch > 65535:
-        with pytest.raises(RuntimeError, match="batch 65536 or heads 1 > 65535"):
-            scaled_dot_product_attention(q, k, v, mask, key_padding_mask=padding, backend="triton")
-    else:
-        out = scaled_dot_product_attention(q, k, v, mask, dropout_p=0.1, key_padding_mask=padding, backend="triton")
-        out.backward(torch.randn_like(out))
-        expected |= {"attention_forward_kernel", "attention_delta_kernel", "attention_backward_dkdv_kernel",
-                     "attention_backward_dq_kernel"}
-    assert set(grids) == expected
+    dropout_p = 0.1 if batch <= 65535 else 0.0  # dropout needs one launch (test_op_refuses_sizes_...)
+    out = scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout_p, key_padding_mask=padding, backend="triton")
+    out.backward(torch.randn_like(out))
+    assert set(grids) == {"tile_classes_kernel", "block_lists_kernel", "dropout_mask_kernel",
+                          "attention_forward_kernel", "attention_delta_kernel", "attention_backward_dkdv_kernel",
+                          "attention_backward_dq_kernel"}
     for name, launches in grids.items():
         for grid in launches:
             assert len(grid) <= 3 and grid[0] < 2 ** 31 and all(size <= 65535 for size in grid[1:]), (name, grid)
+    chunks = [min(65535, batch - start) for start in range(0, batch, 65535)]
+    for name in ("attention_forward_kernel", "attention_delta_kernel", "attention_backward_dkdv_kernel",
+                 "attention_backward_dq_kernel"):
+        assert [grid[2] for grid in grids[name]] == chunks, name
+
+
+@pytest.mark.parametrize("case", ["heads", "dropout", "rows"])
+def test_op_refuses_sizes_the_launches_cannot_hold(case):
+    """Query heads above 65535 (the grid's y axis), dropout with a batch above 65535 (its draws
+    are keyed by the index within a launch, and such a batch takes several), and 2**31 rows (B *
+    Hq * Lq: the logsumexp's int32 offsets) are refused before any launch, naming the sizes:
+    backend="triton" raises, "auto" takes torch, and the custom op and the kernels' functions
+    raise too (an exported graph holds the op for sizes it was not traced at). The inputs are
+    expanded views."""
+    batch, heads, seqlen_q, dropout_p, message = {
+        "heads": (2, 70000, 3, 0.0, "heads 70000 > 65535"),
+        "dropout": (65536, 1, 3, 0.1, "dropout with batch 65536 > 65535"),
+        "rows": (2 ** 16, 2 ** 11, 2 ** 5, 0.0, r"batch \* heads \* Lq = 4294967296 >= 2\*\*31"),
+    }[case]
+    q, k, v = (torch.randn(1, 1, length, 16).expand(batch, heads, length, 16) for length in (seqlen_q, 5, 5))
+    with pytest.raises(RuntimeError, match=message):
+        scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, backend="triton")
+    seed = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match=message):
+        torch.ops.fasttransformer.attention_forward(q, k, v, None, None, 0.25, None, None, dropout_p, seed)
+    out = torch.randn(1, 1, seqlen_q, 16).expand(q.shape)
+    with pytest.raises(ValueError, match=message):
+        attention_backward(out, q, k, v, out, torch.zeros(1, 1, seqlen_q).expand(q.shape[:3]), dropout_p=dropout_p,
+                           seed=seed)
+
+
+MASK_PER_BATCH = {  # the per-sequence tensors of a launch, each sliced by the batch chunks
+    "bool+padding": {"attn_mask": (5, 2, 37, 50), "key_padding_mask": True},
+    "float-grad+causal": {"attn_mask": (5, 1, 37, 50), "causal_offset": 13},
+    "float-shared-grad+window": {"attn_mask": (1, 2, 37, 50), "causal_offset": 13, "window": (9, 0)},
+    "split-keys+padding": {"key_padding_mask": True, "num_splits": 3},
+    "gqa-decode+padding": {"key_padding_mask": True, "seqlen_q": 1},
+}
+
+
+@pytest.mark.parametrize("case", list(MASK_PER_BATCH))
+def test_launches_in_chunks_of_the_batch_give_the_same_bits(monkeypatch, case):
+    """A batch above MAX_GRID_YZ (65535: CUDA's cap on the grid's z) takes one launch per chunk of
+    sequences, each on slices of every per-sequence tensor (the inputs, outputs, logsumexp,
+    delta, masks, tile lists, split partials, a float mask's gradient). With the cap set to 2, a
+    batch of 5 takes 3 launches of each kernel, and gives the one launch's bits."""
+    import fasttransformer.kernels.attention_backward as backward_kernels
+    import fasttransformer.kernels.attention_forward as forward_kernels
+
+    options = dict(MASK_PER_BATCH[case])
+    seqlen_q, num_splits = options.pop("seqlen_q", 37), options.pop("num_splits", None)
+    batch, heads, kv_heads, seqlen_k = 5, 2, 1 if seqlen_q == 1 else 2, 50  # heads within the cap too
+    q = torch.randn(batch, heads, seqlen_q, 16, device=DEVICE)
+    k, v = (torch.randn(batch, kv_heads, seqlen_k, 16, device=DEVICE) for _ in range(2))
+    grad_out = torch.randn_like(q)
+    kwargs = {}
+    for name, value in options.items():
+        if name == "key_padding_mask":
+            kwargs[name] = torch.rand(batch, seqlen_k, device=DEVICE) < 0.3
+            kwargs[name][1] = True  # a sequence that sees no key
+        elif name == "attn_mask":
+            shape = value[:2] + (seqlen_q, seqlen_k)
+            kwargs[name] = (torch.rand(shape, device=DEVICE) < 0.7 if case.startswith("bool")
+                            else torch.randn(shape, device=DEVICE))
+        else:
+            kwargs[name] = value
+    bias_grad = "grad" in case
+    if kv_heads != heads:  # the kernels' functions take K and V of the key heads (GQA)
+        assert "attn_mask" not in kwargs
+
+    def run():
+        with poisoned_allocations(DEVICE):
+            out, lse = attention_forward(q, k, v, num_splits=num_splits, **kwargs)
+            grads = attention_backward(grad_out, q, k, v, out, lse, bias_grad=bias_grad, **kwargs)
+        return out, lse, *grads
+
+    whole = run()
+    launches = [record_launches(monkeypatch, module, name) for module, name in (
+        (forward_kernels, "attention_forward_kernel"), (backward_kernels, "attention_delta_kernel"),
+        (backward_kernels, "attention_backward_dkdv_kernel"), (backward_kernels, "attention_backward_dq_kernel"))]
+    if num_splits:
+        launches.append(record_launches(monkeypatch, forward_kernels, "attention_combine_kernel"))
+    monkeypatch.setattr(forward_kernels, "MAX_GRID_YZ", 2)
+    chunked = run()
+    for recorded in launches:
+        assert [grid[2] for grid in recorded] == [2, 2, 1]
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dbias"), chunked, whole):
+        if name == "dbias" and not bias_grad:
+            assert a is None and b is None
+        elif name == "dbias" and kwargs["attn_mask"].shape[0] == 1:  # summed over the chunks: float32 order
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert a.shape == b.shape and torch.equal(a, b), name
 
 
 SEQUENCE_STRIDE = 2 ** 30 + 2 ** 20  # elements: fits in int32 (Triton passes it as one), and 2x it does not
@@ -2011,20 +2100,20 @@ def test_op_vmap_and_per_example_gradients_launch_once(monkeypatch, name):
             torch.testing.assert_close(grad[index], expected_grad, msg=lambda text: f"{label}, example {index}: {text}")
 
 
-def test_op_vmap_past_the_grid_limit_runs_per_example(monkeypatch):
-    """Where the examples' folded batch would pass CUDA's grid limit, vmap launches once per
-    example (each within it) instead."""
+def test_op_vmap_past_the_grid_limit_folds_into_chunked_launches(monkeypatch):
+    """Where the examples' folded batch passes CUDA's grid limit (65535 sequences, set to 5 here),
+    vmap still folds them into one call of the op, which launches each kernel once per chunk
+    of sequences; the gradients equal the per-example ones bit for bit."""
     import fasttransformer.kernels.attention_backward as backward_kernels
     import fasttransformer.kernels.attention_forward as forward_kernels
-    from fasttransformer.ops import attention as attention_op
 
-    monkeypatch.setattr(attention_op, "MAX_GRID_YZ", 5)  # 3 examples x batch 2 = 6 > 5
+    monkeypatch.setattr(forward_kernels, "MAX_GRID_YZ", 5)  # 3 examples x batch 2 = 6 > 5: launches of 5 and 1
     q, k, v = (torch.randn(3, 2, 2, length, 16, device=DEVICE) for length in (9, 12, 12))
     forwards = record_launches(monkeypatch, forward_kernels, "attention_forward_kernel")
     backwards = record_launches(monkeypatch, backward_kernels, "attention_backward_dkdv_kernel")
     loss = lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton").sum()  # noqa: E731
     grads = torch.func.vmap(torch.func.grad(loss, (0, 1, 2)))(q, k, v)
-    assert (len(forwards), len(backwards)) == (3, 3)
+    assert [grid[2] for grid in forwards] == [5, 1] and [grid[2] for grid in backwards] == [5, 1]
     for index in range(3):
         expected = torch.func.grad(loss, (0, 1, 2))(q[index], k[index], v[index])
         assert all(torch.equal(grad[index], want) for grad, want in zip(grads, expected))
@@ -2487,6 +2576,31 @@ def test_cuda_100_reruns_are_bitwise_equal(masks):
         out, lse = attention_forward(q, k, v, **kernel_args)
         again = (out, *attention_backward(grad_out, q, k, v, out, lse, **kernel_args)[:3])
         assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_batch_past_65535_runs_in_the_kernels(monkeypatch):
+    """CUDA caps a grid's z (the kernels' batch axis) at 65535: a batch of 65537 (window
+    attention's windows x images reach it) takes two launches of each kernel, on slices, where
+    "auto" sent it to torch before. Forward and backward through the op, with key padding and
+    lower-right causal, within the accuracy rule."""
+    import fasttransformer.kernels.attention_backward as backward_kernels
+    import fasttransformer.kernels.attention_forward as forward_kernels
+
+    forwards = record_launches(monkeypatch, forward_kernels, "attention_forward_kernel")
+    backwards = record_launches(monkeypatch, backward_kernels, "attention_backward_dq_kernel")
+    batch, seqlen_q, seqlen_k = 65537, 5, 24
+    q, k, v, kernel_args, allowed, bias = make_case(batch, 2, 2, seqlen_q, seqlen_k, 16, ["padding", "lower_right"],
+                                                    torch.bfloat16)
+    grad_out = torch.randn_like(q)
+    leaves = [tensor.clone().requires_grad_() for tensor in (q, k, v)]
+    with poisoned_allocations(DEVICE):
+        out = scaled_dot_product_attention(*leaves, attn_mask=causal_lower_right(seqlen_q, seqlen_k),
+                                           key_padding_mask=kernel_args["key_padding_mask"])
+        out.backward(grad_out)
+    assert [grid[2] for grid in forwards] == [65535, 2] and [grid[2] for grid in backwards] == [65535, 2]
+    assert_matches_reference(q, k, v, allowed, bias, grad_out, out, [leaf.grad for leaf in leaves])
 
 
 @pytest.mark.cuda

@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fasttransformer.kernels.attention_forward import (LOG2E, MASK_BOOL, cdiv, dot_precision, dropout_arguments,
+from fasttransformer.kernels.attention_forward import (LOG2E, MASK_BOOL, batch_chunks, cdiv,
+                                                       check_launch_sizes, dot_precision, dropout_arguments,
                                                        dropout_keep, effective_dropout_p, interior_keys,
                                                        int64_offsets, interior_queries, key_range, list_segments,
                                                        load_tile, mask_arguments, segment_range, store_tile,
@@ -314,10 +315,13 @@ def attention_delta(grad_out, out):
     batch, heads, seqlen_q, head_dim = out.shape
     delta = torch.empty(batch, heads, seqlen_q, device=out.device, dtype=torch.float32)
     block_m, block_d, num_warps = delta_config(head_dim)
-    attention_delta_kernel[(cdiv(seqlen_q, block_m), heads, batch)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seqlen_q, head_dim,
-        INT64_OFFSETS=int64_offsets(out, grad_out), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-        enable_fp_fusion=True)
+    wide = int64_offsets(out, grad_out)
+    for start, stop in batch_chunks(batch):
+        tensors = (out, grad_out, delta) if (start, stop) == (0, batch) else (
+            tensor[start:stop] for tensor in (out, grad_out, delta))
+        attention_delta_kernel[(cdiv(seqlen_q, block_m), heads, stop - start)](
+            *tensors, *out.stride(), *grad_out.stride(), heads, seqlen_q, head_dim,
+            INT64_OFFSETS=wide, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True)
     return delta
 
 
@@ -335,8 +339,10 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     summed). ``bias_grad=True`` (a float attn_mask): dbias is the gradient of the attn_mask, in
     its shape and dtype (summed over its broadcast dimensions; computed through a float32
     (B', Hq, Lq, Lk) buffer, B' sequences at a time, as many as fit in DBIAS_BUFFER_BYTES (at
-    least one), or all B with dropout); otherwise None. dq/dk/dv have the inputs' dtypes and strides
-    (contiguous copies are made where the strides overlap). The two kernels take their configs
+    least one, at most MAX_GRID_YZ), or all B with dropout); otherwise None. A batch above
+    MAX_GRID_YZ takes one launch of each kernel per chunk (``batch_chunks``). dq/dk/dv have the
+    inputs' dtypes and strides (contiguous copies are made where the strides overlap). The two
+    kernels take their configs
     from the table (configs.py); block_m/block_n/num_warps/num_stages override both, and
     ``dkdv_config``/``dq_config`` (a ``configs.Config``) replace one (for tuning).
     """
@@ -346,6 +352,8 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
 
     batch, heads, seqlen_q, head_dim = query.shape
     kv_heads, seqlen_k, head_dim_v = key.shape[1], key.shape[2], value.shape[3]
+    dropping = effective_dropout_p(dropout_p) > 0
+    check_launch_sizes(batch, heads, seqlen_q, dropping)
     group = heads // kv_heads if kv_heads else 1  # query heads per key head (no heads: nothing to launch)
     overrides = {name: value for name, value in (("block_m", block_m), ("block_n", block_n),
                                                   ("num_warps", num_warps), ("num_stages", num_stages)) if value}
@@ -356,7 +364,10 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
 
     def like(tensor):  # a gradient with the input's strides (the kernels store through them)
         grad = torch.empty_like(tensor)
-        return (tensor, grad) if grad.stride() == tensor.stride() else (tensor.contiguous(), torch.empty_like(tensor.contiguous()))
+        if grad.stride() == tensor.stride():
+            return tensor, grad
+        tensor = tensor.contiguous()
+        return tensor, torch.empty_like(tensor)
 
     query, dq = like(query)
     key, dk = like(key)
@@ -364,7 +375,6 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     shape = (batch, heads, seqlen_q, seqlen_k)
     mask_kind, mask, mask_strides, padding, padding_strides = mask_arguments(attn_mask, key_padding_mask, shape, query)
     wide = int64_offsets(query, key, value, grad_out, mask, padding)  # dq, dk, dv: empty_like these (no larger)
-    dropping = effective_dropout_p(dropout_p) > 0
     table = backward_configs(query.device, query.dtype, head_dim, causal_offset is not None, dropout=dropping,
                              int64=wide, head_dim_v=head_dim_v)
     dkdv_config, dq_config = (given or config._replace(**overrides)
@@ -387,11 +397,14 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     strides = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *mask_strides, *padding_strides)
     scalars = (scale, scale * LOG2E, causal_offset or 0, window_left, window_right, dropout_threshold, dropout_scale)
     counts, index, list_strides = list_arguments(by_key, query)
-    attention_backward_dkdv_kernel[(cdiv(seqlen_k, dkdv_config.block_n), kv_heads, batch)](
-        query, key, value, grad_out, lse, delta, dk, dv, mask, padding, counts, index, seed, *strides, *list_strides,
-        heads, kv_heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v, *scalars, **constants, **dkdv_tiles,
-        BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n, num_warps=dkdv_config.num_warps,
-        num_stages=dkdv_config.num_stages, enable_fp_fusion=True)
+    per_batch = (query, key, value, grad_out, lse, delta, dk, dv, mask, padding, counts, index)  # placeholders too
+    for start, stop in batch_chunks(batch):  # one launch up to MAX_GRID_YZ sequences
+        tensors = per_batch if (start, stop) == (0, batch) else [tensor[start:stop] for tensor in per_batch]
+        attention_backward_dkdv_kernel[(cdiv(seqlen_k, dkdv_config.block_n), kv_heads, stop - start)](
+            *tensors, seed, *strides, *list_strides,
+            heads, kv_heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v, *scalars, **constants, **dkdv_tiles,
+            BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n, num_warps=dkdv_config.num_warps,
+            num_stages=dkdv_config.num_stages, enable_fp_fusion=True)
     counts, index, list_strides = list_arguments(by_query, query)
     per_batch = (query, key, value, grad_out, lse, delta, dq, mask, padding, counts, index)  # placeholders too
 
@@ -406,21 +419,22 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
             enable_fp_fusion=True)
 
     if not bias_grad:
-        launch_dq(0, batch, query)
+        for start, stop in batch_chunks(batch):
+            launch_dq(start, stop, query)
         return dq, dk, dv, None
     # The float mask's gradient: dS in float32 (B, Hq, Lq, Lk), summed to the mask's shape. The
     # buffer is bounded by DBIAS_BUFFER_BYTES: the dQ kernel runs on as many sequences at a time
     # (a (1, H, L, L) relative-position bias at B = 16, L = 4096 would need 17 GB at once).
     # Not with dropout: its draws are keyed by the (batch, head) index within a launch.
     sequences = batch if dropout else max(1, DBIAS_BUFFER_BYTES // max(1, heads * seqlen_q * seqlen_k * 4))
-    if sequences >= batch:  # the usual case: one launch, no accumulator
+    chunks = batch_chunks(batch, sequences)  # and at most MAX_GRID_YZ (dropout: check_launch_sizes)
+    if len(chunks) == 1:  # the usual case: one launch, no accumulator
         buffer = torch.zeros(shape, device=query.device, dtype=torch.float32)
         launch_dq(0, batch, buffer)
         return dq, dk, dv, buffer.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
     mask_shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
     dbias = torch.zeros(mask_shape, device=query.device, dtype=torch.float32)
-    for start in range(0, batch, sequences):
-        stop = min(batch, start + sequences)
+    for start, stop in chunks:
         buffer = torch.zeros(stop - start, heads, seqlen_q, seqlen_k, device=query.device, dtype=torch.float32)
         launch_dq(start, stop, buffer)
         if mask_shape[0] == 1:

@@ -28,6 +28,7 @@ Internal: the public op (validation, dispatch, autograd) is ``fasttransformer.op
 from __future__ import annotations
 
 import math
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -532,6 +533,42 @@ def dropout_keep_mask(seed, shape, dropout_p):
     return keep.view(torch.bool)
 
 
+MAX_GRID_YZ = 65535  # CUDA's cap on a grid's y and z: the kernels' heads and batch axes
+
+
+def batch_chunks(batch: int, most: Optional[int] = None) -> List[Tuple[int, int]]:
+    """The (start, stop) sequences of each launch: one launch for up to MAX_GRID_YZ sequences
+    (the grid's z axis) or ``most``, several for more, each on slices of the per-sequence
+    tensors (views, same strides). Not with dropout: ``launch_sizes_unsupported``."""
+    size = MAX_GRID_YZ if most is None else min(most, MAX_GRID_YZ)
+    if batch <= size:  # the usual case (host time: a decoding step is bound by it)
+        return [(0, batch)]
+    return [(start, min(batch, start + size)) for start in range(0, batch, size)]
+
+
+def launch_sizes_unsupported(batch: int, heads: int, seqlen_q: int, dropping: bool) -> Optional[str]:
+    """Why the kernels' launches cannot hold these sizes, or None: their grids are (blocks, heads,
+    batch), and CUDA caps y and z at MAX_GRID_YZ; a larger batch takes several launches
+    (``batch_chunks``), but dropout keys its draws by the (batch, head) index within a launch."""
+    if heads > MAX_GRID_YZ:
+        return (f"heads {heads} > {MAX_GRID_YZ}: the kernels' grid has a program per (block, head, sequence), "
+                f"and CUDA caps the axis that holds the heads at {MAX_GRID_YZ}")
+    if dropping and batch > MAX_GRID_YZ:
+        return (f"dropout with batch {batch} > {MAX_GRID_YZ}: a larger batch takes several launches, which would "
+                f"draw the same dropout masks for sequences {MAX_GRID_YZ} apart")
+    if batch * heads * seqlen_q >= 2 ** 31:
+        return (f"batch * heads * Lq = {batch * heads * seqlen_q} >= 2**31: the kernels index their float32 row "
+                "statistics (logsumexp) with int32 offsets")
+    return None
+
+
+def check_launch_sizes(batch: int, heads: int, seqlen_q: int, dropping: bool):
+    """Raises ValueError where ``launch_sizes_unsupported`` says why (the op checks first, and
+    sends such calls to torch; an exported graph holding the op meets this one)."""
+    if reason := launch_sizes_unsupported(batch, heads, seqlen_q, dropping):
+        raise ValueError(reason)
+
+
 def cdiv(numerator: int, denominator: int) -> int:
     """Host-side ceil division for the grids (triton.cdiv is a constexpr_function: ~3 us a call)."""
     return -(-numerator // denominator)
@@ -564,6 +601,7 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     lists of the boolean masks are kept and reused (``block_lists.build_block_lists``).
     pack_gqa: a GQA decoding step computes each key head's group of query heads in one program
     where ``gqa_packing`` allows it (False: one program per query head, as for other calls).
+    A batch above MAX_GRID_YZ takes one launch per chunk of sequences (``batch_chunks``).
     Returns (out (B, Hq, Lq, Dv) in the query's dtype, with the query's layout (``output_like``),
     lse (B, Hq, Lq) float32).
     """
@@ -574,6 +612,8 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
         raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
     unpacked_shape = query.shape
     batch, heads, seqlen_q, head_dim = unpacked_shape
+    dropping = effective_dropout_p(dropout_p) > 0
+    check_launch_sizes(batch, heads, seqlen_q, dropping)
     kv_heads, seqlen_k, head_dim_v = key.shape[1], key.shape[2], value.shape[3]
     group = 1  # query heads computed as one program's rows (gqa_packing)
     if pack_gqa and seqlen_q == 1 and kv_heads != heads:  # (a quick test first: host time)
@@ -588,7 +628,6 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     # The split keys' partial results are left out: forward_splits keeps them to one wave of
     # programs (SMs x block_m x D floats at most).
     wide = int64_offsets(query, key, value, mask, padding)
-    dropping = effective_dropout_p(dropout_p) > 0
     config = forward_config(query.device, query.dtype, head_dim, causal_offset is not None, dropout=dropping,
                             int64=wide, head_dim_v=head_dim_v)
     block_d, block_dv = tile_head_dims("forward", query.device, query.dtype, head_dim, head_dim_v, dropping, wide)
@@ -621,28 +660,33 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
         target_strides = (*target.stride()[:2], *target.stride()[3:], target.stride(2))
     else:
         target, target_lse, target_strides = out, lse, (*out_strides, 0)
-    grid = (query_blocks * num_splits, heads, batch)  # y, z <= 65535: ops' _triton_unsupported
-    # enable_fp_fusion, in every launch: the kernels are written for fused multiply-adds (forward_tile:
-    # one FFMA per score), Triton 3.9 warns when a launch leaves it unset and 3.10 turns it off by default.
-    attention_forward_kernel[grid](
-        query, key, value, target, target_lse, mask, padding, counts, index, seed,
-        *query_strides, *key.stride(), *value.stride(), *target_strides, *mask_strides, *padding_strides,
-        *list_strides,
-        heads, heads // kv_heads if kv_heads else 1, seqlen_q, seqlen_k, head_dim, head_dim_v, num_splits,
-        scale * LOG2E, causal_offset or 0, window_left, window_right, dropout_threshold, dropout_scale,
-        CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
-        HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=lists is not None, DROPOUT=dropout,
-        DOT_PRECISION=dot_precision(query), POSITIVE_SCALE=scale > 0 and mask_kind != MASK_FLOAT,
-        SPLIT_KEYS=num_splits > 1, INT64_OFFSETS=wide, DV_DIFFERS=head_dim_v != head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
-    )
-    if num_splits > 1:
-        attention_combine_kernel[(cdiv(seqlen_q, COMBINE_BLOCK_M), heads, batch)](
-            target, target_lse, out, lse, *target.stride()[:3], *target.stride()[3:], *out_strides,
-            heads, num_splits, seqlen_q, head_dim_v, INT64_OFFSETS=wide,
-            BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=head_dim_bucket(head_dim_v), num_warps=4, enable_fp_fusion=True,
+    per_batch = (query, key, value, target, target_lse, mask, padding, counts, index)  # placeholders too
+    for start, stop in batch_chunks(batch):  # one launch up to MAX_GRID_YZ sequences
+        tensors = per_batch if (start, stop) == (0, batch) else [tensor[start:stop] for tensor in per_batch]
+        # enable_fp_fusion, in every launch: the kernels are written for fused multiply-adds (forward_tile:
+        # one FFMA per score), Triton 3.9 warns when a launch leaves it unset and 3.10 turns it off by default.
+        attention_forward_kernel[(query_blocks * num_splits, heads, stop - start)](
+            *tensors, seed,
+            *query_strides, *key.stride(), *value.stride(), *target_strides, *mask_strides, *padding_strides,
+            *list_strides,
+            heads, heads // kv_heads if kv_heads else 1, seqlen_q, seqlen_k, head_dim, head_dim_v, num_splits,
+            scale * LOG2E, causal_offset or 0, window_left, window_right, dropout_threshold, dropout_scale,
+            CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
+            HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=lists is not None, DROPOUT=dropout,
+            DOT_PRECISION=dot_precision(query), POSITIVE_SCALE=scale > 0 and mask_kind != MASK_FLOAT,
+            SPLIT_KEYS=num_splits > 1, INT64_OFFSETS=wide, DV_DIFFERS=head_dim_v != head_dim,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
         )
+        if num_splits > 1:
+            partial, partial_lse, chunk_out, chunk_lse = (
+                (target, target_lse, out, lse) if (start, stop) == (0, batch) else
+                (tensor[start:stop] for tensor in (target, target_lse, out, lse)))
+            attention_combine_kernel[(cdiv(seqlen_q, COMBINE_BLOCK_M), heads, stop - start)](
+                partial, partial_lse, chunk_out, chunk_lse, *target.stride()[:3], *target.stride()[3:],
+                *out_strides, heads, num_splits, seqlen_q, head_dim_v, INT64_OFFSETS=wide,
+                BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=head_dim_bucket(head_dim_v), num_warps=4, enable_fp_fusion=True,
+            )
     return out, lse
 
 

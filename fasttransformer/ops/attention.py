@@ -26,7 +26,6 @@ logger = logging.getLogger("fasttransformer")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BACKENDS = ("auto", "triton", "torch")
 MAX_HEAD_DIM = 256
-MAX_GRID_YZ = 65535  # CUDA's cap on a grid's y and z: the kernels' heads and batch axes
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -63,9 +62,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ``TRITON_INTERPRET=1``, set before triton is imported), ``"torch"`` (torch's SDPA, masks
     merged into one), or ``"auto"``: Triton for CUDA tensors when the kernels support the case,
     torch otherwise; the reason is logged at DEBUG level by the ``fasttransformer`` logger. Not
-    in the kernels, so sent to torch by ``"auto"``: head dims (D or Dv) above 256, a batch or query
-    heads above 65535, and float32 CUDA tensors with head dims above 64 (float32 runs as tf32x3
-    products on CUDA).
+    in the kernels, so sent to torch by ``"auto"``: head dims (D or Dv) above 256, query heads
+    above 65535, ``B * Hq * Lq >= 2**31`` (the kernels' int32 row offsets), dropout with a batch
+    above 65535, and float32 CUDA tensors with head dims above 64 (float32 runs as tf32x3 products
+    on CUDA). A batch above 65535 (CUDA's cap on the grid axis that holds it) takes one launch of
+    each kernel per 65535 sequences.
 
     ``dropout_p > 0`` (applied whenever it is given, as torch's SDPA; pass 0 in eval): the
     kernels drop probabilities with Philox draws keyed by a seed taken from torch's generator
@@ -386,21 +387,17 @@ def _triton_unsupported(query, spec) -> Optional[str]:
     if head_dim > MAX_HEAD_DIM:
         return (f"head dim {query.shape[-1]} > {MAX_HEAD_DIM}" if query.shape[-1] > MAX_HEAD_DIM else
                 f"value's head dim {spec['value_head_dim']} > {MAX_HEAD_DIM}")
-    if max(query.shape[:2]) > MAX_GRID_YZ:
-        return (f"batch {query.shape[0]} or heads {query.shape[1]} > {MAX_GRID_YZ}: the kernels' grid has one "
-                "program per (block, head, batch), and CUDA caps its y and z axes at 65535")
-    if query.shape[0] * query.shape[1] * query.shape[2] >= 2 ** 31:
-        return (f"batch * heads * Lq = {query.shape[0] * query.shape[1] * query.shape[2]} >= 2**31: the kernels "
-                "index their float32 row statistics (logsumexp) with int32 offsets")
     from fasttransformer.kernels.configs import MAX_FP32_HEAD_DIM
     if query.device.type == "cuda" and query.dtype == torch.float32 and head_dim > MAX_FP32_HEAD_DIM:
         return (f"float32 with head dim {head_dim} > {MAX_FP32_HEAD_DIM} on CUDA: the kernels' backward "
                 "spills registers there (use bfloat16/float16, or torch computes it)")
     try:
-        import triton  # noqa: F401
-    except ImportError:
+        from fasttransformer.kernels.attention_forward import launch_sizes_unsupported  # imports triton
+    except ModuleNotFoundError as error:
+        if error.name != "triton":
+            raise
         return "triton is not installed"
-    return None
+    return launch_sizes_unsupported(*query.shape[:3], spec["dropout_p"] > 0)
 
 
 def _torch_attention(query, key, value, spec):
@@ -665,11 +662,6 @@ def _folded(tensor: torch.Tensor, dim: Optional[int], size: int, batch: Optional
     return tensor.reshape(size * tensor.shape[1], *tensor.shape[2:])
 
 
-def _one_launch_holds(batch: int, heads: int, seqlen_q: int) -> bool:
-    """Whether the folded batch stays within the limits _triton_unsupported checks per call."""
-    return batch <= MAX_GRID_YZ and batch * heads * seqlen_q < 2 ** 31
-
-
 def _per_example(op, size: int, in_dims, args) -> tuple:
     """``op`` once per vmap example, outputs stacked: with dropout, so that each example keeps its
     own seed (randomness="different") or shares one (randomness="same"), as vmap promises; and
@@ -688,7 +680,8 @@ def _(info, in_dims, query, key, value, attn_mask, key_padding_mask, scale, caus
     args = (query, key, value, attn_mask, key_padding_mask, scale, causal_offset, window, dropout_p, seed)
     in_dims = (*in_dims, *(None,) * (len(args) - len(in_dims)))
     batch, heads, seqlen_q = _batched(query, in_dims[0], size).shape[1:4]
-    if dropout_p > 0 or not _one_launch_holds(size * batch, heads, seqlen_q):
+    from fasttransformer.kernels.attention_forward import launch_sizes_unsupported
+    if dropout_p > 0 or launch_sizes_unsupported(size * batch, heads, seqlen_q, False):
         return _per_example(op, size, in_dims, args), (0, 0)
     query, key, value = (_folded(tensor, dim, size) for tensor, dim in zip((query, key, value), in_dims))
     if attn_mask is not None and (in_dims[3] is not None or attn_mask.shape[0] != 1):
@@ -707,7 +700,8 @@ def _(info, in_dims, grad_out, query, key, value, out, lse, attn_mask, key_paddi
             bias_grad, dropout_p, seed)
     in_dims = (*in_dims, *(None,) * (len(args) - len(in_dims)))
     batch, heads, seqlen_q = _batched(query, in_dims[1], size).shape[1:4]
-    if dropout_p > 0 or not _one_launch_holds(size * batch, heads, seqlen_q):
+    from fasttransformer.kernels.attention_forward import launch_sizes_unsupported
+    if dropout_p > 0 or launch_sizes_unsupported(size * batch, heads, seqlen_q, False):
         return _per_example(op, size, in_dims, args), (0, 0, 0, 0)
     grad_out, query, key, value, out, lse = (_folded(tensor, dim, size) for tensor, dim in zip(args[:6], in_dims))
     mask_batch = None
