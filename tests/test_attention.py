@@ -1776,9 +1776,9 @@ def test_op_refuses_sizes_the_launches_cannot_hold(case):
     """Query heads above 65535 (the grid's y axis), dropout with a batch above 65535 (its draws
     are keyed by the index within a launch, and such a batch takes several), and 2**31 rows (B *
     Hq * Lq: the logsumexp's int32 offsets) are refused before any launch, naming the sizes:
-    backend="triton" raises, "auto" takes torch, and the custom op and the kernels' functions
-    raise too (an exported graph holds the op for sizes it was not traced at). The inputs are
-    expanded views."""
+    backend="triton" raises the reason (the one that sends "auto" to torch on CUDA), and the
+    custom op and the kernels' functions raise too (an exported graph holds the op for sizes it
+    was not traced at). The inputs are expanded views."""
     batch, heads, seqlen_q, dropout_p, message = {
         "heads": (2, 70000, 3, 0.0, "heads 70000 > 65535"),
         "dropout": (65536, 1, 3, 0.1, "dropout with batch 65536 > 65535"),
@@ -1816,7 +1816,7 @@ def test_launches_in_chunks_of_the_batch_give_the_same_bits(monkeypatch, case):
 
     options = dict(MASK_PER_BATCH[case])
     seqlen_q, num_splits = options.pop("seqlen_q", 37), options.pop("num_splits", None)
-    batch, heads, kv_heads, seqlen_k = 5, 2, 1 if seqlen_q == 1 else 2, 50  # heads within the cap too
+    batch, heads, kv_heads, seqlen_k = 5, 2, 1 if seqlen_q == 1 else 2, 50  # heads <= the cap of 2 below
     q = torch.randn(batch, heads, seqlen_q, 16, device=DEVICE)
     k, v = (torch.randn(batch, kv_heads, seqlen_k, 16, device=DEVICE) for _ in range(2))
     grad_out = torch.randn_like(q)

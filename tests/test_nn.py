@@ -676,8 +676,9 @@ def test_export_on_triton_kernels_matches_eager(monkeypatch, symbolic):
     """torch.export.export of a whole model: the attention is the custom op in the exported graph
     (its fake implementation gives the shapes), and the exported program computes what eager does.
     With the batch and both lengths symbolic, nothing in the layers or the op specialises on them:
-    the one program runs batches of other sizes and lengths. The batch needs no bound (the
-    kernels' grid has one axis, blocks * heads * batch, which the op checks at each launch)."""
+    the one program runs batches of other sizes and lengths. The batch needs no bound: above
+    65535 sequences the kernels launch once per 65535, and they check at each call the sizes
+    they cannot hold (an export keeps no guard on B * H * Lq)."""
     monkeypatch.setattr(ft.nn.attention, "scaled_dot_product_attention",
                         functools.partial(ft.ops.scaled_dot_product_attention, backend="triton"))
     device = "cuda" if HAS_CUDA else "cpu"

@@ -393,10 +393,10 @@ def _triton_unsupported(query, spec) -> Optional[str]:
                 "spills registers there (use bfloat16/float16, or torch computes it)")
     try:
         from fasttransformer.kernels.attention_forward import launch_sizes_unsupported  # imports triton
-    except ModuleNotFoundError as error:
-        if error.name != "triton":
-            raise
-        return "triton is not installed"
+    except ImportError as error:  # torch computes the call
+        if error.name == "triton":
+            return "triton is not installed"
+        return f"the Triton kernels cannot be imported: {error}"
     return launch_sizes_unsupported(*query.shape[:3], spec["dropout_p"] > 0)
 
 
