@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fasttransformer.kernels.attention_forward import (LOG2E, MASK_BOOL, batch_chunks, cdiv,
+from fasttransformer.kernels.attention_forward import (LOG2E, MASK_BOOL, batch_chunks, batch_slice, cdiv,
                                                        check_launch_sizes, dot_precision, dropout_arguments,
                                                        dropout_keep, effective_dropout_p, interior_keys,
                                                        int64_offsets, interior_queries, key_range, list_segments,
@@ -317,11 +317,10 @@ def attention_delta(grad_out, out):
     block_m, block_d, num_warps = delta_config(head_dim)
     wide = int64_offsets(out, grad_out)
     for start, stop in batch_chunks(batch):
-        tensors = (out, grad_out, delta) if (start, stop) == (0, batch) else (
-            tensor[start:stop] for tensor in (out, grad_out, delta))
         attention_delta_kernel[(cdiv(seqlen_q, block_m), heads, stop - start)](
-            *tensors, *out.stride(), *grad_out.stride(), heads, seqlen_q, head_dim,
-            INT64_OFFSETS=wide, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=True)
+            *batch_slice((out, grad_out, delta), start, stop, batch), *out.stride(), *grad_out.stride(), heads,
+            seqlen_q, head_dim, INT64_OFFSETS=wide, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+            enable_fp_fusion=True)
     return delta
 
 
@@ -399,9 +398,8 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     counts, index, list_strides = list_arguments(by_key, query)
     per_batch = (query, key, value, grad_out, lse, delta, dk, dv, mask, padding, counts, index)  # placeholders too
     for start, stop in batch_chunks(batch):  # one launch up to MAX_GRID_YZ sequences
-        tensors = per_batch if (start, stop) == (0, batch) else [tensor[start:stop] for tensor in per_batch]
         attention_backward_dkdv_kernel[(cdiv(seqlen_k, dkdv_config.block_n), kv_heads, stop - start)](
-            *tensors, seed, *strides, *list_strides,
+            *batch_slice(per_batch, start, stop, batch), seed, *strides, *list_strides,
             heads, kv_heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v, *scalars, **constants, **dkdv_tiles,
             BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n, num_warps=dkdv_config.num_warps,
             num_stages=dkdv_config.num_stages, enable_fp_fusion=True)
@@ -411,9 +409,9 @@ def attention_backward(grad_out, query, key, value, out, lse, *, attn_mask=None,
     def launch_dq(start, stop, dbias):
         """The dQ kernel on the sequences [start, stop): every per-batch argument sliced (views,
         same strides), dbias ``(stop - start, Hq, Lq, Lk)``."""
-        tensors = per_batch if (start, stop) == (0, batch) else [tensor[start:stop] for tensor in per_batch]
         attention_backward_dq_kernel[(cdiv(seqlen_q, dq_config.block_m), heads, stop - start)](
-            *tensors, dbias, seed, *strides, *list_strides, heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v,
+            *batch_slice(per_batch, start, stop, batch), dbias, seed, *strides, *list_strides, heads, group, seqlen_q,
+            seqlen_k, head_dim, head_dim_v,
             *scalars, BIAS_GRAD=bias_grad, **constants, **dq_tiles, BLOCK_M=dq_config.block_m,
             BLOCK_N=dq_config.block_n, num_warps=dq_config.num_warps, num_stages=dq_config.num_stages,
             enable_fp_fusion=True)

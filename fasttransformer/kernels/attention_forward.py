@@ -546,6 +546,12 @@ def batch_chunks(batch: int, most: Optional[int] = None) -> List[Tuple[int, int]
     return [(start, min(batch, start + size)) for start in range(0, batch, size)]
 
 
+def batch_slice(tensors, start: int, stop: int, batch: int):
+    """Sequences [start, stop) of each of ``tensors`` (all with the batch first: views, same
+    strides), or the tensors themselves when that is the whole batch."""
+    return tensors if (start, stop) == (0, batch) else [tensor[start:stop] for tensor in tensors]
+
+
 def launch_sizes_unsupported(batch: int, heads: int, seqlen_q: int, dropping: bool) -> Optional[str]:
     """Why the kernels' launches cannot hold these sizes, or None: their grids are (blocks, heads,
     batch), and CUDA caps y and z at MAX_GRID_YZ; a larger batch takes several launches
@@ -662,11 +668,10 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
         target, target_lse, target_strides = out, lse, (*out_strides, 0)
     per_batch = (query, key, value, target, target_lse, mask, padding, counts, index)  # placeholders too
     for start, stop in batch_chunks(batch):  # one launch up to MAX_GRID_YZ sequences
-        tensors = per_batch if (start, stop) == (0, batch) else [tensor[start:stop] for tensor in per_batch]
         # enable_fp_fusion, in every launch: the kernels are written for fused multiply-adds (forward_tile:
         # one FFMA per score), Triton 3.9 warns when a launch leaves it unset and 3.10 turns it off by default.
         attention_forward_kernel[(query_blocks * num_splits, heads, stop - start)](
-            *tensors, seed,
+            *batch_slice(per_batch, start, stop, batch), seed,
             *query_strides, *key.stride(), *value.stride(), *target_strides, *mask_strides, *padding_strides,
             *list_strides,
             heads, heads // kv_heads if kv_heads else 1, seqlen_q, seqlen_k, head_dim, head_dim_v, num_splits,
@@ -679,11 +684,9 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
             num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
         )
         if num_splits > 1:
-            partial, partial_lse, chunk_out, chunk_lse = (
-                (target, target_lse, out, lse) if (start, stop) == (0, batch) else
-                (tensor[start:stop] for tensor in (target, target_lse, out, lse)))
             attention_combine_kernel[(cdiv(seqlen_q, COMBINE_BLOCK_M), heads, stop - start)](
-                partial, partial_lse, chunk_out, chunk_lse, *target.stride()[:3], *target.stride()[3:],
+                *batch_slice((target, target_lse, out, lse), start, stop, batch), *target.stride()[:3],
+                *target.stride()[3:],
                 *out_strides, heads, num_splits, seqlen_q, head_dim_v, INT64_OFFSETS=wide,
                 BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=head_dim_bucket(head_dim_v), num_warps=4, enable_fp_fusion=True,
             )
