@@ -73,7 +73,10 @@ def parse_args(argv=None):
                              "(default: 16 on cuda, 0 on cpu)")
     args = parser.parse_args(argv)
     args.kernels = args.kernels.split(",")
-    args.head_dims = [int(d) for d in args.head_dims.split(",")]
+    try:
+        args.head_dims = [int(d) for d in args.head_dims.split(",")]
+    except ValueError:
+        parser.error(f"--head-dims must be comma-separated ints, got {args.head_dims!r}")
     args.masks = args.masks.split(",")
     for name, values, allowed in (("--kernels", args.kernels, KERNELS), ("--masks", args.masks, MASKS)):
         if not set(values) <= set(allowed):
@@ -176,9 +179,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from fasttransformer._cli import output_folder
     from fasttransformer.bench import common
     from fasttransformer.bench.attention import bytes_moved
     from fasttransformer.kernels import configs
+    output_folder(args.out, "--out")  # before the timing, not after it
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU: pass --device cpu (toy sizes under TRITON_INTERPRET=1)", file=sys.stderr)

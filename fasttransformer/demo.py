@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fasttransformer._cli import device_type, resolve_device
 from fasttransformer.models import Seq2SeqTransformer
 from fasttransformer.reference import sinusoidal_positions
 
@@ -125,8 +126,9 @@ def train(model, name, args, device, show_progress=True) -> Result:
     generator = torch.Generator().manual_seed(args.seed + 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, args.steps // 20)
+    decay = max(1, args.steps - warmup)  # steps of the linear decay (one step: none)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (args.steps - step) / (args.steps - warmup))))
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (args.steps - step) / decay)))
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=PAD)
     progress = _progress(args.steps, name, show_progress)
     tokens, loss_value, start = 0, float("nan"), time.perf_counter()
@@ -200,7 +202,8 @@ def build_parser(parser=None) -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
     parser.add_argument("--eval-size", type=int, default=1000, help="held-out sequences (default: 1000)")
     parser.add_argument("--examples", type=int, default=5, help="decoded examples to print (default: 5)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--device", type=device_type, default=None,
+                        help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default: 0)")
     parser.add_argument("--compare", action="store_true",
                         help="also train torch.nn.Transformer from the same weights and print both")
@@ -212,15 +215,17 @@ def run(args) -> list:
     for name in ("steps", "batch_size", "min_len", "d_model", "nhead", "layers", "dim_feedforward", "eval_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.examples < 0:
+        raise SystemExit(f"--examples must be >= 0, got {args.examples}")
+    if not 0.0 < args.lr < math.inf:
+        raise SystemExit(f"--lr must be a positive number, got {args.lr}")
     if args.max_len < args.min_len:
         raise SystemExit(f"--max-len ({args.max_len}) must be >= --min-len ({args.min_len})")
     if args.d_model % args.nhead or args.d_model % 2:
         raise SystemExit(f"--d-model ({args.d_model}) must be even and a multiple of --nhead ({args.nhead})")
     if not 0.0 <= args.dropout < 1.0:
         raise SystemExit(f"--dropout must be in [0, 1), got {args.dropout}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: no CUDA device here")
+    device = resolve_device(args.device)
     config = dict(d_model=args.d_model, nhead=args.nhead, num_encoder_layers=args.layers,
                   num_decoder_layers=args.layers, dim_feedforward=args.dim_feedforward, dropout=args.dropout,
                   pad_id=PAD)

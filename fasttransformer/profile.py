@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from fasttransformer._cli import device_type, output_file, resolve_device
+
 SIZES = {  # the defaults per device: Transformer-base on a GPU, a small model on the CPU
     "cuda": dict(d_model=512, nhead=8, layers=6, dim_feedforward=2048, vocab=32768, seq_len=512, batch=32),
     "cpu": dict(d_model=256, nhead=4, layers=2, dim_feedforward=1024, vocab=8192, seq_len=128, batch=8),
@@ -37,7 +39,8 @@ def build_parser(parser=None) -> argparse.ArgumentParser:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                             help=f"default: {SIZES['cuda'][name]} on a GPU, {SIZES['cpu'][name]} on the CPU")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per generation step (default: 32)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", type=device_type, default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--no-autocast", action="store_true", help="on CUDA, run in float32 instead of bf16 autocast")
     parser.add_argument("--top", type=int, default=15, help="rows of the table (default: 15)")
     parser.add_argument("--trace", default="fasttransformer-trace.json", help="Chrome trace output path")
@@ -49,19 +52,18 @@ def build_parser(parser=None) -> argparse.ArgumentParser:
 def run(args) -> dict:
     from fasttransformer.models import Seq2SeqTransformer
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: no CUDA device here")
+    device = resolve_device(args.device)
     if args.ncu_range and device.type != "cuda":
         raise SystemExit("--ncu-range needs a CUDA device")
     sizes = {name: getattr(args, name) or default for name, default in SIZES[device.type].items()}
-    for name, value in [*sizes.items(), ("steps", args.steps), ("new_tokens", args.new_tokens)]:
+    for name, value in [*sizes.items(), ("steps", args.steps), ("new_tokens", args.new_tokens), ("top", args.top)]:
         if value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.warmup < 0:
         raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
     if sizes["d_model"] % sizes["nhead"]:
         raise SystemExit(f"--d-model ({sizes['d_model']}) must be a multiple of --nhead ({sizes['nhead']})")
+    trace = output_file(args.trace, "--trace")  # before the steps: torch's export only logs a failure
     torch.manual_seed(0)
     model = Seq2SeqTransformer(sizes["vocab"], sizes["vocab"], sizes["d_model"], sizes["nhead"], sizes["layers"],
                                sizes["layers"], sizes["dim_feedforward"], dropout=0.1).to(device)
@@ -102,7 +104,10 @@ def run(args) -> dict:
             step()
         synchronize()
         seconds = (time.perf_counter() - start) / args.steps
-    profiler.export_chrome_trace(args.trace)
+    trace.unlink(missing_ok=True)  # an old trace must not pass for this one
+    profiler.export_chrome_trace(str(trace))
+    if not trace.is_file() or not trace.stat().st_size:
+        raise SystemExit(f"--trace {args.trace}: the trace was not written (torch's profiler logged why)")
     rows = top_operators(profiler, device.type, args.top)
     print(f"{args.mode} step of Seq2SeqTransformer {sizes} on {device}: {seconds * 1e3:.1f} ms per step "
           f"({args.steps} profiled after {args.warmup} warm-up)")

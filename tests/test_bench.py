@@ -273,6 +273,17 @@ def test_bench_rejects_bad_arguments(argv, pattern):
         main(argv)
 
 
+def test_bench_checks_its_out_folder_before_the_sweeps(tmp_path, monkeypatch):
+    from fasttransformer.bench import embedding
+    monkeypatch.setattr(embedding, "sweep", lambda *args: pytest.fail("the sweep ran before --out was checked"))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(SystemExit, match="--out .*afile: not a folder"):
+        main(["bench", "embedding", "--device", "cpu", "--out", str(afile)])
+    with pytest.raises(SystemExit, match="--out .*afile/results: cannot create the folder"):
+        main(["bench", "embedding", "--device", "cpu", "--out", str(afile / "results")])
+
+
 def test_bench_rejects_unknown_subject(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "everything"])
@@ -318,7 +329,7 @@ TINY = ["--d-model", "32", "--nhead", "2", "--layers", "1", "--dim-feedforward",
 def test_profile_prints_top_operators_and_writes_a_trace(tmp_path, capsys, mode):
     from fasttransformer import profile
 
-    trace = tmp_path / "trace.json"
+    trace = tmp_path / "traces" / "trace.json"  # a folder that does not exist yet: created
     args = profile.build_parser().parse_args(["--mode", mode, "--steps", "1", "--warmup", "1", "--new-tokens", "4",
                                               "--trace", str(trace), *TINY])
     result = profile.run(args)
@@ -331,13 +342,31 @@ def test_profile_prints_top_operators_and_writes_a_trace(tmp_path, capsys, mode)
     assert ("step.backward" in names) == (mode == "train")
 
 
-def test_profile_rejects_bad_arguments():
+def test_profile_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--ncu-range needs a CUDA device"):
         main(["profile", "--ncu-range", "--device", "cpu"])
     with pytest.raises(SystemExit, match="--steps must be >= 1"):
         main(["profile", "--steps", "0", *TINY])
     with pytest.raises(SystemExit, match="must be a multiple of --nhead"):
         main(["profile", *TINY, "--nhead", "3"])
+    with pytest.raises(SystemExit, match="--top must be >= 1"):
+        main(["profile", *TINY, "--top", "0"])
+    with pytest.raises(SystemExit, match="--trace .*: is a folder"):  # before any step runs
+        main(["profile", *TINY, "--trace", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--trace /proc/.*: cannot create the folder"):
+        main(["profile", *TINY, "--trace", "/proc/fasttransformer/trace.json"])
+    with pytest.raises(SystemExit) as error:
+        main(["profile", *TINY, "--device", "tpu"])
+    assert error.value.code == 2 and "argument --device: 'tpu' is not a device" in capsys.readouterr().err
+
+
+def test_profile_says_so_when_torch_did_not_write_the_trace(tmp_path, monkeypatch):
+    """torch's profiler only logs a failed export; an old file at the path must not pass for it."""
+    trace = tmp_path / "trace.json"
+    trace.write_text("an older trace")
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", lambda self, path: None)
+    with pytest.raises(SystemExit, match="the trace was not written"):
+        main(["profile", *TINY, "--steps", "1", "--warmup", "0", "--trace", str(trace)])
 
 
 # --- benchmarks/tune_attention.py: the config tuner (its times mean something only on a GPU) -------

@@ -229,9 +229,23 @@ def test_demo_runs_end_to_end(capsys):
 def test_demo_rejects_bad_options(capsys):
     with pytest.raises(SystemExit, match="--max-len"):
         main(["demo", "--min-len", "5", "--max-len", "3"])
+    for argv, pattern in [(["--lr", "0"], "--lr must be a positive number"),
+                          (["--lr", "nan"], "--lr must be a positive number"),
+                          (["--examples", "-1"], "--examples must be >= 0")]:
+        with pytest.raises(SystemExit, match=pattern):
+            main(["demo", *argv])
     with pytest.raises(SystemExit):
         main(["demo", "--task", "shuffle"])
     assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--device", "tpu"])
+    assert "argument --device: 'tpu' is not a device" in capsys.readouterr().err
+
+
+def test_demo_trains_a_single_step():
+    """One step: warm-up only, no decay (its length was 0: a division by zero)."""
+    assert main(["demo", "--steps", "1", "--eval-size", "2", "--examples", "0", "--no-progress", "--max-len", "3",
+                 "--d-model", "16", "--nhead", "2", "--layers", "1", "--dim-feedforward", "16"]) == 0
 
 
 @pytest.mark.slow

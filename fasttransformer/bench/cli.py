@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-from pathlib import Path
 
 import torch
+
+from fasttransformer._cli import output_folder
 
 SUBJECTS = ("attention", "embedding", "model")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,7 +70,7 @@ def run(args) -> dict:
     if not 0.0 <= args.dropout < 1.0:
         raise SystemExit(f"--dropout must be in [0, 1), got {args.dropout}")
     label = torch.cuda.get_device_name().split()[-1].lower() if device == "cuda" else "cpu"
-    out = Path(args.out or f"bench-results/{datetime.date.today()}-{label}")
+    out = output_folder(args.out or f"bench-results/{datetime.date.today()}-{label}", "--out")  # before the sweeps
     subjects = SUBJECTS if args.subject == "all" else (args.subject,)
     modules = {"attention": attention, "embedding": embedding, "model": model}
     records = {}
