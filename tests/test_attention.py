@@ -179,6 +179,55 @@ def test_backward_matches_reference(batch, heads, kv_heads, seqlen_q, seqlen_k, 
     assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads)
 
 
+def recompute_floor(q, k, bias, magnitude, scale=None):
+    """``magnitude`` raised where the kernels' float32 scores dominate, for the kernels that
+    recompute P = exp2(S - lse) (the backward's and the JVP's): see assert_matches_reference."""
+    scores = reference_attention_scores(q, k, bias, scale)
+    finite = scores[torch.isfinite(scores)]
+    largest_score = finite.abs().max().item() * math.log2(math.e) if finite.numel() else 0.0
+    return magnitude * max(1.0, largest_score * torch.finfo(torch.float32).eps / torch.finfo(q.dtype).eps)
+
+
+def assert_tangent_matches_reference(q, k, v, allowed, bias, tangents, tangent_out):
+    """The output's tangent (forward mode) for the tangents of (q, k, v) and of ``bias`` (4th,
+    when given) under the accuracy rule for derivatives: against the float64 reference's
+    (torch.func.jvp), within 3x plain PyTorch's error in the inputs' dtype."""
+    runs = []
+    for cast in (torch.float64, q.dtype):
+        def attend(q, k, v, bias=None):
+            return reference_attention(q, k, v, allowed, bias)
+        primals = [t.detach().to(cast) for t in (q, k, v)] + ([bias.to(DEVICE, cast)] if len(tangents) == 4 else [])
+        runs.append(torch.func.jvp(attend, tuple(primals), tuple(t.to(cast) for t in tangents))[1])
+    ref, base = runs
+    magnitude = recompute_floor(q, k, bias, ref.abs().max().item())
+    assert_within_torch_error(tangent_out, ref, base, 3.0, "output tangent", magnitude=magnitude)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("masks", MASKS)
+@pytest.mark.parametrize("batch,heads,kv_heads,seqlen_q,seqlen_k,head_dim", SHAPES)
+def test_jvp_matches_reference(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, masks, dtype):
+    """The JVP kernel (forward mode) from the forward's output and logsumexp, tangents for the
+    query, key, value and a float mask, every mask kind; rows that see no key get a zero
+    tangent."""
+    from fasttransformer.kernels.attention_jvp import attention_jvp
+    q, k, v, kernel_args, allowed, bias = make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim,
+                                                    masks.split("+"), dtype)
+    tangents = [torch.randn_like(t) for t in (q, k, v)]
+    tangent_mask = None
+    if bias is not None:
+        tangent_mask = torch.randn(bias.shape, device=DEVICE, dtype=dtype)
+        tangents.append(tangent_mask)
+    with poisoned_allocations(DEVICE):
+        out, lse = attention_forward(q, k, v, **kernel_args)
+        tangent_out = attention_jvp(q, k, v, out, lse, *tangents[:3], tangent_mask=tangent_mask, **kernel_args)
+    assert tangent_out.dtype == q.dtype and tangent_out.stride() == out.stride()
+    assert_tangent_matches_reference(q, k, v, allowed, bias, tangents, tangent_out)
+    no_key = ~allowed.any(-1)
+    assert (tangent_out[no_key.to(tangent_out.device)] == 0).all()
+
+
 SPLIT_SHAPES = [  # batch, heads, kv_heads, Lq, Lk, D: decoding steps and a few query blocks
     pytest.param(2, 2, 1, 1, 300, 16, id="B2-H2-Hk1-Lq1-Lk300-D16"),
     pytest.param(1, 2, 2, 70, 200, 40, id="B1-H2-Lq70-Lk200-D40"),
@@ -1038,7 +1087,7 @@ def test_kernels_compile_for_each_arch_with_its_matrix_instructions(aot_reports)
     pairs = [report for report in aot_reports if report["head_dim_v"] != report["head_dim"]]
     assert {(report["kernel"], report["arch"], report["head_dim"], report["head_dim_v"], report["dtype"],
              report["options"].get("DROPOUT", False), report["options"].get("INT64_OFFSETS", False)) for report in pairs
-            } == {(kernel, arch, *pair, dtype, dropout, int64) for kernel in kinds for arch in (80, 86, 90)
+            if report["kernel"] in kinds} == {(kernel, arch, *pair, dtype, dropout, int64) for kernel in kinds for arch in (80, 86, 90)
                   for pair in aot.VALUE_HEAD_DIMS for dtype in ("bf16", "fp32") if dtype == "bf16" or max(pair) <= 64
                   for dropout in (False, True) for int64 in (False, True)}
     everything, aot_reports = aot_reports, [report for report in aot_reports if report not in pairs]
@@ -1069,12 +1118,25 @@ def test_kernels_compile_for_each_arch_with_its_matrix_instructions(aot_reports)
     assert dq == {(arch, head_dim, dtype, mask_kind) for mask_kind in (None, 2)
                   for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32))
                   for (arch, head_dim) in table}
+    # the forward-mode (JVP) kernel: the bool mask and the float mask with its tangent, 32- and 64-bit
+    # offsets, no dropout (it has none), every entry of the table and the (D, Dv) pairs
+    jvp = {(report["arch"], report["head_dim"], report["head_dim_v"], report["dtype"],
+            report["options"].get("MASK_TANGENT", False), report["options"].get("INT64_OFFSETS", False))
+           for report in everything if report["kernel"] == "attention_jvp_kernel"}
+    assert jvp == {(arch, *(pair if isinstance(pair, tuple) else (pair, pair)), dtype, tangent, int64)
+                   for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32))
+                   for (arch, head_dim) in table
+                   for pair in (head_dim, *(pair for pair in aot.VALUE_HEAD_DIMS if dtype == "bf16" or max(pair) <= 64))
+                   for tangent in (False, True) for int64 in (False, True)}
+    assert not any(report["options"].get("DROPOUT") for report in everything
+                   if report["kernel"] == "attention_jvp_kernel")
     aot_reports = [report for report in everything if report["kernel"] in kinds]  # delta, combine: no products
     assert {(kinds[report["kernel"]], report["arch"], report["head_dim"], report["dtype"]) for report in aot_reports
             if report not in pairs} == {
         (kind, arch, head_dim, dtype) for kind in kinds.values()
         for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32)) for (arch, head_dim) in table}
-    for report in aot_reports:
+    # the JVP kernel's products have BLOCK_M rows, as the dQ kernel's
+    for report in aot_reports + [report for report in everything if report["kernel"] == "attention_jvp_kernel"]:
         assert report["shared_bytes"] <= {80: 163, 86: 99, 90: 227}[report["arch"]] * 1024, report
         if report["arch"] in (80, 86):
             assert report["matrix_instructions"] == ["mma.sync"], report
@@ -1173,7 +1235,8 @@ def test_kernels_compile_under_the_newest_triton():
     assert {report["triton"] for report in reports} == installed, (installed, {report["triton"] for report in reports})
     assert {report["kernel"] for report in reports} == {
         "attention_forward_kernel", "attention_backward_dkdv_kernel", "attention_backward_dq_kernel",
-        "attention_delta_kernel", "attention_combine_kernel", "tile_classes_kernel", "block_lists_kernel"}
+        "attention_jvp_kernel", "attention_delta_kernel", "attention_combine_kernel", "tile_classes_kernel",
+        "block_lists_kernel"}
     assert all(report["registers"] for report in reports), reports
 
 
@@ -2196,16 +2259,81 @@ def test_op_torch_compile_over_torch_func(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
-def test_op_torch_func_second_and_forward_mode_derivatives_of_the_kernels_raise():
+def test_op_torch_func_second_derivatives_and_forward_mode_with_dropout_raise():
+    """The kernels have first derivatives only, reverse (the backward kernels) and forward (the
+    JVP kernel): every composition of two raises, and so does forward mode with dropout (the
+    JVP kernel has none; "auto" takes torch's math there)."""
     q, k, v = (torch.randn(1, 2, 9, 16, device=DEVICE) for _ in range(3))
     loss = lambda q: scaled_dot_product_attention(q, k, v, backend="triton").pow(2).sum()  # noqa: E731
     with pytest.raises(RuntimeError, match="no second derivative"):
         torch.func.grad(lambda q: torch.func.grad(loss)(q).pow(2).sum())(q)
-    with pytest.raises(RuntimeError, match="backend='triton' cannot run this call: forward-mode AD"):
-        torch.func.jvp(loss, (q,), (torch.randn_like(q),))
+    with pytest.raises(RuntimeError, match="no second derivative"):  # forward over reverse: hessian
+        torch.func.jvp(torch.func.grad(loss), (q,), (torch.randn_like(q),))
+    with pytest.raises(RuntimeError, match="no derivative of their forward-mode tangent"):  # reverse over forward
+        torch.func.grad(lambda q: torch.func.jvp(loss, (q,), (torch.randn_like(q),))[1])(q)
+    tangent = torch.func.jvp(loss, (q.clone().requires_grad_(),), (torch.randn_like(q),))[1]
+    with pytest.raises(RuntimeError, match="no derivative of their forward-mode tangent"):
+        tangent.backward()
+    dropping = lambda q: scaled_dot_product_attention(q, k, v, dropout_p=0.1, backend="triton")  # noqa: E731
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run this call: forward-mode AD .* with dropout"):
+        torch.func.jvp(dropping, (q,), (torch.randn_like(q),))
     import torch.autograd.forward_ad as forward_ad
     with forward_ad.dual_level(), pytest.raises(RuntimeError, match="cannot run this call: forward-mode AD"):
-        scaled_dot_product_attention(forward_ad.make_dual(q, torch.randn_like(q)), k, v, backend="triton")
+        dropping(forward_ad.make_dual(q, torch.randn_like(q)))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["none", "lower_right", "padding+window_int", "bool+is_causal+padding",
+                                  "float+padding"])
+def test_op_forward_mode_runs_the_jvp_kernel(monkeypatch, name, dtype):
+    """torch.func.jvp and torch.autograd.forward_ad's dual tensors through the op run the JVP
+    kernel (one launch, no torch SDPA), within the accuracy rule of the float64 reference's
+    tangent (a float mask's tangent too); the primal output keeps its reverse-mode gradient
+    (sCM-style training: the loss takes the output, the tangent is detached); jacfwd (the
+    JVP op's batching rule: one launch for every tangent) is jacrev."""
+    import torch.autograd.forward_ad as forward_ad
+    from fasttransformer.kernels import attention_jvp as jvp_module
+    from fasttransformer.ops import attention as ops_module
+
+    launches = record_launches(monkeypatch, jvp_module, "attention_jvp_kernel")
+    monkeypatch.setattr(ops_module, "_torch_attention", lambda *args: pytest.fail("torch's SDPA was called"))
+    q, k, v, kwargs, allowed, bias = op_case(name, dtype, seqlen_q=21, seqlen_k=33, head_dim=16)
+    primals = [q, k, v] + ([kwargs.pop("attn_mask")] if bias is not None else [])
+    tangents = [torch.randn_like(tensor) for tensor in primals]
+
+    def attend(q, k, v, bias=None):
+        return scaled_dot_product_attention(q, k, v, **kwargs, **({"attn_mask": bias} if bias is not None else {}),
+                                            backend="triton")
+
+    with poisoned_allocations(DEVICE):
+        out, tangent = torch.func.jvp(attend, tuple(primals), tuple(tangents))
+    assert len(launches) == 1
+    assert_tangent_matches_reference(q, k, v, allowed, bias, tangents, tangent)
+    assert torch.equal(out, attend(*primals))
+    if "padding" in name:  # the second sequence is all padding: zeros, and so are their tangents
+        assert (out[1] == 0).all() and (tangent[1] == 0).all()
+    with forward_ad.dual_level():
+        dual = attend(*(forward_ad.make_dual(primal, t) for primal, t in zip(primals, tangents)))
+        assert torch.equal(forward_ad.unpack_dual(dual).tangent, tangent)
+    leaves = [tensor.detach().requires_grad_() for tensor in primals]
+    out, tangent = torch.func.jvp(attend, tuple(leaves), tuple(tangents))
+    grad_out = torch.randn_like(out)
+    (out * grad_out).sum().backward()
+    plain = [tensor.detach().requires_grad_() for tensor in primals]
+    want = torch.autograd.grad(attend(*plain), plain, grad_out)
+    for leaf, grad in zip(leaves, want):
+        assert torch.equal(leaf.grad, grad)
+    if name == "bool+is_causal+padding" and dtype == torch.float32:
+        small = [tensor[:1, :, :3].detach() for tensor in (q, k, v)]
+        small_kwargs = {"attn_mask": kwargs["attn_mask"][:3, :3], "is_causal": True, "enable_gqa": True}
+        def attend_small(q, k, v):
+            return scaled_dot_product_attention(q, k, v, **small_kwargs, backend="triton")
+        launches.clear()
+        forward = torch.func.jacfwd(attend_small, (0, 1, 2))(*small)
+        assert len(launches) == 1  # folded: every tangent of the basis in one launch
+        for got, want in zip(forward, torch.func.jacrev(attend_small, (0, 1, 2))(*small)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
@@ -2559,6 +2687,34 @@ def test_cuda_large_cases_forward_and_backward(name, dtype):
         out, lse = attention_forward(q, k, v, **kernel_args)
         grads = attention_backward(grad_out, q, k, v, out, lse, **kernel_args)[:3]
     assert_matches_reference(q, k, v, allowed, bias, grad_out, out, grads)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
+@pytest.mark.parametrize("name", ["4k-D64-padding+causal-gqa", "4k-D64-document", "decode-Lq1-8k-D128-lower_right",
+                                  "2k-D256-window+float", "3000x5000-D96-bool+padding"])
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_large_cases_jvp(name):
+    """The JVP kernel (forward mode) in bfloat16 at real sizes, with its configs
+    (configs.jvp_config: JVP_OVERRIDES where the dQ kernel's spilled), a float mask's tangent
+    included, under the accuracy rule for derivatives."""
+    from fasttransformer.kernels.attention_jvp import attention_jvp
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, masks = LARGE_CASES[name]
+    q, k, v, kernel_args, allowed, bias = make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim,
+                                                    [mask for mask in masks if mask != "document"], torch.bfloat16)
+    if "document" in masks:
+        mask = document_mask(seqlen_q, seqlen_k, [700, 1900, 2000, 3500])
+        kernel_args["attn_mask"] = mask.to(DEVICE)
+        allowed = allowed & mask
+    tangents = [torch.randn_like(t) for t in (q, k, v)]
+    tangent_mask = None
+    if bias is not None:
+        tangent_mask = torch.randn(bias.shape, device=DEVICE, dtype=torch.bfloat16)
+        tangents.append(tangent_mask)
+    with poisoned_allocations(DEVICE):
+        out, lse = attention_forward(q, k, v, **kernel_args)
+        tangent_out = attention_jvp(q, k, v, out, lse, *tangents[:3], tangent_mask=tangent_mask, **kernel_args)
+    assert_tangent_matches_reference(q, k, v, allowed, bias, tangents, tangent_out)
 
 
 @pytest.mark.cuda

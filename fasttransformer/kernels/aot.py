@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of Triton kernels for a GPU that is not here.
 
 ``python -m fasttransformer.kernels.aot`` compiles every config of the table in configs.py
-(forward, and both backward kernels) for sm_80, sm_86 and sm_90 with ``triton.compile(...,
+(forward, both backward kernels and the forward-mode JVP kernel) for sm_80, sm_86 and sm_90 with ``triton.compile(...,
 target=GPUTarget(...))`` and prints, as JSON, what each cubin uses (registers, stack bytes from
 Triton's cuobjdump, shared memory) and which matrix instructions its PTX has (wgmma on sm_90,
 mma.sync on sm_80 and sm_86). ``--arch 86 --target 120`` compiles one arch's entries for another
@@ -30,7 +30,8 @@ MATRIX_INSTRUCTIONS = ("wgmma.mma_async", "mma.sync")
 # Worst-case options (every mask on): what a config must survive without spilling. Dropout's
 # configs (configs.DROPOUT_OVERRIDES) are compiled with it on as well.
 WORST_CASE = {"CAUSAL": True, "WINDOW": True, "MASK_KIND": 1, "HAS_KEY_PADDING": True, "SPARSE": True,
-              "DROPOUT": False, "POSITIVE_SCALE": True, "SPLIT_KEYS": False, "INT64_OFFSETS": False}
+              "DROPOUT": False, "POSITIVE_SCALE": True, "SPLIT_KEYS": False, "INT64_OFFSETS": False,
+              "MASK_TANGENT": False}
 NO_MASK = {"CAUSAL": False, "WINDOW": False, "MASK_KIND": 0, "HAS_KEY_PADDING": False, "SPARSE": False,
            "DROPOUT": False, "POSITIVE_SCALE": True, "SPLIT_KEYS": False, "INT64_OFFSETS": False}
 COMBINE_CONFIG = (16, 0, 4, 1)  # attention_forward.COMBINE_BLOCK_M rows, 4 warps
@@ -39,7 +40,7 @@ COMBINE_CONFIG = (16, 0, 4, 1)  # attention_forward.COMBINE_BLOCK_M rows, 4 warp
 def _signature(fn, dtype: str) -> dict:
     types = {}
     for name in inspect.signature(fn).parameters:
-        if name in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"):
+        if name in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "TQ", "TK", "TV", "TOut", "TMask"):
             types[name] = f"*{dtype}"
         elif name in ("Lse", "Delta", "Partial", "PartialLse"):
             types[name] = "*fp32"
@@ -66,7 +67,7 @@ def _signature(fn, dtype: str) -> dict:
 #  * an int argument equal to 1 becomes a constant: the innermost strides;
 #  * pointers and ints divisible by 16 get the hint tt.divisibility=16.
 RUNTIME_ONES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_mn", "stride_pn",
-                "stride_pd")
+                "stride_pd", "stride_tqd", "stride_tkd", "stride_tvd", "stride_tod", "stride_tmn")
 DIVISIBLE_INTS = ("seqlen_q", "seqlen_k", "head_dim", "head_dim_v")
 
 
@@ -205,6 +206,10 @@ def _attention_jobs(arch: int, head_dim, dtype: str, own_tiles: bool = False) ->
             jobs.append(("dkdv", arch, head_dim, tuple(dkdv), {**extra, **tiles("dkdv")}, dtype))
             for options in ({}, {"MASK_KIND": 2, "BIAS_GRAD": True}):  # bool mask, float mask and its grad
                 jobs.append(("dq", arch, head_dim, tuple(dq), {**options, **extra, **tiles("dq")}, dtype))
+            if not dropout:  # the forward-mode (JVP) kernel, with the dQ kernel's tiles; it has no dropout
+                jvp = configs.jvp_config(device, torch_dtype, dims[0], int64, head_dim_v=dims[1])
+                for options in ({}, {"MASK_KIND": 2, "MASK_TANGENT": True}):  # bool mask, float mask and its tangent
+                    jobs.append(("jvp", arch, head_dim, tuple(jvp), {**options, **extra, **tiles("dq")}, dtype))
     return jobs
 
 
@@ -222,7 +227,7 @@ def _list_jobs(attention_jobs):
               in attention_jobs if name == "dkdv"}
     tiles, factors = set(), set()
     for name, arch, head_dim, config, options, dtype in attention_jobs:
-        if name == "forward":
+        if name in ("forward", "jvp"):  # lists at the kernel's own tiles
             tiles.add((arch, config[0], config[1]))
             factors.add((arch, 1, 1, False))
         elif name == "dq":
@@ -278,9 +283,11 @@ def _compile_job(job) -> dict:
     from fasttransformer.kernels.attention_backward import (attention_backward_dkdv_kernel,
                                                             attention_backward_dq_kernel, attention_delta_kernel)
     from fasttransformer.kernels.attention_forward import attention_combine_kernel, attention_forward_kernel
+    from fasttransformer.kernels.attention_jvp import attention_jvp_kernel
     from fasttransformer.kernels.block_lists import block_lists_kernel, tile_classes_kernel
     kernels = {"forward": attention_forward_kernel, "dkdv": attention_backward_dkdv_kernel,
-               "dq": attention_backward_dq_kernel, "delta": attention_delta_kernel, "combine": attention_combine_kernel,
+               "dq": attention_backward_dq_kernel, "jvp": attention_jvp_kernel, "delta": attention_delta_kernel,
+               "combine": attention_combine_kernel,
                "classes": tile_classes_kernel, "lists": block_lists_kernel}
     name, arch, head_dim, config, options, dtype = job
     report = compile_kernel(kernels[name], arch, head_dim, config, dtype=dtype, options=options)

@@ -306,6 +306,39 @@ def backward_configs(device, dtype, head_dim: int, causal: bool, dropout: bool =
                     head_dim_v))
 
 
+# The forward-mode (JVP) kernel (attention_jvp.py) walks the key tiles as the dQ kernel does and
+# takes its config, but it holds the query's tangent besides the query, and its accumulator is
+# over Dv: 41 of its 120 compiles spilled (or passed sm_86's shared memory) with the dQ kernel's
+# configs. Where they did, these replace them: the largest tiles that compile clean in every JVP
+# variant of the key (bool mask; float mask with its tangent; 32- and 64-bit offsets; the (D, Dv)
+# pairs of the bucket), on the tensor cores (AOT sweep of 2026-12-07:
+# benchmarks/results/2026-12-07-cpu/aot_jvp_sweep.py and aot-jvp-sweep.json). Untimed, like the
+# rest; D = 256 keeps 16 query rows a program (no wgmma on sm_90): the query, its tangent and the
+# float32 accumulator are 2 KB of registers a row there. Keys: ("2-byte" or "fp32", arch, bucket).
+JVP_OVERRIDES = {
+    ("2-byte", 80, 128): Config(128, 16, 8, 1), ("2-byte", 80, 256): Config(16, 64, 8, 2),
+    ("2-byte", SMEM_99KB, 128): Config(32, 64, 8, 2), ("2-byte", SMEM_99KB, 256): Config(16, 64, 8, 1),
+    ("2-byte", 90, 256): Config(16, 64, 8, 2),
+    ("fp32", 80, 64): Config(16, 32, 8, 2), ("fp32", SMEM_99KB, 64): Config(16, 32, 8, 2),
+    ("fp32", 90, 16): Config(16, 32, 8, 2), ("fp32", 90, 64): Config(16, 32, 8, 2),
+}
+
+
+def jvp_config(device, dtype, head_dim: int, int64: bool = False, head_dim_v=None) -> Config:
+    """The forward-mode (JVP) kernel's config: the dQ kernel's, whose walk it shares, but where
+    JVP_OVERRIDES has an entry for it (the JVP kernel holds the query's tangent besides the
+    query, and accumulates over Dv)."""
+    config = _lookup("dq", (BACKWARD_DQ, BACKWARD_DQ_FP32), device, dtype, head_dim, INTERPRETER_DQ, False, int64,
+                     head_dim_v)
+    if not hasattr(device, "arch"):
+        device = torch.device(device)
+    if device.type != "cuda":
+        return config
+    kind = "fp32" if dtype == torch.float32 else "2-byte"
+    bucket = head_dim_bucket(max(head_dim, head_dim if head_dim_v is None else head_dim_v))
+    return JVP_OVERRIDES.get((kind, _arch(device), bucket), config)
+
+
 def tile_head_dims(kernel: str, device, dtype, head_dim: int, head_dim_v: int, dropout: bool = False,
                    int64: bool = False) -> Tuple[int, int]:
     """(BLOCK_D, BLOCK_DV) of ``kernel`` ("forward", "dkdv" or "dq"): each head dim's bucket, but

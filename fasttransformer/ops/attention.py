@@ -82,9 +82,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     torch.func works with the kernels: ``grad``, ``vjp``, ``jacrev`` and ``vmap`` (per-example
     gradients, a float mask's too; vmap folds its examples into the batch, one launch, or one
     per example with dropout, whose seed follows vmap's ``randomness``). Forward-mode
-    derivatives (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) go to torch's SDPA
-    with its math backend, the one of torch's that has them (its fused kernels raise): exact,
-    but it writes the (B, Hq, Lq, Lk) scores; ``backend="triton"`` raises. torch.compile over
+    derivatives (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) run in the Triton
+    JVP kernel (kernels/attention_jvp.py: the output's tangent from the forward's logsumexp,
+    nothing of size Lq x Lk written), for the tangents of the query, key, value and a float
+    mask; with dropout they go to torch's SDPA with its math backend, the one of torch's that
+    has them (its fused kernels raise), and ``backend="triton"`` raises. No second derivatives
+    (of a gradient or of a tangent). torch.compile over
     ``vmap`` runs the kernels; over ``grad`` (``vjp``, ``jacrev``) the custom op's autograd meets
     pytorch/pytorch#168393 in the compiled region: ``"auto"`` takes torch's SDPA there.
 
@@ -108,9 +111,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                      key_padding_mask, window_size, backend)
     reason = _triton_unsupported(query, spec)
     forward_mode = not torch.compiler.is_compiling() and _forward_mode(query, key, value, spec["attn_mask"])
-    if not reason and forward_mode:
-        reason = ("forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad): the kernels have no "
-                  "forward-mode derivative; torch's SDPA gives it with its math backend")
+    if not reason and forward_mode and spec["dropout_p"] > 0:
+        reason = ("forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) with dropout: the kernels' "
+                  "tangent has no dropout; torch's SDPA gives it with its math backend")
     if not reason and torch.compiler.is_compiling() and _func_differentiates():
         reason = ("torch.compile over torch.func's grad, vjp, jacrev or jvp: in the compiled region the custom op's "
                   "autograd hits pytorch/pytorch#168393 (torch.func outside torch.compile runs the kernels)")
@@ -130,7 +133,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     args = (query, key, value, spec["attn_mask"], spec["key_padding_mask"], spec["scale"], spec["causal_offset"],
             list(spec["window"]) if spec["window"] else None, spec["dropout_p"], seed)
     tensors = (query, key, value, spec["attn_mask"])
-    if torch._C._are_functorch_transforms_active():  # torch.func.grad, vmap, jacrev, ...
+    if forward_mode or torch._C._are_functorch_transforms_active():  # torch.func's transforms, dual tensors
         return _FuncAttention.apply(*args)[0]
     if _eager(*tensors):
         # Eager calls skip the custom op's dispatch, which costs ~40 us of host time a call without
@@ -598,7 +601,39 @@ _attention_forward_op.register_autograd(
     lambda ctx, grad_out, grad_lse: _gradients(ctx, grad_out, _attention_backward_op), setup_context=_setup_context)
 
 
-# --- torch.func (grad, vjp, jacrev, vmap) -------------------------------------------------------------
+def _launch_jvp(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                tangent_query: Optional[torch.Tensor], tangent_key: Optional[torch.Tensor],
+                tangent_value: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor],
+                key_padding_mask: Optional[torch.Tensor], tangent_mask: Optional[torch.Tensor], scale: float,
+                causal_offset: Optional[int], window: Optional[List[int]] = None) -> torch.Tensor:
+    """The output's tangent (forward mode) for the inputs' tangents (None: zero)."""
+    from fasttransformer.kernels.attention_jvp import attention_jvp
+    with _on_device(query):
+        return attention_jvp(query, key, value, out, lse, tangent_query, tangent_key, tangent_value,
+                             attn_mask=attn_mask, key_padding_mask=key_padding_mask, tangent_mask=tangent_mask,
+                             scale=scale, causal_offset=causal_offset, window=tuple(window) if window else None)
+
+
+_attention_jvp_op = torch.library.custom_op("fasttransformer::attention_jvp", mutates_args=())(_launch_jvp)
+
+
+@_attention_jvp_op.register_fake
+def _(query, key, value, out, lse, tangent_query, tangent_key, tangent_value, attn_mask, key_padding_mask,
+      tangent_mask, scale, causal_offset, window=None):
+    from fasttransformer.kernels.attention_forward import output_like
+    return output_like(query, value.shape[-1])
+
+
+def _no_derivative_of_the_tangent(ctx, grad):
+    raise RuntimeError(_NO_TANGENT_DERIVATIVE)
+
+
+_NO_TANGENT_DERIVATIVE = ("fasttransformer's attention kernels have no derivative of their forward-mode tangent "
+                          "(a second derivative); backend='torch' leaves it to torch's SDPA")
+_attention_jvp_op.register_autograd(_no_derivative_of_the_tangent, setup_context=lambda ctx, inputs, output: None)
+
+
+# --- torch.func (grad, vjp, jacrev, vmap, jvp, jacfwd) ------------------------------------------------
 
 class _FuncAttention(torch.autograd.Function):
     """The custom op and its autograd formula under torch.func's transforms. They need an
@@ -618,15 +653,27 @@ class _FuncAttention(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1])
+        query, key, value, attn_mask, key_padding_mask = inputs[:5]
+        ctx.save_for_forward(query, key, value, *output, attn_mask, key_padding_mask)
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         return _gradients(ctx, grad_out, _FuncAttentionBackward.apply)
 
     @staticmethod
-    def jvp(ctx, *tangents):
-        raise RuntimeError("fasttransformer's attention kernels have no forward-mode derivative (torch.func.jvp, "
-                           "jacfwd, ...); backend='torch' leaves it to torch's SDPA")
+    def jvp(ctx, tangent_query, tangent_key, tangent_value, tangent_mask, *_):
+        """The output's tangent from the JVP kernel (kernels/attention_jvp.py), which recomputes
+        the probabilities from the forward's logsumexp; the logsumexp has none (it is internal)."""
+        if ctx.dropout_p > 0:  # the dispatch sends forward mode with dropout to torch
+            raise RuntimeError("fasttransformer's attention kernels have no forward-mode derivative with dropout; "
+                               "backend='torch' leaves it to torch's SDPA")
+        query, key, value, out, lse, attn_mask, key_padding_mask = ctx.saved_tensors
+        if attn_mask is None or attn_mask.dtype == torch.bool:
+            tangent_mask = None
+        tangent_out = _FuncAttentionJvp.apply(query, key, value, out, lse, tangent_query, tangent_key, tangent_value,
+                                              attn_mask, key_padding_mask, tangent_mask, ctx.scale, ctx.causal_offset,
+                                              ctx.window)
+        return tangent_out, None
 
 
 class _FuncAttentionBackward(torch.autograd.Function):
@@ -646,6 +693,34 @@ class _FuncAttentionBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         raise RuntimeError(_NO_SECOND_DERIVATIVE)
+
+    @staticmethod
+    def jvp(ctx, *tangents):  # forward over reverse (torch.func.hessian, jvp of grad)
+        raise RuntimeError(_NO_SECOND_DERIVATIVE)
+
+
+class _FuncAttentionJvp(torch.autograd.Function):
+    """The tangent op under torch.func: differentiating the tangent (reverse over forward mode,
+    ``grad`` of ``jvp``) raises, with our message (through the op's own registered autograd,
+    torch.func would meet pytorch/pytorch#168393 first)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return torch.ops.fasttransformer.attention_jvp(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_NO_TANGENT_DERIVATIVE)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(_NO_TANGENT_DERIVATIVE)
 
 
 def _batched(tensor: torch.Tensor, dim: Optional[int], size: int) -> torch.Tensor:
@@ -690,6 +765,32 @@ def _(info, in_dims, query, key, value, attn_mask, key_padding_mask, scale, caus
         key_padding_mask = _folded(key_padding_mask, in_dims[4], size)
     out, lse = op(query, key, value, attn_mask, key_padding_mask, scale, causal_offset, window, dropout_p, seed)
     return (out.unflatten(0, (size, batch)), lse.unflatten(0, (size, batch))), (0, 0)
+
+
+@torch.library.register_vmap("fasttransformer::attention_jvp")
+def _(info, in_dims, query, key, value, out, lse, tangent_query, tangent_key, tangent_value, attn_mask,
+      key_padding_mask, tangent_mask, scale, causal_offset, window=None):
+    """Batching rule (jacfwd: one tangent per example, the primals shared): the examples'
+    sequences folded into the batch, one launch."""
+    op, size = torch.ops.fasttransformer.attention_jvp, info.batch_size
+    args = (query, key, value, out, lse, tangent_query, tangent_key, tangent_value, attn_mask, key_padding_mask,
+            tangent_mask, scale, causal_offset, window)
+    in_dims = (*in_dims, *(None,) * (len(args) - len(in_dims)))
+    batch, heads, seqlen_q = _batched(query, in_dims[0], size).shape[1:4]
+    from fasttransformer.kernels.attention_forward import launch_sizes_unsupported
+    if launch_sizes_unsupported(size * batch, heads, seqlen_q, False):
+        return _per_example(lambda *example: (op(*example),), size, in_dims, args)[0], 0
+    folded = [_folded(tensor, dim, size) if tensor is not None else None for tensor, dim in zip(args[:8], in_dims)]
+    for index in (8, 10):  # a mask, and its tangent: each example's own, or one for them all as it is
+        if args[index] is not None and (in_dims[index] is not None or args[index].shape[0] != 1):
+            folded.append(_folded(args[index], in_dims[index], size, batch))
+        else:
+            folded.append(args[index])
+    attn_mask, tangent_mask = folded[8:]
+    if key_padding_mask is not None:
+        key_padding_mask = _folded(key_padding_mask, in_dims[9], size)
+    tangent_out = op(*folded[:8], attn_mask, key_padding_mask, tangent_mask, scale, causal_offset, window)
+    return tangent_out.unflatten(0, (size, batch)), 0
 
 
 @torch.library.register_vmap("fasttransformer::attention_backward")
