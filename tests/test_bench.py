@@ -139,6 +139,36 @@ def test_attention_sweep_rows_small():
     assert "| causal | 16 | 64 | bwd |" in attention.markdown(record)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
+def test_attention_sweep_forward_mode_rows():
+    """--jvp: a row per case in forward mode (the output and its tangent), 3x the forward's
+    FLOPs; fasttransformer's JVP kernel against torch's math backend, and torch's backends
+    without a forward-mode derivative reported n/a with the reason. The call it times gives the
+    tangent torch's math gives."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = attention.sweep(device, masks=("causal", "padding"), head_dims=(16,), seqlens=(64,), modes=("jvp",),
+                             dtype=torch.float32, tokens=128, hidden=32,
+                             implementations=("fasttransformer", "torch-math", "torch-flash", "naive"))
+    causal, padding = record["results"]
+    assert (causal["mode"], padding["mode"]) == ("jvp", "jvp")
+    assert causal["flops"] == attention.flops(2 * 2 * 64 * 64 // 2, 16, "jvp") == 3 * attention.flops(
+        2 * 2 * 64 * 64 // 2, 16, "fwd")
+    for row in (causal, padding):
+        assert {"fasttransformer", "torch-math", "naive"} <= set(row["times_ms"])
+        assert "torch-flash" in row["not_run"]
+    assert "| causal | 16 | 64 | jvp |" in attention.markdown(record)
+    case = attention.Case("padding", 64, 16, device, torch.float32, tokens=128, hidden=32)
+    torch.testing.assert_close(case.run(case.ours, "jvp"), case.run(case.sdpa("MATH"), "jvp"), rtol=1e-4, atol=1e-4)
+    assert case.q.requires_grad and forward_ad_free(case.q)
+
+
+def forward_ad_free(tensor):
+    """The Case's inputs are left as they were: no tangent attached outside the timed call."""
+    import torch.autograd.forward_ad as forward_ad
+    with forward_ad.dual_level():
+        return forward_ad.unpack_dual(tensor).tangent is None
+
+
 def test_attention_sweep_value_head_dim():
     """--value-head-dim: V, O and dO have it, the FLOPs and bytes count it, every baseline gets
     the same inputs (torch's flash backend refuses D != Dv: n/a with its reason), and the table
@@ -263,8 +293,10 @@ def test_render_readme_from_a_recorded_gpu_json(tmp_path):
     (["bench", "attention", "--value-head-dim", "0"], r"--value-head-dim must be in \[1, 256\]"),
     (["bench", "attention", "--seq-len", "0"], "--seq-len must be >= 1"),
     (["bench", "attention", "--dropout", "1.5"], r"--dropout must be in \[0, 1\)"),
-    (["bench", "attention", "--mask", "decode", "--bwd"], "a decoding step is forward only"),
-    (["bench", "attention", "--mask", "decode", "--mask", "decode-gqa", "--bwd"], "a decoding step is forward only"),
+    (["bench", "attention", "--mask", "decode", "--bwd"], "a decoding step is timed forward only"),
+    (["bench", "attention", "--mask", "decode", "--mask", "decode-gqa", "--bwd"],
+     "a decoding step is timed forward only"),
+    (["bench", "attention", "--mask", "decode", "--jvp"], "--jvp with --mask decode times nothing"),
     (["bench", "--device", "cuda"] if not torch.cuda.is_available() else ["bench", "--seq-len", "-1"],
      "no CUDA device here" if not torch.cuda.is_available() else "--seq-len must be >= 1"),
 ])

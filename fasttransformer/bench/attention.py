@@ -44,10 +44,12 @@ BACKWARD_FLOP_RATIO = 2.5
 def flops(visible_pairs: int, head_dim: int, mode: str, head_dim_v: Optional[int] = None) -> float:
     """FLOPs of one call: 2 matmuls of 2 * D FLOPs per visible (query, key) pair forward (QK^T
     over D, PV over the value's head dim ``head_dim_v``, default D); the backward (5 matmuls)
-    counted as 2.5x the forward; ``fwd+bwd`` both."""
+    counted as 2.5x the forward; ``fwd+bwd`` both; ``jvp`` (forward mode: the output and its
+    tangent) the forward and the tangent's 4 matmuls (dQ K^T and Q dK^T over D, (P dS) V and
+    P dV over Dv), 3x the forward."""
     forward = 2.0 * (head_dim + (head_dim if head_dim_v is None else head_dim_v)) * visible_pairs
     return {"fwd": forward, "bwd": BACKWARD_FLOP_RATIO * forward,
-            "fwd+bwd": (1 + BACKWARD_FLOP_RATIO) * forward}[mode]
+            "fwd+bwd": (1 + BACKWARD_FLOP_RATIO) * forward, "jvp": 3 * forward}[mode]
 
 
 def gqa_kv_heads(heads: int) -> int:
@@ -63,14 +65,15 @@ def bytes_moved(batch: int, heads: int, seqlen: int, head_dim: int, itemsize: in
                 seqlen_q: Optional[int] = None, kv_heads: Optional[int] = None,
                 head_dim_v: Optional[int] = None) -> int:
     """The minimum traffic of a fused kernel: read Q, K, V and write O (forward); the backward
-    reads Q, K, V, O, dO and writes dQ, dK, dV. ``seqlen_q``: the queries' length (default L);
+    reads Q, K, V, O, dO and writes dQ, dK, dV; ``jvp`` reads Q, K, V and their tangents and
+    writes O and its tangent. ``seqlen_q``: the queries' length (default L);
     ``kv_heads``: the keys' and values' heads (default ``heads``; GQA: fewer); ``head_dim_v``:
     the value's and output's head dim (default D)."""
     rows_kv = batch * (heads if kv_heads is None else kv_heads) * seqlen * itemsize
     rows_q = batch * heads * (seqlen if seqlen_q is None else seqlen_q) * itemsize
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     once = (rows_q + rows_kv) * (head_dim + head_dim_v)  # Q and K over D, V and O over Dv
-    return {"fwd": once, "bwd": 2 * once, "fwd+bwd": 3 * once}[mode]
+    return {"fwd": once, "bwd": 2 * once, "fwd+bwd": 3 * once, "jvp": 2 * once}[mode]
 
 
 class Case:
@@ -208,10 +211,25 @@ class Case:
         return probabilities @ v
 
     def run(self, fn, mode: str):
-        """One call of ``fn`` in ``mode``: forward (no autograd graph) or forward + backward."""
+        """One call of ``fn`` in ``mode``: forward (no autograd graph), forward + backward, or
+        ``jvp``: the forward in forward-mode AD (dual Q, K and V, as torch.func.jvp runs it),
+        returning the output's tangent."""
         if mode == "fwd":
             with torch.no_grad():
                 return fn()
+        if mode == "jvp":
+            import torch.autograd.forward_ad as forward_ad
+            if not hasattr(self, "tangents"):
+                self.tangents = tuple(torch.randn_like(tensor, requires_grad=False) for tensor in (self.q, self.k,
+                                                                                                  self.v))
+            primals = self.q, self.k, self.v
+            with torch.no_grad(), forward_ad.dual_level():
+                self.q, self.k, self.v = (forward_ad.make_dual(primal.detach(), tangent)
+                                          for primal, tangent in zip(primals, self.tangents))
+                try:
+                    return forward_ad.unpack_dual(fn()).tangent
+                finally:
+                    self.q, self.k, self.v = primals
         self.q.grad = self.k.grad = self.v.grad = None
         fn().backward(self.grad)
 

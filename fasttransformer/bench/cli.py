@@ -45,6 +45,9 @@ def build_parser(parser=None) -> argparse.ArgumentParser:
     modes = attention.add_mutually_exclusive_group()
     modes.add_argument("--fwd", action="store_true", help="forward only")
     modes.add_argument("--bwd", action="store_true", help="forward + backward only")
+    modes.add_argument("--jvp", action="store_true",
+                       help="forward mode only: the output and its tangent (torch.func.jvp's work; against torch's "
+                       "math backend, the one of torch's SDPA kernels with a forward-mode derivative)")
     return parser
 
 
@@ -64,9 +67,9 @@ def run(args) -> dict:
         raise SystemExit(f"--value-head-dim must be in [1, 256] (the kernels' limit), got {args.value_head_dim}")
     if args.mask and (unknown := sorted(set(args.mask) - set(attention.MASKS))):
         raise SystemExit(f"--mask {unknown[0]!r} is not one of {', '.join(attention.MASKS)}")
-    if args.bwd and args.mask and set(args.mask) <= set(attention.DECODE_MASKS):
-        raise SystemExit(f"--bwd with --mask {' '.join(sorted(set(args.mask)))} times nothing: a decoding step is "
-                         "forward only")
+    if (args.bwd or args.jvp) and args.mask and set(args.mask) <= set(attention.DECODE_MASKS):
+        raise SystemExit(f"{'--bwd' if args.bwd else '--jvp'} with --mask {' '.join(sorted(set(args.mask)))} times "
+                         "nothing: a decoding step is timed forward only")
     if not 0.0 <= args.dropout < 1.0:
         raise SystemExit(f"--dropout must be in [0, 1), got {args.dropout}")
     label = torch.cuda.get_device_name().split()[-1].lower() if device == "cuda" else "cpu"
@@ -81,7 +84,7 @@ def run(args) -> dict:
         elif subject == "attention":
             record = attention.sweep(device, args.quick, masks=args.mask, head_dims=args.head_dim,
                                      seqlens=args.seq_len, modes=("fwd",) if args.fwd else ("fwd+bwd",) if args.bwd
-                                     else None, dtype=DTYPES[args.dtype], progress=_progress(),
+                                     else ("jvp",) if args.jvp else None, dtype=DTYPES[args.dtype], progress=_progress(),
                                      dropout_p=args.dropout, head_dim_v=args.value_head_dim,
                                      checkpoint=lambda partial: common.write_results(
                                          str(out), "attention", partial, attention.markdown(partial)))
