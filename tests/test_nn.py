@@ -547,6 +547,32 @@ def test_transformer_on_triton_kernels_within_torch_error(monkeypatch, norm_firs
         assert_within_torch_error(grads_o[name], grad, grads_t[name], factor=3.0, what=name, magnitude=magnitude)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
+def test_transformer_forward_mode_on_triton_kernels_within_torch_error(monkeypatch):
+    """torch.func.jvp through a whole Transformer on the Triton kernels (the JVP kernel, under
+    the interpreter on the CPU): the output's tangent within 3x torch's float32 error against the
+    float64 reference, both of torch's through its math backend (its CPU flash kernel, which
+    torch.nn.Transformer takes in eval, has no forward-mode derivative and raises)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    monkeypatch.setattr(ft.nn.attention, "scaled_dot_product_attention",
+                        functools.partial(ft.ops.scaled_dot_product_attention, backend="triton"))
+    device = "cuda" if HAS_CUDA else "cpu"
+    torch_model, ours = make_transformers(device=device)
+    inputs, kwargs = transformer_inputs(device=device)
+    tangents = [torch.randn_like(x) for x in inputs]
+
+    def tangent(model, dtype):
+        model = copy.deepcopy(model).to(dtype).eval()
+        call_kwargs = {**kwargs, "tgt_mask": kwargs["tgt_mask"].to(dtype), "tgt_is_causal": True}
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.func.jvp(lambda src, tgt: model(src, tgt, **call_kwargs),
+                                  tuple(x.to(dtype) for x in inputs), tuple(t.to(dtype) for t in tangents))[1]
+
+    reference = tangent(torch_model, torch.float64)
+    assert_within_torch_error(tangent(ours, torch.float32), reference, tangent(torch_model, torch.float32),
+                              factor=3.0, what="output tangent")
+
+
 def test_masks_reach_the_op_in_their_cheapest_form(monkeypatch):
     """A key-padding mask arrives as (B, Lk), a square causal mask as is_causal: never dense."""
     calls = []
