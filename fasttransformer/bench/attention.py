@@ -261,7 +261,7 @@ def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=
     masks = masks or (("none", "causal", "padding", "document", "decode", "decode-gqa") if quick else MASKS)
     head_dims = head_dims or ((128,) if quick else (64, 128))
     seqlens = seqlens or ((1024, 8192) if quick else (512, 1024, 2048, 4096, 8192, 16384))
-    modes = modes or ("fwd", "fwd+bwd")
+    modes = modes or ("fwd", "fwd+bwd", "jvp")
     record = {"benchmark": "attention", "environment": common.environment(device), "ceilings": common.ceilings(device),
               "tokens": tokens, "hidden": hidden, "dtype": str(dtype).replace("torch.", ""), "dropout_p": dropout_p,
               "results": []}

@@ -43,7 +43,8 @@ def build_parser(parser=None) -> argparse.ArgumentParser:
     attention.add_argument("--dropout", type=float, default=0.0,
                            help="dropout_p for every implementation that has dropout (default 0)")
     modes = attention.add_mutually_exclusive_group()
-    modes.add_argument("--fwd", action="store_true", help="forward only")
+    modes.add_argument("--fwd", action="store_true", help="forward only (default: forward, forward + backward and "
+                       "forward mode)")
     modes.add_argument("--bwd", action="store_true", help="forward + backward only")
     modes.add_argument("--jvp", action="store_true",
                        help="forward mode only: the output and its tangent (torch.func.jvp's work; against torch's "
