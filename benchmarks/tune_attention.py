@@ -2,14 +2,15 @@
 (fasttransformer/kernels/configs.py) in the same process, and writes the fastest per (kernel,
 head dim, mask): what the table should hold.
 
-    python benchmarks/tune_attention.py --out DIR [--kernels forward,dkdv,dq] [--head-dims 64,128]
+    python benchmarks/tune_attention.py --out DIR [--kernels forward,dkdv,dq,jvp] [--head-dims 64,128]
         [--masks none,causal,decode,decode-gqa] [--seqlen 4096] [--budget-s 480]
 
 Masks none and causal time L x L attention; decode and decode-gqa time the forward of a
 decoding step (one query per sequence against L keys, B = tokens / L sequences; decode-gqa with
 4 query heads per key head, packed as the launcher packs them: 4 rows per program), in GB/s as
 the attention benchmark counts them, over a grid with smaller query blocks (DECODE_GRID): a
-decoding step has 1 or 4 live rows in its block. The backward kernels are not timed for them.
+decoding step has 1 or 4 live rows in its block. The backward and JVP kernels are not timed for
+them.
 
 1. Every candidate (a grid of BLOCK_M x BLOCK_N x warps x stages, plus the table's entry) is
    compiled ahead of time for this GPU's arch with every mask on (fasttransformer.kernels.aot, in
@@ -20,8 +21,9 @@ decoding step has 1 or 4 live rows in its block. The backward kernels are not ti
    the timing loop spends no time compiling (a compile, ~1.2 s per kernel at the AOT check's rate,
    outlasts a timing: do_bench runs ~0.25 s).
 3. Each survivor is timed with do_bench on bf16 inputs of B * L = 16k tokens and 2048 hidden.
-   The forward is timed alone. Each backward kernel is timed inside the whole backward, with the
-   other kernel at its table entry, so the differences between candidates are the kernel's own.
+   The forward is timed alone, and so is the JVP kernel (forward mode's tangent, from the
+   forward's output). Each backward kernel is timed inside the whole backward, with the other
+   kernel at its table entry, so the differences between candidates are the kernel's own.
    ``--budget-s`` is shared out between the (kernel, D, mask) cases (what one leaves, the next
    may use); a case's table entry is always timed, and candidates left when its share runs out
    are listed as not timed: one call of the device tool (10 minutes) always brings back what it
@@ -46,7 +48,7 @@ from pathlib import Path
 # The repository root: the GPU machine runs this from a checkout, with nothing installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-KERNELS = ("forward", "dkdv", "dq")
+KERNELS = ("forward", "dkdv", "dq", "jvp")
 GRID = {"block_m": (32, 64, 128), "block_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)}
 DECODE_GRID = {**GRID, "block_m": (16, 32, 64, 128)}
 MASKS = ("none", "causal", "decode", "decode-gqa")
@@ -125,21 +127,27 @@ def case_inputs(head_dim, mask, seqlen, tokens, hidden, device, dtype):
     kv_heads = gqa_kv_heads(heads) if mask == "decode-gqa" else heads
     q = torch.randn(batch, heads, 1 if mask in DECODE_MASKS else seqlen, head_dim, device=device, dtype=dtype)
     k, v = (torch.randn(batch, kv_heads, seqlen, head_dim, device=device, dtype=dtype) for _ in range(2))
-    grad = None if mask in DECODE_MASKS else torch.randn_like(q)
+    grad = None if mask in DECODE_MASKS else torch.randn_like(q)  # dO; for the JVP kernel, the tangents' seed
     kwargs = {"causal_offset": 0 if mask == "causal" else None}
     out, lse = attention_forward(q, k, v, **kwargs)
     return q, k, v, grad, out, lse, kwargs
 
 
 def candidate_call(kernel, config, inputs):
-    """The call that times ``config`` of ``kernel``: the forward alone, or the whole backward with
-    the other kernel at its table entry."""
+    """The call that times ``config`` of ``kernel``: the forward alone, the whole backward with
+    the other kernel at its table entry, or the JVP kernel alone (forward mode's tangent)."""
     from fasttransformer.kernels.attention_backward import attention_backward
     from fasttransformer.kernels.attention_forward import attention_forward
     q, k, v, grad, out, lse, kwargs = inputs
     if kernel == "forward":
         return lambda: attention_forward(q, k, v, **kwargs, block_m=config.block_m, block_n=config.block_n,
                                          num_warps=config.num_warps, num_stages=config.num_stages)
+    if kernel == "jvp":  # the tangent alone (forward mode), for tangents of Q, K and V
+        import torch
+
+        from fasttransformer.kernels.attention_jvp import attention_jvp
+        tangents = (grad, torch.roll(k, 1, -1), torch.roll(v, 1, -1))
+        return lambda: attention_jvp(q, k, v, out, lse, *tangents, **kwargs, config=config)
     return lambda: attention_backward(grad, q, k, v, out, lse, **kwargs, **{f"{kernel}_config": config})
 
 
@@ -171,8 +179,10 @@ def warm(lists, setting, processes, chunk=4):
 
 
 def attention_flops(batch, heads, seqlen_q, seqlen_k, head_dim, causal, kernel):
+    """The forward's 2 products a visible pair; a backward kernel counted as the whole backward
+    (2.5x); the JVP kernel's tangent as its 4 products (2x the forward)."""
     forward = 4.0 * batch * heads * seqlen_q * seqlen_k * head_dim / (2 if causal else 1)
-    return forward if kernel == "forward" else 2.5 * forward
+    return {"forward": forward, "jvp": 2 * forward}.get(kernel, 2.5 * forward)
 
 
 def main(argv=None) -> int:
@@ -198,6 +208,8 @@ def main(argv=None) -> int:
     def table_entry(kernel, head_dim, causal):  # what a decoding step launches too (no entry of its own yet)
         if kernel == "forward":
             return configs.forward_config(table_device, torch.bfloat16, head_dim, causal)
+        if kernel == "jvp":
+            return configs.jvp_config(table_device, torch.bfloat16, head_dim)
         dkdv, dq = configs.backward_configs(table_device, torch.bfloat16, head_dim, causal)
         return dkdv if kernel == "dkdv" else dq
 

@@ -411,16 +411,16 @@ def test_tune_attention_plumbing_on_cpu(tmp_path):
     machine, from a checkout with nothing installed: without site (-S), torch's site-packages on
     PYTHONPATH, so fasttransformer is found only through the script's own path."""
     command = [sys.executable, "-S", str(ROOT / "benchmarks" / "tune_attention.py"), "--device", "cpu", "--out",
-               str(tmp_path), "--kernels", "forward,dq", "--head-dims", "32", "--masks", "causal", "--seqlen", "64",
+               str(tmp_path), "--kernels", "forward,dq,jvp", "--head-dims", "32", "--masks", "causal", "--seqlen", "64",
                "--tokens", "64", "--hidden", "32", "--candidates", "32x32x4x1", "--warm-workers", "1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                             env={**os.environ, "TRITON_INTERPRET": "1",
                                  "PYTHONPATH": str(Path(torch.__file__).parents[1])})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "JIT-compiled 4 candidates in 1 workers" in result.stdout  # table entry + 1, for 2 kernels
+    assert "JIT-compiled 6 candidates in 1 workers" in result.stdout  # table entry + 1, for 3 kernels
     record = json.loads((tmp_path / "tune.json").read_text())
     assert record["arch"] == 90
-    for kernel in ("forward", "dq"):
+    for kernel in ("forward", "dq", "jvp"):
         rows = [row for row in record["results"] if row["kernel"] == kernel]
         assert rows[0]["table_entry"] and [row["config"] for row in rows[1:]] == [[32, 32, 4, 1]]
         assert all(row["stack_bytes"] == 0 and row["registers"] > 0 and row["ms"] > 0 for row in rows), rows
@@ -433,7 +433,7 @@ def test_tune_attention_times_decoding_steps_forward_only(tmp_path):
     heads per key head), the backward kernels left out, in GB/s of the bytes the benchmark
     counts (hand-computed here), over the decode grid's smaller query blocks."""
     command = [sys.executable, str(ROOT / "benchmarks" / "tune_attention.py"), "--device", "cpu", "--out",
-               str(tmp_path), "--kernels", "forward,dq", "--head-dims", "32", "--masks", "decode-gqa", "--seqlen", "96",
+               str(tmp_path), "--kernels", "forward,dq,jvp", "--head-dims", "32", "--masks", "decode-gqa", "--seqlen", "96",
                "--tokens", "192", "--hidden", "256", "--candidates", "16x32x4x1", "--warm-workers", "0"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                             env={**os.environ, "TRITON_INTERPRET": "1"})
