@@ -83,9 +83,10 @@ def run(args) -> dict:
         if subject == "attention" and device != "cuda":
             record = {"benchmark": "attention", "skipped": attention.SKIPPED_WITHOUT_GPU, "results": []}
         elif subject == "attention":
+            one_mode = ("fwd",) if args.fwd else ("fwd+bwd",) if args.bwd else ("jvp",) if args.jvp else None
             record = attention.sweep(device, args.quick, masks=args.mask, head_dims=args.head_dim,
-                                     seqlens=args.seq_len, modes=("fwd",) if args.fwd else ("fwd+bwd",) if args.bwd
-                                     else ("jvp",) if args.jvp else None, dtype=DTYPES[args.dtype], progress=_progress(),
+                                     seqlens=args.seq_len, modes=one_mode, dtype=DTYPES[args.dtype],
+                                     progress=_progress(),
                                      dropout_p=args.dropout, head_dim_v=args.value_head_dim,
                                      checkpoint=lambda partial: common.write_results(
                                          str(out), "attention", partial, attention.markdown(partial)))
