@@ -1087,7 +1087,8 @@ def test_kernels_compile_for_each_arch_with_its_matrix_instructions(aot_reports)
     pairs = [report for report in aot_reports if report["head_dim_v"] != report["head_dim"]]
     assert {(report["kernel"], report["arch"], report["head_dim"], report["head_dim_v"], report["dtype"],
              report["options"].get("DROPOUT", False), report["options"].get("INT64_OFFSETS", False)) for report in pairs
-            if report["kernel"] in kinds} == {(kernel, arch, *pair, dtype, dropout, int64) for kernel in kinds for arch in (80, 86, 90)
+            if report["kernel"] in kinds} == {(kernel, arch, *pair, dtype, dropout, int64) for kernel in kinds
+                                             for arch in (80, 86, 90)
                   for pair in aot.VALUE_HEAD_DIMS for dtype in ("bf16", "fp32") if dtype == "bf16" or max(pair) <= 64
                   for dropout in (False, True) for int64 in (False, True)}
     everything, aot_reports = aot_reports, [report for report in aot_reports if report not in pairs]

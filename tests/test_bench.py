@@ -434,7 +434,8 @@ def test_tune_attention_times_decoding_steps_forward_only(tmp_path):
     benchmark counts (hand-computed here), over the decode grid's smaller query blocks."""
     command = [sys.executable, str(ROOT / "benchmarks" / "tune_attention.py"), "--device", "cpu", "--out",
                str(tmp_path), "--kernels", "forward,dq,jvp", "--head-dims", "32", "--masks", "decode-gqa",
-               "--seqlen", "96", "--tokens", "192", "--hidden", "256", "--candidates", "16x32x4x1", "--warm-workers", "0"]
+               "--seqlen", "96", "--tokens", "192", "--hidden", "256", "--candidates", "16x32x4x1",
+               "--warm-workers", "0"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                             env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,12 +1,12 @@
 """Ahead-of-time compilation of Triton kernels for a GPU that is not here.
 
 ``python -m fasttransformer.kernels.aot`` compiles every config of the table in configs.py
-(forward, both backward kernels and the forward-mode JVP kernel) for sm_80, sm_86 and sm_90 with ``triton.compile(...,
-target=GPUTarget(...))`` and prints, as JSON, what each cubin uses (registers, stack bytes from
-Triton's cuobjdump, shared memory) and which matrix instructions its PTX has (wgmma on sm_90,
-mma.sync on sm_80 and sm_86). ``--arch 86 --target 120`` compiles one arch's entries for another
-target (sm_89 and sm_120 take sm_86's). It must run without TRITON_INTERPRET (the interpreter
-replaces ``triton.jit``), so tests call it in a subprocess.
+(forward, both backward kernels and the forward-mode JVP kernel) for sm_80, sm_86 and sm_90 with
+``triton.compile(..., target=GPUTarget(...))`` and prints, as JSON, what each cubin uses
+(registers, stack bytes from Triton's cuobjdump, shared memory) and which matrix instructions its
+PTX has (wgmma on sm_90, mma.sync on sm_80 and sm_86). ``--arch 86 --target 120`` compiles one
+arch's entries for another target (sm_89 and sm_120 take sm_86's). It must run without
+TRITON_INTERPRET (the interpreter replaces ``triton.jit``), so tests call it in a subprocess.
 
 ``--record FILE`` writes the reports with ``record_key()``, a hash of everything they depend on
 (this folder's sources, Triton's and Python's versions): the compile is deterministic, so while
