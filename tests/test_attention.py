@@ -199,8 +199,27 @@ def assert_tangent_matches_reference(q, k, v, allowed, bias, tangents, tangent_o
         primals = [t.detach().to(cast) for t in (q, k, v)] + ([bias.to(DEVICE, cast)] if len(tangents) == 4 else [])
         runs.append(torch.func.jvp(attend, tuple(primals), tuple(t.to(cast) for t in tangents))[1])
     ref, base = runs
-    magnitude = recompute_floor(q, k, bias, ref.abs().max().item())
+    terms = tangent_terms(q, k, v, allowed, bias, tangents)
+    magnitude = recompute_floor(q, k, bias, max(ref.abs().max().item(), terms))
     assert_within_torch_error(tangent_out, ref, base, 3.0, "output tangent", magnitude=magnitude)
+
+
+def tangent_terms(q, k, v, allowed, bias, tangents):
+    """The size of the terms that cancel in an output's tangent, max_i sum_j |P_ij dS_ij| |v_j|
+    (float64): the scale its error is judged at, as a gradient's is at the largest gradient's.
+    Where P = 1 (one visible key) and only the query has a tangent, the tangent is exactly 0,
+    and plain PyTorch gets 0 by accident (dS - rowsum(P dS) cancels to the bit); the kernel's
+    (P * dS) V - rowsum(P * dS) O has the rounding of P * dS to the input dtype for the product."""
+    group = q.shape[1] // k.shape[1]
+    keys, values = (t.double().repeat_interleave(group, 1).to(q.device) for t in (k, v))
+    scores = reference_attention_scores(q, k, bias).masked_fill(~allowed.to(q.device), float("-inf"))
+    probabilities = torch.softmax(scores, -1).nan_to_num(0.0)
+    tangent_keys = tangents[1].double().repeat_interleave(group, 1)
+    ds = (tangents[0].double() @ keys.transpose(-2, -1) + q.double() @ tangent_keys.transpose(-2, -1)) / math.sqrt(
+        q.shape[-1])
+    if len(tangents) == 4:
+        ds = ds + tangents[3].double()
+    return ((probabilities * ds).abs() @ values.abs()).max().item() if ds.numel() else 0.0
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
@@ -226,6 +245,25 @@ def test_jvp_matches_reference(batch, heads, kv_heads, seqlen_q, seqlen_k, head_
     assert_tangent_matches_reference(q, k, v, allowed, bias, tangents, tangent_out)
     no_key = ~allowed.any(-1)
     assert (tangent_out[no_key.to(tangent_out.device)] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_jvp_with_one_visible_key_and_the_query_tangent_alone(dtype):
+    """One visible key: P = 1, and the output (that key's value) does not move with the query,
+    so the query's tangent gives a tangent of exactly 0; plain PyTorch gets 0 to the bit. The
+    kernel's (P * dS) V - rowsum(P * dS) O cancels terms of size |dS| |v|: its result is within
+    the rounding of P * dS to the input dtype, and the accuracy rule judges it at that scale
+    (``tangent_terms``), found by a fuzzing probe."""
+    from fasttransformer.kernels.attention_jvp import attention_jvp
+    q, k, v, kernel_args, allowed, bias = make_case(1, 6, 2, 17, 1, 8, ["causal"], dtype)
+    tangents = [torch.randn_like(q), torch.zeros_like(k), torch.zeros_like(v)]
+    with poisoned_allocations(DEVICE):
+        out, lse = attention_forward(q, k, v, **kernel_args)
+        tangent_out = attention_jvp(q, k, v, out, lse, tangents[0], **kernel_args)
+    terms = tangent_terms(q, k, v, allowed, bias, tangents)
+    assert terms > 0 and tangent_out.abs().max().item() <= 4 * torch.finfo(dtype).eps * terms
+    assert_tangent_matches_reference(q, k, v, allowed, bias, tangents, tangent_out)
 
 
 SPLIT_SHAPES = [  # batch, heads, kv_heads, Lq, Lk, D: decoding steps and a few query blocks
