@@ -1911,10 +1911,12 @@ MASK_PER_BATCH = {  # the per-sequence tensors of a launch, each sliced by the b
 def test_launches_in_chunks_of_the_batch_give_the_same_bits(monkeypatch, case):
     """A batch above MAX_GRID_YZ (65535: CUDA's cap on the grid's z) takes one launch per chunk of
     sequences, each on slices of every per-sequence tensor (the inputs, outputs, logsumexp,
-    delta, masks, tile lists, split partials, a float mask's gradient). With the cap set to 2, a
-    batch of 5 takes 3 launches of each kernel, and gives the one launch's bits."""
+    delta, masks, tile lists, split partials, a float mask's gradient, the JVP kernel's tangents
+    and its mask's). With the cap set to 2, a batch of 5 takes 3 launches of each kernel, and
+    gives the one launch's bits."""
     import fasttransformer.kernels.attention_backward as backward_kernels
     import fasttransformer.kernels.attention_forward as forward_kernels
+    import fasttransformer.kernels.attention_jvp as jvp_kernels
 
     options = dict(MASK_PER_BATCH[case])
     seqlen_q, num_splits = options.pop("seqlen_q", 37), options.pop("num_splits", None)
@@ -1937,23 +1939,29 @@ def test_launches_in_chunks_of_the_batch_give_the_same_bits(monkeypatch, case):
     if kv_heads != heads:  # the kernels' functions take K and V of the key heads (GQA)
         assert "attn_mask" not in kwargs
 
+    tangents = [torch.randn_like(t) for t in (q, k, v)]
+    float_mask = kwargs.get("attn_mask") is not None and kwargs["attn_mask"].dtype != torch.bool
+    tangent_mask = torch.randn_like(kwargs["attn_mask"]) if float_mask else None
+
     def run():
         with poisoned_allocations(DEVICE):
             out, lse = attention_forward(q, k, v, num_splits=num_splits, **kwargs)
             grads = attention_backward(grad_out, q, k, v, out, lse, bias_grad=bias_grad, **kwargs)
-        return out, lse, *grads
+            tangent = jvp_kernels.attention_jvp(q, k, v, out, lse, *tangents, tangent_mask=tangent_mask, **kwargs)
+        return out, lse, *grads, tangent
 
     whole = run()
     launches = [record_launches(monkeypatch, module, name) for module, name in (
         (forward_kernels, "attention_forward_kernel"), (backward_kernels, "attention_delta_kernel"),
-        (backward_kernels, "attention_backward_dkdv_kernel"), (backward_kernels, "attention_backward_dq_kernel"))]
+        (backward_kernels, "attention_backward_dkdv_kernel"), (backward_kernels, "attention_backward_dq_kernel"),
+        (jvp_kernels, "attention_jvp_kernel"))]
     if num_splits:
         launches.append(record_launches(monkeypatch, forward_kernels, "attention_combine_kernel"))
     monkeypatch.setattr(forward_kernels, "MAX_GRID_YZ", 2)
     chunked = run()
     for recorded in launches:
         assert [grid[2] for grid in recorded] == [2, 2, 1]
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dbias"), chunked, whole):
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dbias", "tangent"), chunked, whole):
         if name == "dbias" and not bias_grad:
             assert a is None and b is None
         elif name == "dbias" and kwargs["attn_mask"].shape[0] == 1:  # summed over the chunks: float32 order
