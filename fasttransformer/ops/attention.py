@@ -21,6 +21,8 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
+from fasttransformer.ops import autotune
+
 logger = logging.getLogger("fasttransformer")
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -492,10 +494,28 @@ def _launch_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     seed: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, lse). ``seed`` (int64, one element) keys the dropout mask when ``dropout_p > 0``."""
     from fasttransformer.kernels.attention_forward import attention_forward
+    window = tuple(window) if window else None
     with _on_device(query):
+        if autotune.ENABLED is not False:  # FASTTRANSFORMER_AUTOTUNE=1 (off: one attribute read)
+            masks = dict(attn_mask=attn_mask, key_padding_mask=key_padding_mask, causal_offset=causal_offset,
+                         window=window)
+            config = autotune.forward_config(
+                query, lambda config: attention_forward(query, key, value, **masks, scale=scale, dropout_p=dropout_p,
+                                                        seed=seed, **_tiles(config)),
+                key=key, value=value, **masks, dropout_p=dropout_p)
+            return attention_forward(query, key, value, **masks, scale=scale, dropout_p=dropout_p, seed=seed,
+                                     block_list_store=_BLOCK_LIST_STORE.get(), **_tiles(config))
         return attention_forward(query, key, value, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                                 scale=scale, causal_offset=causal_offset, window=tuple(window) if window else None,
-                                 dropout_p=dropout_p, seed=seed, block_list_store=_BLOCK_LIST_STORE.get())
+                                 scale=scale, causal_offset=causal_offset, window=window, dropout_p=dropout_p,
+                                 seed=seed, block_list_store=_BLOCK_LIST_STORE.get())
+
+
+def _tiles(config) -> dict:
+    """The forward launcher's arguments for a tuned ``config`` (None: none, the table's)."""
+    if config is None:
+        return {}
+    return dict(block_m=config.block_m, block_n=config.block_n, num_warps=config.num_warps,
+                num_stages=config.num_stages)
 
 
 def _launch_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -507,12 +527,23 @@ def _launch_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Ten
     """(dq, dk, dv, dbias); dbias is the float attn_mask's gradient when ``bias_grad``, else an
     empty tensor (a custom op returns tensors)."""
     from fasttransformer.kernels.attention_backward import attention_backward
+    grad_out, window = grad_out.contiguous(), tuple(window) if window else None
     with _on_device(query):
-        dq, dk, dv, dbias = attention_backward(grad_out.contiguous(), query, key, value, out, lse, attn_mask=attn_mask,
-                                               key_padding_mask=key_padding_mask, scale=scale,
-                                               causal_offset=causal_offset,
-                                               window=tuple(window) if window else None,
-                                               bias_grad=bias_grad, dropout_p=dropout_p, seed=seed)
+        if autotune.ENABLED is not False:  # FASTTRANSFORMER_AUTOTUNE=1 (off: one attribute read)
+            def launch(dkdv_config, dq_config):
+                return attention_backward(grad_out, query, key, value, out, lse, attn_mask=attn_mask,
+                                          key_padding_mask=key_padding_mask, scale=scale, causal_offset=causal_offset,
+                                          window=window, bias_grad=bias_grad, dropout_p=dropout_p, seed=seed,
+                                          dkdv_config=dkdv_config, dq_config=dq_config)
+            dq, dk, dv, dbias = launch(*autotune.backward_configs(
+                query, launch, key=key, value=value, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                causal_offset=causal_offset, window=window, dropout_p=dropout_p,
+                bias_grad=bias_grad and attn_mask is not None))
+        else:
+            dq, dk, dv, dbias = attention_backward(grad_out, query, key, value, out, lse, attn_mask=attn_mask,
+                                                   key_padding_mask=key_padding_mask, scale=scale,
+                                                   causal_offset=causal_offset, window=window, bias_grad=bias_grad,
+                                                   dropout_p=dropout_p, seed=seed)
     return dq, dk, dv, dbias if dbias is not None else query.new_empty(0)
 
 
@@ -608,10 +639,19 @@ def _launch_jvp(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out
                 causal_offset: Optional[int], window: Optional[List[int]] = None) -> torch.Tensor:
     """The output's tangent (forward mode) for the inputs' tangents (None: zero)."""
     from fasttransformer.kernels.attention_jvp import attention_jvp
-    with _on_device(query):
+    window = tuple(window) if window else None
+
+    def launch(config=None):
         return attention_jvp(query, key, value, out, lse, tangent_query, tangent_key, tangent_value,
                              attn_mask=attn_mask, key_padding_mask=key_padding_mask, tangent_mask=tangent_mask,
-                             scale=scale, causal_offset=causal_offset, window=tuple(window) if window else None)
+                             scale=scale, causal_offset=causal_offset, window=window, config=config)
+
+    with _on_device(query):
+        if autotune.ENABLED is False:  # the table's config, unless FASTTRANSFORMER_AUTOTUNE=1
+            return launch()
+        return launch(autotune.jvp_config(query, launch, key=key, value=value, attn_mask=attn_mask,
+                                          key_padding_mask=key_padding_mask, causal_offset=causal_offset,
+                                          window=window, tangent_mask=tangent_mask is not None))
 
 
 _attention_jvp_op = torch.library.custom_op("fasttransformer::attention_jvp", mutates_args=())(_launch_jvp)
