@@ -35,6 +35,8 @@ def environment() -> dict:
                        "memory_gib": round(props.total_memory / 2**30, 1),
                        "multiprocessors": props.multi_processor_count}
     info["attention_backends"] = attention_backends(info)
+    from fasttransformer.ops import autotune
+    info["autotune"] = autotune.describe()
     return info
 
 
@@ -79,6 +81,14 @@ def print_info(info: dict) -> None:
         ("extension _C", extension),
     ]
     rows += [(f"attention: {name}", status) for name, status in info["attention_backends"].items()]
+    tune = info["autotune"]
+    if tune["enabled"] is None:
+        rows.append(("autotune", tune["error"]))
+    elif tune["enabled"]:
+        where = tune["cache"] or "memory only (FASTTRANSFORMER_AUTOTUNE_CACHE is empty)"
+        rows.append(("autotune", f"on: {tune['choices']} tuned cases in {where}"))
+    else:
+        rows.append(("autotune", "off: the config table (FASTTRANSFORMER_AUTOTUNE=1 times the configs on CUDA)"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.utils.benchmark as torch_benchmark
 
+from fasttransformer.ops import autotune
+
 
 def time_ms(fn, device: str) -> float:
     """Median time of ``fn()`` in milliseconds."""
@@ -78,6 +80,7 @@ def environment(device: str) -> dict:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "autotune": autotune.describe()["enabled"],  # FASTTRANSFORMER_AUTOTUNE: tuned configs, not the table's
     }
     try:
         import triton
