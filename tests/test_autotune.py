@@ -105,17 +105,26 @@ except ValueError as error:
 """
 
 
-@pytest.mark.parametrize("value, expected", [(None, "False"), ("1", "True"), (" ON ", "True"), ("0", "False"),
-                                             ("off", "False"), ("fast", "None\nFASTTRANSFORMER_AUTOTUNE must be 1 "
-                                                                "(tune) or 0 (the config table), got 'fast'")])
-def test_the_environment_variable_is_read_at_import(value, expected):
+@pytest.mark.parametrize("value, expected", [(None, False), ("1", True), (" ON ", True), ("yes", True), ("0", False),
+                                             ("off", False), ("", False), ("fast", None)])
+def test_the_environment_variable_values(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv(autotune.ENV, raising=False)
+    else:
+        monkeypatch.setenv(autotune.ENV, value)
+    assert autotune._from_environment() is expected
+
+
+def test_the_environment_variable_is_read_at_import():
+    """In a fresh process: on, and a bad value named by the first attention call."""
     env = {name: v for name, v in os.environ.items() if name != autotune.ENV}
     env["TRITON_INTERPRET"] = "1"
-    if value is not None:
-        env[autotune.ENV] = value
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == expected
+    for value, expected in (("1", "True"), ("fast", "None\nFASTTRANSFORMER_AUTOTUNE must be 1 (tune) or 0 (the "
+                                                    "config table), got 'fast'")):
+        result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                                env={**env, autotune.ENV: value}, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == expected
 
 
 def test_cpu_tensors_are_not_tuned_outside_the_tests(monkeypatch):
