@@ -14,7 +14,7 @@ A baseline that cannot run a case is skipped with its reason ("n/a: ...").
 import pytest
 import torch
 
-from fasttransformer.bench.attention import DECODE_MASKS, IMPLEMENTATIONS, Case, _reason
+from fasttransformer.bench.attention import DECODE_MASKS, DEFAULT_IMPLEMENTATIONS, Case, _reason
 
 BENCH_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MASKS = ("none", "causal", "padding", "document", "decode", "decode-gqa")
@@ -40,7 +40,7 @@ def case(request):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("impl", DEFAULT_IMPLEMENTATIONS)
 def test_attention(benchmark, case, impl, mode):
     if case.mask in DECODE_MASKS and mode != "fwd":
         pytest.skip("a decoding step has no backward")

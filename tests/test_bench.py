@@ -257,6 +257,42 @@ def test_attention_sweep_with_dropout():
             assert not torch.allclose(result, expected), name  # dropped: not the plain attention
 
 
+def test_attention_sweep_autotuned_column(tmp_path, monkeypatch):
+    """--autotune: the "autotuned" implementation times the kernels with autotuning on for its
+    own calls (its first call of a case tunes it: the autotune file then holds the case), and the
+    table shows its column; records without it show none. Off CUDA it is n/a with the reason,
+    unless the test lets autotune tune CPU calls (one candidate, for time)."""
+    from fasttransformer.bench.cli import build_parser
+    from fasttransformer.kernels.configs import Config
+    from fasttransformer.ops import autotune
+    assert build_parser().parse_args(["attention", "--autotune"]).autotune
+    assert "autotuned" not in attention.DEFAULT_IMPLEMENTATIONS
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "tuned.json"))
+    monkeypatch.setattr(autotune, "ENABLED", False)
+    monkeypatch.setattr(autotune, "candidates", lambda kernel, dtype, seqlen_q: [Config(32, 32, 4, 1)])
+    monkeypatch.setattr(autotune, "STAGES", ())
+    autotune.clear_memory()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sweep = dict(masks=("causal",), head_dims=(16,), seqlens=(64,), modes=("fwd",), dtype=torch.float32, tokens=128,
+                 hidden=32, implementations=("fasttransformer", "autotuned"))
+    if device == "cpu":
+        row, = attention.sweep(device, **sweep)["results"]
+        assert row["not_run"]["autotuned"] == ("NotImplementedError: autotune tunes the Triton kernels' calls on "
+                                               "CUDA only")
+        monkeypatch.setattr(autotune, "DEVICE_TYPES", ("cuda", "cpu"))
+    try:
+        record = attention.sweep(device, **sweep)
+    finally:
+        autotune.clear_memory()
+    row, = record["results"]
+    assert {"fasttransformer", "autotuned"} <= set(row["times_ms"]), row["not_run"]
+    assert autotune.ENABLED is False  # on for the autotuned calls only
+    entries = json.loads((tmp_path / "tuned.json").read_text())["entries"]
+    assert [name.split("/")[0] for name in entries] == ["forward"]
+    assert "| vs autotuned |" in attention.markdown(record)
+    assert "autotuned" not in attention.markdown(synthetic_attention_record())
+
+
 @pytest.mark.parametrize("subject,module", [("embedding", embedding), ("model", model)])
 def test_committed_markdown_is_rendered_from_its_json(subject, module):
     record = json.loads((CPU_RESULTS / f"{subject}.json").read_text())

@@ -35,7 +35,11 @@ MASKS = ("none", "causal", "padding", "document", "window", "causal+padding", "d
 DECODE_MASKS = ("decode", "decode-gqa")  # one query per sequence: forward only, bound by the bytes read
 IMPLEMENTATIONS = ("fasttransformer", "torch-flash", "torch-efficient", "torch-cudnn", "torch-math", "flex", "naive",
                    "unsplit",    # decoding: fasttransformer's forward with num_splits=1
-                   "unpacked")   # decode-gqa: fasttransformer's forward with pack_gqa=False
+                   "unpacked",   # decode-gqa: fasttransformer's forward with pack_gqa=False
+                   "autotuned")  # fasttransformer with FASTTRANSFORMER_AUTOTUNE on (bench attention --autotune)
+# Timed unless asked otherwise: all but "autotuned", whose first call of each case tunes it (tens
+# of seconds, outside the timing).
+DEFAULT_IMPLEMENTATIONS = tuple(name for name in IMPLEMENTATIONS if name != "autotuned")
 GQA_GROUP = 4
 WINDOW = 256
 BACKWARD_FLOP_RATIO = 2.5
@@ -136,11 +140,26 @@ class Case:
         return {"fasttransformer": self.ours, "torch-flash": self.sdpa("FLASH_ATTENTION"),
                 "torch-efficient": self.sdpa("EFFICIENT_ATTENTION"), "torch-cudnn": self.sdpa("CUDNN_ATTENTION"),
                 "torch-math": self.sdpa("MATH"), "flex": self.flex(), "naive": self.naive, "unsplit": self.unsplit,
-                "unpacked": self.unpacked}
+                "unpacked": self.unpacked, "autotuned": self.autotuned}
 
     def ours(self):
         return scaled_dot_product_attention(self.q, self.k, self.v, backend=self.backend, dropout_p=self.dropout_p,
                                             **self.ours_kwargs)
+
+    def autotuned(self):
+        """``ours`` with autotuning on for this call (fasttransformer/ops/autotune.py): its first
+        call of a case times the candidate configs and keeps the fastest, in the autotune file
+        (FASTTRANSFORMER_AUTOTUNE_CACHE). "vs autotuned" below 1x: the tuned configs are faster
+        than the table's."""
+        from fasttransformer.ops import autotune
+        if self.backend != "triton" or torch.device(self.device).type not in autotune.DEVICE_TYPES:
+            raise NotImplementedError("autotune tunes the Triton kernels' calls on CUDA only")
+        previous = autotune.ENABLED
+        autotune.enable(True)
+        try:
+            return self.ours()
+        finally:
+            autotune.ENABLED = previous
 
     def unsplit(self):
         """Decode only: the Triton forward with one program per query block (num_splits=1), the
@@ -248,7 +267,7 @@ SKIPPED_WITHOUT_GPU = ("no CUDA GPU: the Triton kernels run on the CPU only unde
 
 
 def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=None, modes=None,
-          dtype=torch.bfloat16, progress=None, tokens=TOKENS, hidden=HIDDEN, implementations=IMPLEMENTATIONS,
+          dtype=torch.bfloat16, progress=None, tokens=TOKENS, hidden=HIDDEN, implementations=DEFAULT_IMPLEMENTATIONS,
           dropout_p: float = 0.0, checkpoint=None, head_dim_v: Optional[int] = None) -> dict:
     """Every (mask, D, L, implementation, mode); the record holds a row per case and mode, and a
     "bwd" row (fwd+bwd time minus fwd time) when both were timed. Meant for CUDA (the CLI skips
@@ -352,7 +371,9 @@ def markdown(record: dict) -> str:
              f"read and O written (measured copy: {ceil['copy_gbps']:.0f} GB/s).", ""]
     if record.get("partial"):
         lines[-1:-1] = ["", f"Partial record: the run stopped after {record['partial']}."]
-    baselines = [name for name in IMPLEMENTATIONS if name != "fasttransformer"]
+    timed = {name for row in record["results"] for name in (*row["times_ms"], *row["not_run"])}
+    baselines = [name for name in IMPLEMENTATIONS  # "autotuned" where it was asked for (--autotune)
+                 if name != "fasttransformer" and (name in DEFAULT_IMPLEMENTATIONS or name in timed)]
     lines.append("| mask | D | L | mode | visible | fasttransformer TFLOP/s (% of matmul) | "
                  + " | ".join(f"vs {name}" for name in baselines) + " |")
     lines.append("|" + "---|" * (6 + len(baselines)))

@@ -42,6 +42,10 @@ def build_parser(parser=None) -> argparse.ArgumentParser:
                            "decode-gqa (the same, 4 query heads per key head)")
     attention.add_argument("--dropout", type=float, default=0.0,
                            help="dropout_p for every implementation that has dropout (default 0)")
+    attention.add_argument("--autotune", action="store_true",
+                           help="also time the kernels with FASTTRANSFORMER_AUTOTUNE on (the \"autotuned\" column: "
+                           "below 1x, the tuned configs beat the table's); each case's first call tunes it, "
+                           "tens of seconds, kept in the autotune file")
     modes = attention.add_mutually_exclusive_group()
     modes.add_argument("--fwd", action="store_true", help="forward only (default: forward, forward + backward and "
                        "forward mode)")
@@ -88,6 +92,8 @@ def run(args) -> dict:
                                      seqlens=args.seq_len, modes=one_mode, dtype=DTYPES[args.dtype],
                                      progress=_progress(),
                                      dropout_p=args.dropout, head_dim_v=args.value_head_dim,
+                                     implementations=attention.DEFAULT_IMPLEMENTATIONS + (
+                                         ("autotuned",) if args.autotune else ()),
                                      checkpoint=lambda partial: common.write_results(
                                          str(out), "attention", partial, attention.markdown(partial)))
         else:
