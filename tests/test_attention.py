@@ -188,28 +188,30 @@ def recompute_floor(q, k, bias, magnitude, scale=None):
     return magnitude * max(1.0, largest_score * torch.finfo(torch.float32).eps / torch.finfo(q.dtype).eps)
 
 
-def assert_tangent_matches_reference(q, k, v, allowed, bias, tangents, tangent_out):
+def assert_tangent_matches_reference(q, k, v, allowed, bias, tangents, tangent_out, keep=None, dropout_p=0.0):
     """The output's tangent (forward mode) for the tangents of (q, k, v) and of ``bias`` (4th,
     when given) under the accuracy rule for derivatives: against the float64 reference's
-    (torch.func.jvp), within 3x plain PyTorch's error in the inputs' dtype."""
+    (torch.func.jvp), within 3x plain PyTorch's error in the inputs' dtype. ``keep``: the
+    dropout mask of the forward, with its ``dropout_p``."""
     runs = []
     for cast in (torch.float64, q.dtype):
         def attend(q, k, v, bias=None):
-            return reference_attention(q, k, v, allowed, bias)
+            return reference_attention(q, k, v, allowed, bias, keep, dropout_p)
         primals = [t.detach().to(cast) for t in (q, k, v)] + ([bias.to(DEVICE, cast)] if len(tangents) == 4 else [])
         runs.append(torch.func.jvp(attend, tuple(primals), tuple(t.to(cast) for t in tangents))[1])
     ref, base = runs
-    terms = tangent_terms(q, k, v, allowed, bias, tangents)
+    terms = tangent_terms(q, k, v, allowed, bias, tangents, keep, dropout_p)
     magnitude = recompute_floor(q, k, bias, max(ref.abs().max().item(), terms))
     assert_within_torch_error(tangent_out, ref, base, 3.0, "output tangent", magnitude=magnitude)
 
 
-def tangent_terms(q, k, v, allowed, bias, tangents):
+def tangent_terms(q, k, v, allowed, bias, tangents, keep=None, dropout_p=0.0):
     """The size of the terms that cancel in an output's tangent, max_i sum_j |P_ij dS_ij| |v_j|
     (float64): the scale its error is judged at, as a gradient's is at the largest gradient's.
     Where P = 1 (one visible key) and only the query has a tangent, the tangent is exactly 0,
     and plain PyTorch gets 0 by accident (dS - rowsum(P dS) cancels to the bit); the kernel's
-    (P * dS) V - rowsum(P * dS) O has the rounding of P * dS to the input dtype for the product."""
+    (P * dS) V - rowsum(P * dS) O has the rounding of P * dS to the input dtype for the product.
+    With dropout (``keep``), P's kept elements are scaled by 1 / (1 - dropout_p) there."""
     group = q.shape[1] // k.shape[1]
     keys, values = (t.double().repeat_interleave(group, 1).to(q.device) for t in (k, v))
     scores = reference_attention_scores(q, k, bias).masked_fill(~allowed.to(q.device), float("-inf"))
@@ -219,6 +221,8 @@ def tangent_terms(q, k, v, allowed, bias, tangents):
         q.shape[-1])
     if len(tangents) == 4:
         ds = ds + tangents[3].double()
+    if keep is not None:
+        probabilities = probabilities * keep.to(probabilities.device) / (1 - dropout_p)
     return ((probabilities * ds).abs() @ values.abs()).max().item() if ds.numel() else 0.0
 
 
@@ -245,6 +249,35 @@ def test_jvp_matches_reference(batch, heads, kv_heads, seqlen_q, seqlen_k, head_
     assert_tangent_matches_reference(q, k, v, allowed, bias, tangents, tangent_out)
     no_key = ~allowed.any(-1)
     assert (tangent_out[no_key.to(tangent_out.device)] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("masks", MASKS)
+def test_jvp_with_dropout_matches_reference(masks, dtype):
+    """Forward mode with dropout: the JVP kernel regenerates the forward's dropout mask from its
+    seed, dO = (P dS Z) V + (P Z) dV - rowsum(P dS) O, against the float64 reference's tangent
+    with that mask (GQA, Dv != D); rows that see no key get a zero tangent."""
+    from fasttransformer.kernels.attention_jvp import attention_jvp
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, head_dim_v, dropout_p = 2, 4, 2, 37, 70, 40, 24, 0.3
+    q, k, _, kernel_args, allowed, bias = make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim,
+                                                    masks.split("+"), dtype)
+    v = torch.randn(batch, kv_heads, seqlen_k, head_dim_v, device=DEVICE, dtype=dtype)
+    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=DEVICE)
+    tangents = [torch.randn_like(t) for t in (q, k, v)]
+    tangent_mask = None
+    if bias is not None:
+        tangent_mask = torch.randn(bias.shape, device=DEVICE, dtype=dtype)
+        tangents.append(tangent_mask)
+    with poisoned_allocations(DEVICE):
+        out, lse = attention_forward(q, k, v, dropout_p=dropout_p, seed=seed, **kernel_args)
+        tangent_out = attention_jvp(q, k, v, out, lse, *tangents[:3], tangent_mask=tangent_mask, dropout_p=dropout_p,
+                                    seed=seed, **kernel_args)
+    keep = dropout_keep_mask(seed, (batch, heads, seqlen_q, seqlen_k), dropout_p)
+    assert 0.6 < keep.float().mean().item() < 0.8
+    assert_tangent_matches_reference(q, k, v, allowed, bias, tangents, tangent_out, keep,
+                                     effective_dropout_p(dropout_p))
+    assert (tangent_out[(~allowed.any(-1)).to(tangent_out.device)] == 0).all()
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
@@ -1158,17 +1191,16 @@ def test_kernels_compile_for_each_arch_with_its_matrix_instructions(aot_reports)
                   for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32))
                   for (arch, head_dim) in table}
     # the forward-mode (JVP) kernel: the bool mask and the float mask with its tangent, 32- and 64-bit
-    # offsets, no dropout (it has none), every entry of the table and the (D, Dv) pairs
+    # offsets, with dropout or not, every entry of the table and the (D, Dv) pairs
     jvp = {(report["arch"], report["head_dim"], report["head_dim_v"], report["dtype"],
-            report["options"].get("MASK_TANGENT", False), report["options"].get("INT64_OFFSETS", False))
+            report["options"].get("MASK_TANGENT", False), report["options"].get("INT64_OFFSETS", False),
+            report["options"].get("DROPOUT", False))
            for report in everything if report["kernel"] == "attention_jvp_kernel"}
-    assert jvp == {(arch, *(pair if isinstance(pair, tuple) else (pair, pair)), dtype, tangent, int64)
+    assert jvp == {(arch, *(pair if isinstance(pair, tuple) else (pair, pair)), dtype, tangent, int64, dropout)
                    for dtype, table in (("bf16", configs.FORWARD), ("fp32", configs.FORWARD_FP32))
                    for (arch, head_dim) in table
                    for pair in (head_dim, *(pair for pair in aot.VALUE_HEAD_DIMS if dtype == "bf16" or max(pair) <= 64))
-                   for tangent in (False, True) for int64 in (False, True)}
-    assert not any(report["options"].get("DROPOUT") for report in everything
-                   if report["kernel"] == "attention_jvp_kernel")
+                   for tangent in (False, True) for int64 in (False, True) for dropout in (False, True)}
     aot_reports = [report for report in everything if report["kernel"] in kinds]  # delta, combine: no products
     assert {(kinds[report["kernel"]], report["arch"], report["head_dim"], report["dtype"]) for report in aot_reports
             if report not in pairs} == {
@@ -2306,10 +2338,9 @@ def test_op_torch_compile_over_torch_func(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
-def test_op_torch_func_second_derivatives_and_forward_mode_with_dropout_raise():
+def test_op_torch_func_second_derivatives_raise():
     """The kernels have first derivatives only, reverse (the backward kernels) and forward (the
-    JVP kernel): every composition of two raises, and so does forward mode with dropout (the
-    JVP kernel has none; "auto" takes torch's math there)."""
+    JVP kernel): every composition of two raises."""
     q, k, v = (torch.randn(1, 2, 9, 16, device=DEVICE) for _ in range(3))
     loss = lambda q: scaled_dot_product_attention(q, k, v, backend="triton").pow(2).sum()  # noqa: E731
     with pytest.raises(RuntimeError, match="no second derivative"):
@@ -2321,12 +2352,53 @@ def test_op_torch_func_second_derivatives_and_forward_mode_with_dropout_raise():
     tangent = torch.func.jvp(loss, (q.clone().requires_grad_(),), (torch.randn_like(q),))[1]
     with pytest.raises(RuntimeError, match="no derivative of their forward-mode tangent"):
         tangent.backward()
-    dropping = lambda q: scaled_dot_product_attention(q, k, v, dropout_p=0.1, backend="triton")  # noqa: E731
-    with pytest.raises(RuntimeError, match="backend='triton' cannot run this call: forward-mode AD .* with dropout"):
-        torch.func.jvp(dropping, (q,), (torch.randn_like(q),))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
+@pytest.mark.parametrize("name", ["padding+window_int", "float+padding"])
+def test_op_forward_mode_with_dropout_runs_the_jvp_kernel(monkeypatch, name):
+    """Forward mode with dropout (torch.func.jvp, forward_ad's dual tensors) through the op: the
+    forward and the JVP kernel take one seed, so the tangent is the derivative of the output
+    returned (its dropout mask regenerated), under the accuracy rule; no torch SDPA. jacfwd
+    launches once per tangent (the draws are keyed by a sequence's index in the launch, which
+    folding would move) and agrees with jacrev."""
     import torch.autograd.forward_ad as forward_ad
-    with forward_ad.dual_level(), pytest.raises(RuntimeError, match="cannot run this call: forward-mode AD"):
-        dropping(forward_ad.make_dual(q, torch.randn_like(q)))
+    from fasttransformer.kernels import attention_jvp as jvp_module
+    from fasttransformer.ops import attention as ops_module
+
+    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=DEVICE)
+    monkeypatch.setattr(ops_module, "_dropout_seed", lambda device: seed)  # the draw, known to the test
+    monkeypatch.setattr(ops_module, "_torch_attention", lambda *args: pytest.fail("torch's SDPA was called"))
+    launches = record_launches(monkeypatch, jvp_module, "attention_jvp_kernel")
+    dropout_p = 0.25
+    q, k, v, kwargs, allowed, bias = op_case(name, torch.float32, seqlen_q=21, seqlen_k=33, head_dim=16)
+    primals = [q, k, v] + ([kwargs.pop("attn_mask")] if bias is not None else [])
+    tangents = [torch.randn_like(tensor) for tensor in primals]
+
+    def attend(q, k, v, bias=None):
+        return scaled_dot_product_attention(q, k, v, **kwargs, **({"attn_mask": bias} if bias is not None else {}),
+                                            dropout_p=dropout_p, backend="triton")
+
+    with poisoned_allocations(DEVICE):
+        out, tangent = torch.func.jvp(attend, tuple(primals), tuple(tangents))
+    assert len(launches) == 1
+    keep = dropout_keep_mask(seed, allowed.shape, dropout_p)
+    assert_tangent_matches_reference(q, k, v, allowed, bias, tangents, tangent, keep, dropout_p)
+    assert_within_torch_error(out, reference_attention(q.double(), k.double(), v.double(), allowed, bias, keep,
+                                                       dropout_p), reference_attention(q, k, v, allowed, bias, keep,
+                                                                                       dropout_p))
+    with forward_ad.dual_level():
+        dual = attend(*(forward_ad.make_dual(primal, t) for primal, t in zip(primals, tangents)))
+        assert torch.equal(forward_ad.unpack_dual(dual).primal, out)
+        assert torch.equal(forward_ad.unpack_dual(dual).tangent, tangent)
+
+    small = [tensor[:1, :2, :3].detach() for tensor in (q, k, v)]
+    def attend_small(q):
+        return scaled_dot_product_attention(q, *small[1:], dropout_p=dropout_p, enable_gqa=True, backend="triton")
+    launches.clear()
+    forward = torch.func.jacfwd(attend_small)(small[0])
+    assert len(launches) == small[0].numel()  # one per tangent of the basis
+    torch.testing.assert_close(forward, torch.func.jacrev(attend_small)(small[0]), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
@@ -2738,15 +2810,18 @@ def test_cuda_large_cases_forward_and_backward(name, dtype):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's jvp setup (a FutureWarning in 2.15)
 @pytest.mark.parametrize("name", ["4k-D64-padding+causal-gqa", "4k-D64-document", "decode-Lq1-8k-D128-lower_right",
-                                  "2k-D256-window+float", "3000x5000-D96-bool+padding"])
+                                  "2k-D256-window+float", "3000x5000-D96-bool+padding",
+                                  "4k-D64-padding+causal-gqa+dropout", "2k-D256-window+float+dropout"])
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_large_cases_jvp(name):
     """The JVP kernel (forward mode) in bfloat16 at real sizes, with its configs
     (configs.jvp_config: JVP_OVERRIDES where the dQ kernel's spilled), a float mask's tangent
-    included, under the accuracy rule for derivatives."""
+    included, under the accuracy rule for derivatives; "+dropout": with the forward's dropout
+    mask (p = 0.2)."""
     from fasttransformer.kernels.attention_jvp import attention_jvp
-    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, masks = LARGE_CASES[name]
+    dropout_p = 0.2 if name.endswith("+dropout") else 0.0
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, masks = LARGE_CASES[name.removesuffix("+dropout")]
     q, k, v, kernel_args, allowed, bias = make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim,
                                                     [mask for mask in masks if mask != "document"], torch.bfloat16)
     if "document" in masks:
@@ -2758,10 +2833,14 @@ def test_cuda_large_cases_jvp(name):
     if bias is not None:
         tangent_mask = torch.randn(bias.shape, device=DEVICE, dtype=torch.bfloat16)
         tangents.append(tangent_mask)
+    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=DEVICE)
     with poisoned_allocations(DEVICE):
-        out, lse = attention_forward(q, k, v, **kernel_args)
-        tangent_out = attention_jvp(q, k, v, out, lse, *tangents[:3], tangent_mask=tangent_mask, **kernel_args)
-    assert_tangent_matches_reference(q, k, v, allowed, bias, tangents, tangent_out)
+        out, lse = attention_forward(q, k, v, dropout_p=dropout_p, seed=seed, **kernel_args)
+        tangent_out = attention_jvp(q, k, v, out, lse, *tangents[:3], tangent_mask=tangent_mask, dropout_p=dropout_p,
+                                    seed=seed, **kernel_args)
+    keep = dropout_keep_mask(seed, (batch, heads, seqlen_q, seqlen_k), dropout_p) if dropout_p else None
+    assert_tangent_matches_reference(q, k, v, allowed, bias, tangents, tangent_out, keep,
+                                     effective_dropout_p(dropout_p))
 
 
 @pytest.mark.cuda

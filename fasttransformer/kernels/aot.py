@@ -206,10 +206,10 @@ def _attention_jobs(arch: int, head_dim, dtype: str, own_tiles: bool = False) ->
             jobs.append(("dkdv", arch, head_dim, tuple(dkdv), {**extra, **tiles("dkdv")}, dtype))
             for options in ({}, {"MASK_KIND": 2, "BIAS_GRAD": True}):  # bool mask, float mask and its grad
                 jobs.append(("dq", arch, head_dim, tuple(dq), {**options, **extra, **tiles("dq")}, dtype))
-            if not dropout:  # the forward-mode (JVP) kernel, with the dQ kernel's tiles; it has no dropout
-                jvp = configs.jvp_config(device, torch_dtype, dims[0], int64, head_dim_v=dims[1])
-                for options in ({}, {"MASK_KIND": 2, "MASK_TANGENT": True}):  # bool mask, float mask and its tangent
-                    jobs.append(("jvp", arch, head_dim, tuple(jvp), {**options, **extra, **tiles("dq")}, dtype))
+            # the forward-mode (JVP) kernel, with the dQ kernel's tiles
+            jvp = configs.jvp_config(device, torch_dtype, dims[0], int64, head_dim_v=dims[1], dropout=dropout)
+            for options in ({}, {"MASK_KIND": 2, "MASK_TANGENT": True}):  # bool mask, float mask and its tangent
+                jobs.append(("jvp", arch, head_dim, tuple(jvp), {**options, **extra, **tiles("dq")}, dtype))
     return jobs
 
 

@@ -324,11 +324,22 @@ JVP_OVERRIDES = {
 }
 
 
-def jvp_config(device, dtype, head_dim: int, int64: bool = False, head_dim_v=None) -> Config:
-    """The forward-mode (JVP) kernel's config: the dQ kernel's, whose walk it shares, but where
-    JVP_OVERRIDES has an entry for it (the JVP kernel holds the query's tangent besides the
-    query, and accumulates over Dv)."""
-    config = _lookup("dq", (BACKWARD_DQ, BACKWARD_DQ_FP32), device, dtype, head_dim, INTERPRETER_DQ, False, int64,
+# With dropout (its Philox state and draws) and 64-bit offsets, two of the entries above spilled
+# 16 bytes: sm_80's D = 128 with the float mask's tangent, sm_90's D = 64 with a bool mask. These
+# replace them there, the largest tiles clean in every job of the variant, on the tensor cores
+# (AOT sweep of 2026-12-07, stop 36: benchmarks/results/2026-12-07-cpu/aot_jvp_dropout_sweep.py,
+# aot-jvp-dropout-sweep.json). Keys: ("2-byte" or "fp32", arch, bucket, dropout, int64 offsets).
+JVP_VARIANT_OVERRIDES = {
+    ("2-byte", 80, 128, True, True): Config(128, 16, 8, 2),  # (128, 16, 8, 1): 16 bytes
+    ("2-byte", 90, 64, True, True): Config(128, 32, 8, 2),  # (128, 64, 8, 2): 16 bytes
+}
+
+
+def jvp_config(device, dtype, head_dim: int, int64: bool = False, head_dim_v=None, dropout: bool = False) -> Config:
+    """The forward-mode (JVP) kernel's config: the dQ kernel's (with dropout, its dropout entry),
+    whose walk it shares, but where JVP_VARIANT_OVERRIDES or JVP_OVERRIDES has an entry for it
+    (the JVP kernel holds the query's tangent besides the query, and accumulates over Dv)."""
+    config = _lookup("dq", (BACKWARD_DQ, BACKWARD_DQ_FP32), device, dtype, head_dim, INTERPRETER_DQ, dropout, int64,
                      head_dim_v)
     if not hasattr(device, "arch"):
         device = torch.device(device)
@@ -336,7 +347,8 @@ def jvp_config(device, dtype, head_dim: int, int64: bool = False, head_dim_v=Non
         return config
     kind = "fp32" if dtype == torch.float32 else "2-byte"
     bucket = head_dim_bucket(max(head_dim, head_dim if head_dim_v is None else head_dim_v))
-    return JVP_OVERRIDES.get((kind, _arch(device), bucket), config)
+    key = (kind, _arch(device), bucket)
+    return JVP_VARIANT_OVERRIDES.get((*key, dropout, int64)) or JVP_OVERRIDES.get(key, config)
 
 
 def tile_head_dims(kernel: str, device, dtype, head_dim: int, head_dim_v: int, dropout: bool = False,

@@ -87,9 +87,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     derivatives (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``) run in the Triton
     JVP kernel (kernels/attention_jvp.py: the output's tangent from the forward's logsumexp,
     nothing of size Lq x Lk written), for the tangents of the query, key, value and a float
-    mask; with dropout they go to torch's SDPA with its math backend, the one of torch's that
-    has them (its fused kernels raise), and ``backend="triton"`` raises. No second derivatives
-    (of a gradient or of a tangent). torch.compile over
+    mask, with dropout too (the forward's mask, regenerated from its seed). No second
+    derivatives (of a gradient or of a tangent). torch.compile over
     ``vmap`` runs the kernels; over ``grad`` (``vjp``, ``jacrev``) the custom op's autograd meets
     pytorch/pytorch#168393 in the compiled region: ``"auto"`` takes torch's SDPA there.
 
@@ -113,9 +112,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                      key_padding_mask, window_size, backend)
     reason = _triton_unsupported(query, spec)
     forward_mode = not torch.compiler.is_compiling() and _forward_mode(query, key, value, spec["attn_mask"])
-    if not reason and forward_mode and spec["dropout_p"] > 0:
-        reason = ("forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) with dropout: the kernels' "
-                  "tangent has no dropout; torch's SDPA gives it with its math backend")
     if not reason and torch.compiler.is_compiling() and _func_differentiates():
         reason = ("torch.compile over torch.func's grad, vjp, jacrev or jvp: in the compiled region the custom op's "
                   "autograd hits pytorch/pytorch#168393 (torch.func outside torch.compile runs the kernels)")
@@ -636,22 +632,25 @@ def _launch_jvp(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out
                 tangent_query: Optional[torch.Tensor], tangent_key: Optional[torch.Tensor],
                 tangent_value: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor],
                 key_padding_mask: Optional[torch.Tensor], tangent_mask: Optional[torch.Tensor], scale: float,
-                causal_offset: Optional[int], window: Optional[List[int]] = None) -> torch.Tensor:
-    """The output's tangent (forward mode) for the inputs' tangents (None: zero)."""
+                causal_offset: Optional[int], window: Optional[List[int]] = None, dropout_p: float = 0.0,
+                seed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The output's tangent (forward mode) for the inputs' tangents (None: zero); ``dropout_p`` and
+    ``seed`` the forward's (the same seed regenerates its dropout mask)."""
     from fasttransformer.kernels.attention_jvp import attention_jvp
     window = tuple(window) if window else None
 
     def launch(config=None):
         return attention_jvp(query, key, value, out, lse, tangent_query, tangent_key, tangent_value,
                              attn_mask=attn_mask, key_padding_mask=key_padding_mask, tangent_mask=tangent_mask,
-                             scale=scale, causal_offset=causal_offset, window=window, config=config)
+                             scale=scale, causal_offset=causal_offset, window=window, dropout_p=dropout_p,
+                             seed=seed, config=config)
 
     with _on_device(query):
         if autotune.ENABLED is False:  # the table's config, unless FASTTRANSFORMER_AUTOTUNE=1
             return launch()
         return launch(autotune.jvp_config(query, launch, key=key, value=value, attn_mask=attn_mask,
                                           key_padding_mask=key_padding_mask, causal_offset=causal_offset,
-                                          window=window, tangent_mask=tangent_mask is not None))
+                                          window=window, dropout_p=dropout_p, tangent_mask=tangent_mask is not None))
 
 
 _attention_jvp_op = torch.library.custom_op("fasttransformer::attention_jvp", mutates_args=())(_launch_jvp)
@@ -659,7 +658,7 @@ _attention_jvp_op = torch.library.custom_op("fasttransformer::attention_jvp", mu
 
 @_attention_jvp_op.register_fake
 def _(query, key, value, out, lse, tangent_query, tangent_key, tangent_value, attn_mask, key_padding_mask,
-      tangent_mask, scale, causal_offset, window=None):
+      tangent_mask, scale, causal_offset, window=None, dropout_p=0.0, seed=None):
     from fasttransformer.kernels.attention_forward import output_like
     return output_like(query, value.shape[-1])
 
@@ -694,7 +693,7 @@ class _FuncAttention(torch.autograd.Function):
         _setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1])
         query, key, value, attn_mask, key_padding_mask = inputs[:5]
-        ctx.save_for_forward(query, key, value, *output, attn_mask, key_padding_mask)
+        ctx.save_for_forward(query, key, value, *output, attn_mask, key_padding_mask, inputs[9])
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
@@ -703,16 +702,14 @@ class _FuncAttention(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, tangent_query, tangent_key, tangent_value, tangent_mask, *_):
         """The output's tangent from the JVP kernel (kernels/attention_jvp.py), which recomputes
-        the probabilities from the forward's logsumexp; the logsumexp has none (it is internal)."""
-        if ctx.dropout_p > 0:  # the dispatch sends forward mode with dropout to torch
-            raise RuntimeError("fasttransformer's attention kernels have no forward-mode derivative with dropout; "
-                               "backend='torch' leaves it to torch's SDPA")
-        query, key, value, out, lse, attn_mask, key_padding_mask = ctx.saved_tensors
+        the probabilities from the forward's logsumexp (and its dropout mask from its seed); the
+        logsumexp has none (it is internal)."""
+        query, key, value, out, lse, attn_mask, key_padding_mask, seed = ctx.saved_tensors
         if attn_mask is None or attn_mask.dtype == torch.bool:
             tangent_mask = None
         tangent_out = _FuncAttentionJvp.apply(query, key, value, out, lse, tangent_query, tangent_key, tangent_value,
                                               attn_mask, key_padding_mask, tangent_mask, ctx.scale, ctx.causal_offset,
-                                              ctx.window)
+                                              ctx.window, ctx.dropout_p, seed)
         return tangent_out, None
 
 
@@ -809,16 +806,17 @@ def _(info, in_dims, query, key, value, attn_mask, key_padding_mask, scale, caus
 
 @torch.library.register_vmap("fasttransformer::attention_jvp")
 def _(info, in_dims, query, key, value, out, lse, tangent_query, tangent_key, tangent_value, attn_mask,
-      key_padding_mask, tangent_mask, scale, causal_offset, window=None):
+      key_padding_mask, tangent_mask, scale, causal_offset, window=None, dropout_p=0.0, seed=None):
     """Batching rule (jacfwd: one tangent per example, the primals shared): the examples'
-    sequences folded into the batch, one launch."""
+    sequences folded into the batch, one launch. With dropout, a launch per example: the draws
+    are keyed by the sequence's index in the launch, which folding would change."""
     op, size = torch.ops.fasttransformer.attention_jvp, info.batch_size
     args = (query, key, value, out, lse, tangent_query, tangent_key, tangent_value, attn_mask, key_padding_mask,
-            tangent_mask, scale, causal_offset, window)
+            tangent_mask, scale, causal_offset, window, dropout_p, seed)
     in_dims = (*in_dims, *(None,) * (len(args) - len(in_dims)))
     batch, heads, seqlen_q = _batched(query, in_dims[0], size).shape[1:4]
     from fasttransformer.kernels.attention_forward import launch_sizes_unsupported
-    if launch_sizes_unsupported(size * batch, heads, seqlen_q, False):
+    if dropout_p > 0 or launch_sizes_unsupported(size * batch, heads, seqlen_q, False):
         return _per_example(lambda *example: (op(*example),), size, in_dims, args)[0], 0
     folded = [_folded(tensor, dim, size) if tensor is not None else None for tensor, dim in zip(args[:8], in_dims)]
     for index in (8, 10):  # a mask, and its tangent: each example's own, or one for them all as it is
@@ -829,7 +827,8 @@ def _(info, in_dims, query, key, value, out, lse, tangent_query, tangent_key, ta
     attn_mask, tangent_mask = folded[8:]
     if key_padding_mask is not None:
         key_padding_mask = _folded(key_padding_mask, in_dims[9], size)
-    tangent_out = op(*folded[:8], attn_mask, key_padding_mask, tangent_mask, scale, causal_offset, window)
+    tangent_out = op(*folded[:8], attn_mask, key_padding_mask, tangent_mask, scale, causal_offset, window,
+                     dropout_p, seed)
     return tangent_out.unflatten(0, (size, batch)), 0
 
 
