@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -340,6 +341,34 @@ def test_an_unwritable_file_keeps_the_choices_in_memory(tuning, monkeypatch, tmp
     autotune.clear_memory()
     scaled_dot_product_attention(q, k, v, backend="triton")
     assert len(tuning["measured"]) > count and not list(tmp_path.glob("*.json"))
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from fasttransformer.ops import autotune
+path, name = Path(sys.argv[1]), sys.argv[2]
+(path.parent / ("ready-" + name)).touch()
+while not (path.parent / "go").exists():  # every writer starts at once
+    time.sleep(0.001)
+for i in range(100):
+    autotune._save(path, f"forward/{name}/{i}", {"stamp": "s", "choice": None})
+"""
+
+
+def test_processes_writing_at_once_keep_every_entry(tmp_path):
+    """Four processes adding 100 entries each to one file at the same time (ranks of a job
+    sharing it): the lock around the read, merge and write keeps all 400 (without it, a write
+    made between another's read and its write is lost)."""
+    path = tmp_path / "autotune.json"
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), f"rank{rank}"]) for rank in range(4)]
+    deadline = time.monotonic() + 300
+    while len(list(tmp_path.glob("ready-*"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    assert [writer.wait(timeout=300) for writer in writers] == [0] * 4
+    entries = json.loads(path.read_text())["entries"]
+    assert set(entries) == {f"forward/rank{rank}/{i}" for rank in range(4) for i in range(100)}
 
 
 def test_default_cache_path(monkeypatch, tmp_path):

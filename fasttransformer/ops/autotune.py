@@ -23,8 +23,8 @@ call's own inputs instead and keeps the fastest:
 - The choices are kept in a JSON file, ``FASTTRANSFORMER_AUTOTUNE_CACHE`` (default
   ``$XDG_CACHE_HOME/fasttransformer/autotune.json``, ``~/.cache`` without it), with a stamp of what
   they depend on (the kernels' sources, Triton, torch): a stamp that differs retunes. Writes are
-  atomic and merge what other processes wrote. ``FASTTRANSFORMER_AUTOTUNE_CACHE=""`` keeps them
-  in memory only.
+  atomic and merge what other processes wrote, under a lock (``<file>.lock``, POSIX).
+  ``FASTTRANSFORMER_AUTOTUNE_CACHE=""`` keeps them in memory only.
 - While a CUDA graph is being captured nothing is timed: a case not yet tuned takes the table.
 - The launches are pure (each writes fresh outputs, dropout is keyed by its seed), so timing
   them changes nothing; the call's result is computed once more with the chosen config, the
@@ -48,6 +48,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from fasttransformer.kernels.configs import Config
+
+try:
+    import fcntl  # POSIX: the cache file's lock
+except ImportError:  # Windows
+    fcntl = None
 
 logger = logging.getLogger("fasttransformer")
 
@@ -235,25 +240,31 @@ def _load(path: Path) -> Dict[str, dict]:
 
 
 def _save(path: Path, key: str, entry: dict) -> None:
-    """Adds ``entry`` to the file, atomically, keeping what other processes (or stamps) wrote."""
+    """Adds ``entry`` to the file, keeping what other processes (or stamps) wrote: the read, merge
+    and write hold an exclusive lock on ``<file>.lock`` (POSIX; elsewhere a race may drop an entry,
+    which a later process tunes again), and the write is atomic (a temporary file, renamed)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(path) as file:
-                data = json.load(file)
-            if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
-                raise ValueError
-        except (OSError, ValueError):
-            data = {"format": FORMAT, "entries": {}}
-        data["entries"][key] = entry
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w") as file:
-                json.dump(data, file, indent=1, sort_keys=True)
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the lock file is closed
+            try:
+                with open(path) as file:
+                    data = json.load(file)
+                if (not isinstance(data, dict) or data.get("format") != FORMAT
+                        or not isinstance(data.get("entries"), dict)):
+                    raise ValueError
+            except (OSError, ValueError):
+                data = {"format": FORMAT, "entries": {}}
+            data["entries"][key] = entry
+            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            try:
+                with os.fdopen(handle, "w") as file:
+                    json.dump(data, file, indent=1, sort_keys=True)
+                os.replace(temporary, path)
+            except BaseException:
+                os.unlink(temporary)
+                raise
     except OSError as error:
         _warn_once(f"write {path}", f"autotune: cannot write {path} ({error}); the choices stay in memory")
 
