@@ -205,6 +205,13 @@ def assert_tangent_matches_reference(q, k, v, allowed, bias, tangents, tangent_o
     assert_within_torch_error(tangent_out, ref, base, 3.0, "output tangent", magnitude=magnitude)
 
 
+def random_tangents(q, k, v, bias):
+    """(tangents of q, k, v and, with a float mask ``bias``, of the mask, 4th; the mask's or None)."""
+    tangents = [torch.randn_like(t) for t in (q, k, v)]
+    tangent_mask = None if bias is None else torch.randn(bias.shape, device=DEVICE, dtype=q.dtype)
+    return tangents + ([] if tangent_mask is None else [tangent_mask]), tangent_mask
+
+
 def tangent_terms(q, k, v, allowed, bias, tangents, keep=None, dropout_p=0.0):
     """The size of the terms that cancel in an output's tangent, max_i sum_j |P_ij dS_ij| |v_j|
     (float64): the scale its error is judged at, as a gradient's is at the largest gradient's.
@@ -237,11 +244,7 @@ def test_jvp_matches_reference(batch, heads, kv_heads, seqlen_q, seqlen_k, head_
     from fasttransformer.kernels.attention_jvp import attention_jvp
     q, k, v, kernel_args, allowed, bias = make_case(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim,
                                                     masks.split("+"), dtype)
-    tangents = [torch.randn_like(t) for t in (q, k, v)]
-    tangent_mask = None
-    if bias is not None:
-        tangent_mask = torch.randn(bias.shape, device=DEVICE, dtype=dtype)
-        tangents.append(tangent_mask)
+    tangents, tangent_mask = random_tangents(q, k, v, bias)
     with poisoned_allocations(DEVICE):
         out, lse = attention_forward(q, k, v, **kernel_args)
         tangent_out = attention_jvp(q, k, v, out, lse, *tangents[:3], tangent_mask=tangent_mask, **kernel_args)
@@ -264,11 +267,7 @@ def test_jvp_with_dropout_matches_reference(masks, dtype):
                                                     masks.split("+"), dtype)
     v = torch.randn(batch, kv_heads, seqlen_k, head_dim_v, device=DEVICE, dtype=dtype)
     seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=DEVICE)
-    tangents = [torch.randn_like(t) for t in (q, k, v)]
-    tangent_mask = None
-    if bias is not None:
-        tangent_mask = torch.randn(bias.shape, device=DEVICE, dtype=dtype)
-        tangents.append(tangent_mask)
+    tangents, tangent_mask = random_tangents(q, k, v, bias)
     with poisoned_allocations(DEVICE):
         out, lse = attention_forward(q, k, v, dropout_p=dropout_p, seed=seed, **kernel_args)
         tangent_out = attention_jvp(q, k, v, out, lse, *tangents[:3], tangent_mask=tangent_mask, dropout_p=dropout_p,
@@ -2828,11 +2827,7 @@ def test_cuda_large_cases_jvp(name):
         mask = document_mask(seqlen_q, seqlen_k, [700, 1900, 2000, 3500])
         kernel_args["attn_mask"] = mask.to(DEVICE)
         allowed = allowed & mask
-    tangents = [torch.randn_like(t) for t in (q, k, v)]
-    tangent_mask = None
-    if bias is not None:
-        tangent_mask = torch.randn(bias.shape, device=DEVICE, dtype=torch.bfloat16)
-        tangents.append(tangent_mask)
+    tangents, tangent_mask = random_tangents(q, k, v, bias)
     seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=DEVICE)
     with poisoned_allocations(DEVICE):
         out, lse = attention_forward(q, k, v, dropout_p=dropout_p, seed=seed, **kernel_args)

@@ -36,15 +36,17 @@ def key(job):
     return ("fp32" if dtype == "fp32" else "2-byte", arch, head_dim_bucket(max(dims)))
 
 
-def main(out):
-    jobs = [job for job in aot._jobs() if job[0] == "jvp"]
+def sweep(jobs, group_of, first_name, out, indent=0):
+    """Compiles ``jobs`` with their configs, then, for each group (``group_of(job)``) where one
+    spills or overflows, the candidates until one is clean in every job of the group; writes the
+    reports (the first compiles under ``first_name``) and the choices to ``out``."""
     with ProcessPoolExecutor(2) as pool:
         first = list(pool.map(aot._compile_job, jobs))
-        record = {"dq_config": first, "sweep": {}, "chosen": {}}
-        failing = sorted({key(job) for job, report in zip(jobs, first) if bad(report)})
+        record = {first_name: first, "sweep": {}, "chosen": {}}
+        failing = sorted({group_of(job) for job, report in zip(jobs, first) if bad(report)})
         print(f"{len(jobs)} jobs; {sum(map(bad, first))} spill or overflow; keys {failing}", flush=True)
         for failing_key in failing:
-            group = [job for job in jobs if key(job) == failing_key]
+            group = [job for job in jobs if group_of(job) == failing_key]
             area = max(job[3][0] * job[3][1] for job in group)
             tries = record["sweep"].setdefault(" ".join(map(str, failing_key)), [])
             for candidate in CANDIDATES:
@@ -59,8 +61,12 @@ def main(out):
                     record["chosen"][" ".join(map(str, failing_key))] = list(candidate)
                     break
     with open(out, "w") as file:
-        json.dump(record, file, indent=0)
+        json.dump(record, file, indent=indent)
     print(json.dumps(record["chosen"], indent=1))
+
+
+def main(out):
+    sweep([job for job in aot._jobs() if job[0] == "jvp"], key, "dq_config", out)
 
 
 if __name__ == "__main__":
