@@ -1,0 +1,26 @@
+"""Stop 36: every AOT job of the JVP kernel (240: bool mask, float mask with its tangent, 32- and
+64-bit offsets, with dropout or not, every entry and (D, Dv) pair, sm_80/86/90, bf16 and fp32)
+compiled under the Triton on PYTHONPATH (CI's record is Triton 3.6's), listing those that spill
+or pass the arch's shared memory. Writes every report as JSON.
+
+    env -u TRITON_INTERPRET PYTHONPATH=.venv/triton-newest:. .venv/bin/python \\
+        benchmarks/results/2026-12-07-cpu/aot_jvp_triton39.py OUT.json
+"""
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import triton
+
+from fasttransformer.kernels import aot
+
+if __name__ == "__main__":
+    jobs = [job for job in aot._jobs() if job[0] == "jvp"]
+    with ProcessPoolExecutor(2) as pool:
+        reports = list(pool.map(aot._compile_job, jobs))
+    bad = [r for r in reports if r["stack_bytes"] or r["shared_bytes"] > aot.SHARED_MEMORY_LIMIT[r["arch"]]]
+    print("triton", triton.__version__, "jobs", len(reports), "spill/overflow", len(bad))
+    for r in bad:
+        print(r["arch"], r["head_dim"], r["head_dim_v"], r["config"], r["options"], r["dtype"], r["registers"],
+              r["stack_bytes"])
+    json.dump(reports, open(sys.argv[1], "w"), indent=0)
