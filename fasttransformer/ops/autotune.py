@@ -36,6 +36,7 @@ tile sizes change only the interpreter's speed, and nothing is tuned.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -137,14 +138,10 @@ def _device_name(device: torch.device) -> str:
     return _cuda_name(index)
 
 
-_CUDA_NAMES: Dict[int, str] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _cuda_name(index: int) -> str:
-    if index not in _CUDA_NAMES:
-        major, minor = torch.cuda.get_device_capability(index)
-        _CUDA_NAMES[index] = f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
-    return _CUDA_NAMES[index]
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
 
 
 def case_key(kernel: str, query, key, value, attn_mask=None, key_padding_mask=None, causal_offset=None, window=None,
