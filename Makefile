@@ -6,7 +6,7 @@
 # make gpu-stack-test  the suite here, on the CPU, under the GPU machine's stack (Python 3.12,
 #                 torch 2.11 CUDA build, triton 3.6; ~5 GB in .venv-gpu-stack): what would break there
 # make aot-record  the AOT check's record (tests/data/aot-record.json): every job compiled under CI's
-#                 Triton with the hash of what the reports depend on (8 min on 2 cores): after a change
+#                 Triton with the hash of what the reports depend on (13 min on 2 cores): after a change
 #                 to fasttransformer/kernels, or the AOT check compiles everything and a test fails
 # make aot-tritons  the ahead-of-time check (pytest -m aot) under the Tritons that torch's CUDA wheels
 #                 pin (3.7.1: torch 2.13, 3.8.0: torch 2.14, 3.9.0: torch 2.15), each in .venv-triton-V

@@ -140,8 +140,10 @@ def _jobs(value_head_dims=VALUE_HEAD_DIMS, own_tiles: bool = False):
     forward, in bf16 and in float32; the same with dropout on, with dropout's configs; the dQ
     kernel with the boolean mask and with the float mask's gradient; the int64-offset variants
     (inputs of 2**31 elements or more, with their configs) of the worst-case and float-mask
-    forward and of both backward kernels, in both dtypes, with and without dropout; the
-    backward's delta pre-pass and the split keys' merge, with int64 offsets or not. Then the
+    forward and of both backward kernels, in both dtypes, with and without dropout; the GQA
+    row-packed forward (PACK_GQA, no dropout: worst case with 32- and 64-bit offsets, and with
+    split keys); the backward's delta pre-pass and the split keys' merge (packed or not), with
+    int64 offsets or not. Then the
     same attention kernels for each (D, Dv) pair of ``value_head_dims`` (D in the job: the pair;
     float32 only where both are within configs.MAX_FP32_HEAD_DIM), with the launchers' tiles, or
     each head dim's own with ``own_tiles`` (the padded kernels' options name their tiles)."""
@@ -153,7 +155,8 @@ def _jobs(value_head_dims=VALUE_HEAD_DIMS, own_tiles: bool = False):
             block_m, _, num_warps = configs.delta_config(head_dim)
             for options in ({}, {"INT64_OFFSETS": True}):
                 jobs.append(("delta", arch, head_dim, (block_m, 0, num_warps, 1), options, dtype))
-                jobs.append(("combine", arch, head_dim, COMBINE_CONFIG, options, dtype))
+                for packed in ({}, {"PACK_GQA": True}):
+                    jobs.append(("combine", arch, head_dim, COMBINE_CONFIG, {**options, **packed}, dtype))
     for arch in sorted({arch for arch, _ in configs.FORWARD}):
         for pair in value_head_dims:
             for dtype in ("bf16", "fp32") if max(pair) <= configs.MAX_FP32_HEAD_DIM else ("bf16",):
@@ -202,6 +205,12 @@ def _attention_jobs(arch: int, head_dim, dtype: str, own_tiles: bool = False) ->
                 forward_options += ({"SPLIT_KEYS": True},) + (() if dropout else (NO_MASK,))
             for options in forward_options:
                 jobs.append(("forward", arch, head_dim, tuple(config), {**options, **extra, **tiles("forward")}, dtype))
+            if not dropout:  # GQA row packing (attention_forward.gqa_row_packing), split keys or not, with its config
+                packed = configs.forward_config(device, torch_dtype, dims[0], True, dropout, int64, head_dim_v=dims[1],
+                                                packed=True)
+                for options in ({"PACK_GQA": True},) + (() if int64 else ({"PACK_GQA": True, "SPLIT_KEYS": True},)):
+                    jobs.append(("forward", arch, head_dim, tuple(packed), {**options, **extra, **tiles("forward")},
+                                 dtype))
             dkdv, dq = configs.backward_configs(device, torch_dtype, dims[0], True, dropout, int64, head_dim_v=dims[1])
             jobs.append(("dkdv", arch, head_dim, tuple(dkdv), {**extra, **tiles("dkdv")}, dtype))
             for options in ({}, {"MASK_KIND": 2, "BIAS_GRAD": True}):  # bool mask, float mask and its grad
@@ -217,7 +226,9 @@ def _list_jobs(attention_jobs):
     """The block-list builder's two kernels (block_lists.py) for every tile size the attention
     jobs' configs classify at, with key padding and bounds on and the boolean mask per query
     row, broadcast over the queries, or absent, and every coarsening factor the backward's
-    pairs of configs need: one classification at the smaller tiles serves both."""
+    pairs of configs need: one classification at the smaller tiles serves both; and the rows
+    of a GQA row-packed forward's lists (its block's queries: block_m / group, at least 8)."""
+    from fasttransformer.kernels.attention_forward import packed_list_rows
     from fasttransformer.kernels.block_lists import CLASS_COLUMNS, CLASS_ROWS, LIST_TILES
 
     def variant(options):  # what picks a kernel's config besides (arch, D, dtype)
@@ -230,6 +241,8 @@ def _list_jobs(attention_jobs):
         if name in ("forward", "jvp"):  # lists at the kernel's own tiles
             tiles.add((arch, config[0], config[1]))
             factors.add((arch, 1, 1, False))
+            if options.get("PACK_GQA"):  # and a packed block's queries: block_m / group of them
+                tiles.update((arch, rows, config[1]) for rows in packed_list_rows(config[0]))
         elif name == "dq":
             dkdv = by_key[(arch, head_dim, dtype, variant(options))]
             fine_m, fine_n = min(dkdv[0], config[0]), min(dkdv[1], config[1])

@@ -79,6 +79,31 @@ def store_tile(base, rows, cols, stride_r, stride_c, num_rows, num_cols, value, 
 
 
 @triton.jit
+def packed_row_pointers(base, heads, queries, cols, stride_h, stride_m, stride_c, INT64_OFFSETS: tl.constexpr):
+    """Pointers to the rows (heads[r], queries[r]) of a (B, H, L, D) tensor's (batch) slice at
+    ``base``, columns ``cols``: a packed GQA block's rows (PACK_GQA)."""
+    if INT64_OFFSETS:
+        heads, queries, cols = heads.to(tl.int64), queries.to(tl.int64), cols.to(tl.int64)
+    return base + (heads * stride_h + queries * stride_m)[:, None] + cols[None, :] * stride_c
+
+
+@triton.jit
+def load_packed_rows(base, heads, queries, rows_ok, cols, stride_h, stride_m, stride_c, num_cols,
+                     INT64_OFFSETS: tl.constexpr):
+    """``load_tile`` of a packed GQA block's rows (``packed_row_pointers``), zeros outside."""
+    pointers = packed_row_pointers(base, heads, queries, cols, stride_h, stride_m, stride_c, INT64_OFFSETS)
+    return tl.load(pointers, mask=rows_ok[:, None] & (cols[None, :] < num_cols), other=0.0)
+
+
+@triton.jit
+def store_packed_rows(base, heads, queries, rows_ok, cols, stride_h, stride_m, stride_c, num_cols, value,
+                      INT64_OFFSETS: tl.constexpr):
+    """``store_tile`` into a packed GQA block's rows (``packed_row_pointers``), inside only."""
+    pointers = packed_row_pointers(base, heads, queries, cols, stride_h, stride_m, stride_c, INT64_OFFSETS)
+    tl.store(pointers, value, mask=rows_ok[:, None] & (cols[None, :] < num_cols))
+
+
+@triton.jit
 def tile_scores(scores, rows, cols, seqlen_q, seqlen_k, batch, causal_offset, window_left, window_right,
                 KeyPadding, stride_pb, stride_pn, mask_base, stride_mm, stride_mn,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -124,10 +149,10 @@ def tile_scores(scores, rows, cols, seqlen_q, seqlen_k, batch, causal_offset, wi
 
 
 @triton.jit
-def interior_keys(start_m, lo, hi, seqlen_q, seqlen_k, causal_offset, window_left, window_right,
-                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def interior_keys(start_m, end_m, lo, hi, seqlen_q, seqlen_k, causal_offset, window_left, window_right,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
     """[full_lo, full_hi), multiples of BLOCK_N with lo <= full_lo <= full_hi <= hi: the key
-    blocks within [lo, hi) that every query of [start_m, start_m + BLOCK_M) before seqlen_q sees
+    blocks within [lo, hi) that every query of [start_m, end_m) before seqlen_q sees
     whole (no key past seqlen_k, inside the causal and window bounds). The forward and dQ
     kernels visit them with MASKED=False; the rows past seqlen_q are never stored."""
     full_lo = lo
@@ -136,7 +161,7 @@ def interior_keys(start_m, lo, hi, seqlen_q, seqlen_k, causal_offset, window_lef
         full_hi = tl.minimum(full_hi, (tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N)
     if WINDOW:  # every key j in [last row + offset - left, start_m + offset + right]
         full_hi = tl.minimum(full_hi, (tl.maximum(start_m + causal_offset + window_right + 1, 0) // BLOCK_N) * BLOCK_N)
-        last_row = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+        last_row = tl.minimum(end_m, seqlen_q) - 1
         first = tl.maximum(last_row + causal_offset - window_left, 0)
         full_lo = tl.maximum(full_lo, ((first + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
     full_lo = tl.minimum(full_lo, hi)
@@ -220,18 +245,18 @@ def dropout_keep(seed, head_row, start_m, start_n, threshold,
 
 
 @triton.jit
-def key_range(start_m, seqlen_k, causal_offset, window_left, window_right,
-              CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[lo, hi) of the keys that queries [start_m, start_m + BLOCK_M) may see, lo a multiple of
-    BLOCK_N: key blocks outside it are never loaded."""
+def key_range(start_m, end_m, seqlen_k, causal_offset, window_left, window_right,
+              CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the keys that queries [start_m, end_m) may see, lo a multiple of BLOCK_N: key
+    blocks outside it are never loaded."""
     lo = tl.full([], 0, tl.int32)  # typed scalars: a Python int bound breaks the compiled loop
     hi = tl.full([], 0, tl.int32) + seqlen_k
     if CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset)
+        hi = tl.minimum(hi, end_m + causal_offset)
     if WINDOW:
         lo = tl.maximum(0, start_m + causal_offset - window_left)
         lo = (lo // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(hi, start_m + BLOCK_M + causal_offset + window_right)
+        hi = tl.minimum(hi, end_m + causal_offset + window_right)
     return lo, hi
 
 
@@ -297,6 +322,7 @@ def attention_forward_kernel(
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im,
     num_heads, kv_group, seqlen_q, seqlen_k, head_dim,
+    group_shift,            # PACK_GQA: log2(kv_group), a power of two (0 otherwise)
     head_dim_v,             # the value's (and output's) head dim, BLOCK_DV its tile's; D the query's and key's
     num_splits,             # SPLIT_KEYS: programs per query block, each over its share of the key tiles
     scale_log2,             # softmax scale * log2(e)
@@ -308,8 +334,14 @@ def attention_forward_kernel(
     HAS_KEY_PADDING: tl.constexpr, SPARSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     POSITIVE_SCALE: tl.constexpr, SPLIT_KEYS: tl.constexpr, INT64_OFFSETS: tl.constexpr,
     DV_DIFFERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PACK_GQA: tl.constexpr = False,
 ):
+    """PACK_GQA (``gqa_row_packing``): the program's head is a key head, and its rows are the
+    (query, query head) pairs of its group, query-major: row r is query r // kv_group of query
+    head head * kv_group + r % kv_group (num_heads counts key heads, seqlen_q queries). The
+    causal / window bounds and the masks (the same for every head of a group) take each row's
+    query; the output and logsumexp are stored at each row's (head, query); split keys' partial
+    results are written by row, and the merge stores them likewise."""
     if not DV_DIFFERS:  # Dv = D: one bound for both (a second runtime bound cost registers: 379 of 744 compiles)
         head_dim_v = head_dim
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # grid (blocks, heads, batch)
@@ -318,7 +350,10 @@ def attention_forward_kernel(
         split = pid_m % num_splits
         pid_m = pid_m // num_splits
     pid_bh = batch * num_heads + head
-    kv_head = head // kv_group
+    if PACK_GQA:
+        kv_head = head
+    else:
+        kv_head = head // kv_group
     if INT64_OFFSETS:  # see int64_offsets
         batch, head, kv_head = batch.to(tl.int64), head.to(tl.int64), kv_head.to(tl.int64)
 
@@ -326,13 +361,28 @@ def attention_forward_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < seqlen_q
+    if PACK_GQA:  # rows -> (query, query head); the block's queries are [start_q, end_q)
+        num_rows = seqlen_q * kv_group
+        offs_q = offs_m >> group_shift  # shifts, not a runtime division's dozen instructions
+        start_q = (pid_m * BLOCK_M) >> group_shift
+        end_q = ((pid_m * BLOCK_M + BLOCK_M - 1) >> group_shift) + 1
+    else:
+        num_rows = seqlen_q
+        offs_q = offs_m
+        start_q = pid_m * BLOCK_M
+        end_q = start_q + BLOCK_M
+    row_ok = offs_q < seqlen_q
 
     # Each tile's pointers are computed where it is loaded, from this (batch, head)'s base and
     # int32 offsets: pointer tensors carried from one key block to the next held 64-bit
     # addresses per element and pushed D = 64 to 255 registers (ptxas, sm_90).
-    q = load_tile(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, head_dim,
-                  True, True, INT64_OFFSETS)
+    if PACK_GQA:
+        offs_h = head * kv_group + (offs_m & (kv_group - 1))
+        q = load_packed_rows(Q + batch * stride_qb, offs_h, offs_q, row_ok, offs_d, stride_qh, stride_qm, stride_qd,
+                             head_dim, INT64_OFFSETS)
+    else:
+        q = load_tile(Q + batch * stride_qb + head * stride_qh, offs_m, offs_d, stride_qm, stride_qd, seqlen_q,
+                      head_dim, True, True, INT64_OFFSETS)
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
     mask_base = Mask + batch * stride_mb + head * stride_mh  # read only with a mask
@@ -354,10 +404,10 @@ def attention_forward_kernel(
         lo, full_lo, full_hi, hi = list_segments(BlockCounts + batch * stride_cb + head * stride_ch + pid_m * stride_cm)
         STEP: tl.constexpr = 1
     else:
-        lo, hi = key_range(pid_m * BLOCK_M, seqlen_k, causal_offset, window_left, window_right,
-                           CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
-        full_lo, full_hi = interior_keys(pid_m * BLOCK_M, lo, hi, seqlen_q, seqlen_k, causal_offset, window_left,
-                                         window_right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+        lo, hi = key_range(start_q, end_q, seqlen_k, causal_offset, window_left, window_right, CAUSAL, WINDOW,
+                           BLOCK_N)
+        full_lo, full_hi = interior_keys(start_q, end_q, lo, hi, seqlen_q, seqlen_k, causal_offset, window_left,
+                                         window_right, CAUSAL, WINDOW, BLOCK_N)
         STEP: tl.constexpr = BLOCK_N
     if SPLIT_KEYS:
         # This program's share of the row's tiles, positions [lo, hi) of one contiguous run
@@ -374,7 +424,7 @@ def attention_forward_kernel(
                 start_n = position
                 if SPARSE:
                     start_n = tl.load(index + position) * BLOCK_N
-                acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_n,
+                acc, m_i, l_i = forward_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_q, offs_n,
                                              offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm,
                                              stride_mn, seqlen_q, seqlen_k, head_dim, head_dim_v, batch, scale_log2,
                                              causal_offset, window_left, window_right, KeyPadding, stride_pb,
@@ -391,24 +441,34 @@ def attention_forward_kernel(
     log2_sum = m_i + tl.log2(normaliser)
     if SPLIT_KEYS:  # a partial result for attention_combine_kernel: float32, base-2 lse, -inf if unseen
         lse = tl.where(seen, log2_sum, float("-inf"))
-        lse_row = (pid_bh * num_splits + split) * seqlen_q
+        lse_row = (pid_bh * num_splits + split) * num_rows  # by row, packed or not
     else:
         lse = tl.where(seen, log2_sum / 1.4426950408889634, float("inf"))
         lse_row = pid_bh * seqlen_q
-    store_tile(Out + batch * stride_ob + head * stride_oh + split * stride_os, offs_m, offs_dv, stride_om, stride_od,
-               seqlen_q, head_dim_v, out.to(Out.dtype.element_ty), INT64_OFFSETS)
-    tl.store(Lse + lse_row + offs_m, lse, mask=row_ok)
+    if PACK_GQA and not SPLIT_KEYS:  # at each row's (head, query)
+        # the heads recomputed here, not kept through the key loop: one vector fewer live there
+        offs_h = head * kv_group + ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) & (kv_group - 1))
+        store_packed_rows(Out + batch * stride_ob, offs_h, offs_q, row_ok, offs_dv, stride_oh, stride_om, stride_od,
+                          head_dim_v, out.to(Out.dtype.element_ty), INT64_OFFSETS)
+        tl.store(Lse + (batch * num_heads * kv_group + offs_h) * seqlen_q + offs_q, lse, mask=row_ok)
+    else:
+        store_tile(Out + batch * stride_ob + head * stride_oh + split * stride_os, offs_m, offs_dv, stride_om,
+                   stride_od, num_rows, head_dim_v, out.to(Out.dtype.element_ty), INT64_OFFSETS)
+        tl.store(Lse + lse_row + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
 def attention_combine_kernel(Partial, PartialLse, Out, Lse,
                              stride_pb, stride_ph, stride_ps, stride_pm, stride_pd,
                              stride_ob, stride_oh, stride_om, stride_od,
-                             num_heads, num_splits, seqlen_q, head_dim,
-                             INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                             num_heads, num_splits, seqlen_q, head_dim, kv_group,
+                             INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                             PACK_GQA: tl.constexpr = False):
     """Merges the forward's key splits: out = sum_s w_s out_s / sum_s w_s with w_s = 2^lse_s
     (each partial out_s is normalised by its own sum), lse = log(sum_s w_s); a row that no split
-    saw gets zeros and lse +inf, as from the unsplit kernel. Grid (query blocks, heads, batch)."""
+    saw gets zeros and lse +inf, as from the unsplit kernel. Grid (query blocks, heads, batch).
+    PACK_GQA: the partials' rows are a packed GQA block's (``attention_forward_kernel``), heads
+    the key heads and seqlen_q the rows (queries x kv_group), stored at their (head, query)."""
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if INT64_OFFSETS:  # see int64_offsets
         head, batch = head.to(tl.int64), batch.to(tl.int64)
@@ -434,9 +494,17 @@ def attention_combine_kernel(Partial, PartialLse, Out, Lse,
     normaliser = tl.where(seen, total, 1.0)
     out = acc / normaliser[:, None]
     lse = tl.where(seen, (m + tl.log2(normaliser)) / 1.4426950408889634, float("inf"))
-    tl.store(Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=in_bounds)
-    tl.store(Lse + pid_bh * seqlen_q + offs_m, lse, mask=row_ok)
+    if PACK_GQA:
+        offs_q = offs_m // kv_group
+        offs_h = head * kv_group + offs_m % kv_group
+        store_packed_rows(Out + batch * stride_ob, offs_h, offs_q, row_ok, offs_d, stride_oh, stride_om, stride_od,
+                          head_dim, out.to(Out.dtype.element_ty), INT64_OFFSETS)
+        queries = seqlen_q // kv_group
+        tl.store(Lse + (batch * num_heads * kv_group + offs_h) * queries + offs_q, lse, mask=row_ok)
+    else:
+        tl.store(Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om
+                 + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=in_bounds)
+        tl.store(Lse + pid_bh * seqlen_q + offs_m, lse, mask=row_ok)
 
 
 def mask_arguments(attn_mask, key_padding_mask, shape, placeholder):
@@ -606,7 +674,9 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     programs to fill the GPU: a decoding step). block_list_store: a dict in which the tile
     lists of the boolean masks are kept and reused (``block_lists.build_block_lists``).
     pack_gqa: a GQA decoding step computes each key head's group of query heads in one program
-    where ``gqa_packing`` allows it (False: one program per query head, as for other calls).
+    where ``gqa_packing`` allows it, and a GQA call with a few queries a head (speculative
+    decoding, chunked prefill) its groups' (query, head) pairs as rows where ``gqa_row_packing``
+    does (False: one program per query head).
     A batch above MAX_GRID_YZ takes one launch per chunk of sequences (``batch_chunks``).
     Returns (out (B, Hq, Lq, Dv) in the query's dtype, with the query's layout (``output_like``),
     lse (B, Hq, Lq) float32).
@@ -637,6 +707,7 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     config = forward_config(query.device, query.dtype, head_dim, causal_offset is not None, dropout=dropping,
                             int64=wide, head_dim_v=head_dim_v)
     block_d, block_dv = tile_head_dims("forward", query.device, query.dtype, head_dim, head_dim_v, dropping, wide)
+    requested = block_n, num_warps, num_stages  # the caller's (None: the table's)
     block_m, block_n = block_m or config.block_m, block_n or config.block_n
     num_warps, num_stages = num_warps or config.num_warps, num_stages or config.num_stages
     out = output_like(query, head_dim_v)
@@ -644,25 +715,38 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     # Packed, the kernels' row (batch * Hk + hk) * group + r is row batch * Hq + head: the same lse
     lse = torch.empty(unpacked_shape[:3], device=query.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    listed = uses_block_lists(attn_mask, key_padding_mask)
+    # (group, heads) of the grid: a key head's rows are its group's (query, head) pairs (gqa_row_packing)
+    row_group, grid_heads, rows = 1, heads, seqlen_q
+    if pack_gqa and seqlen_q > 1 and kv_heads != heads:
+        row_group = gqa_row_packing(heads, kv_heads, seqlen_q, block_m, mask_strides[1] if mask_kind else 0, listed,
+                                    dropout_p)
+        grid_heads, rows = heads // row_group, seqlen_q * row_group
+        if row_group > 1:  # the packed kernel's own entry where it has one (the same block_m)
+            packed = forward_config(query.device, query.dtype, head_dim, causal_offset is not None, dropout=dropping,
+                                    int64=wide, head_dim_v=head_dim_v, packed=True)
+            block_n, num_warps, num_stages = (mine or table for mine, table in zip(
+                requested, (packed.block_n, packed.num_warps, packed.num_stages)))
     lists = None
-    if uses_block_lists(attn_mask, key_padding_mask):
+    if listed:  # packed rows: each list row is the block's block_m / group queries
         lists, = build_block_lists(attn_mask if mask_kind == MASK_BOOL else None, key_padding_mask, shape,
-                                   [(block_m, block_n, False)], causal_offset, window, store=block_list_store)
+                                   [(block_m // row_group, block_n, False)], causal_offset, window,
+                                   store=block_list_store)
     counts, index, list_strides = list_arguments(lists, query)
     dropout, seed, dropout_threshold, dropout_scale = dropout_arguments(dropout_p, seed, query)
     window_left, window_right = window if window is not None else (0, 0)
-    query_blocks = cdiv(seqlen_q, block_m)
+    query_blocks = cdiv(rows, block_m)
     if num_splits is None:
         visible_keys = seqlen_k  # an upper bound on what one query block sees
         if causal_offset is not None:
             visible_keys = min(visible_keys, max(seqlen_q + causal_offset, 0))
         if window is not None:
             visible_keys = min(visible_keys, block_m + window_left + window_right + block_n)
-        num_splits = forward_splits(query.device, query_blocks * heads * batch, cdiv(visible_keys, block_n))
-    if num_splits > 1:  # float32 partial results per split, merged below
-        target = torch.empty(batch, heads, num_splits, seqlen_q, head_dim_v, device=query.device,
+        num_splits = forward_splits(query.device, query_blocks * grid_heads * batch, cdiv(visible_keys, block_n))
+    if num_splits > 1:  # float32 partial results per split (by row, packed or not), merged below
+        target = torch.empty(batch, grid_heads, num_splits, rows, head_dim_v, device=query.device,
                              dtype=torch.float32)
-        target_lse = torch.empty(batch, heads, num_splits, seqlen_q, device=query.device, dtype=torch.float32)
+        target_lse = torch.empty(batch, grid_heads, num_splits, rows, device=query.device, dtype=torch.float32)
         target_strides = (*target.stride()[:2], *target.stride()[3:], target.stride(2))
     else:
         target, target_lse, target_strides = out, lse, (*out_strides, 0)
@@ -670,25 +754,27 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     for start, stop in batch_chunks(batch):  # one launch up to MAX_GRID_YZ sequences
         # enable_fp_fusion, in every launch: the kernels are written for fused multiply-adds (forward_tile:
         # one FFMA per score), Triton 3.9 warns when a launch leaves it unset and 3.10 turns it off by default.
-        attention_forward_kernel[(query_blocks * num_splits, heads, stop - start)](
+        attention_forward_kernel[(query_blocks * num_splits, grid_heads, stop - start)](
             *batch_slice(per_batch, start, stop, batch), seed,
             *query_strides, *key.stride(), *value.stride(), *target_strides, *mask_strides, *padding_strides,
             *list_strides,
-            heads, heads // kv_heads if kv_heads else 1, seqlen_q, seqlen_k, head_dim, head_dim_v, num_splits,
+            grid_heads, heads // kv_heads if kv_heads else 1, seqlen_q, seqlen_k, head_dim, row_group.bit_length() - 1,
+            head_dim_v, num_splits,
             scale * LOG2E, causal_offset or 0, window_left, window_right, dropout_threshold, dropout_scale,
             CAUSAL=causal_offset is not None, WINDOW=window is not None, MASK_KIND=mask_kind,
             HAS_KEY_PADDING=key_padding_mask is not None, SPARSE=lists is not None, DROPOUT=dropout,
             DOT_PRECISION=dot_precision(query), POSITIVE_SCALE=scale > 0 and mask_kind != MASK_FLOAT,
             SPLIT_KEYS=num_splits > 1, INT64_OFFSETS=wide, DV_DIFFERS=head_dim_v != head_dim,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, PACK_GQA=row_group > 1,
             num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,
         )
         if num_splits > 1:
-            attention_combine_kernel[(cdiv(seqlen_q, COMBINE_BLOCK_M), heads, stop - start)](
+            attention_combine_kernel[(cdiv(rows, COMBINE_BLOCK_M), grid_heads, stop - start)](
                 *batch_slice((target, target_lse, out, lse), start, stop, batch), *target.stride()[:3],
                 *target.stride()[3:],
-                *out_strides, heads, num_splits, seqlen_q, head_dim_v, INT64_OFFSETS=wide,
-                BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=head_dim_bucket(head_dim_v), num_warps=4, enable_fp_fusion=True,
+                *out_strides, grid_heads, num_splits, rows, head_dim_v, row_group, INT64_OFFSETS=wide,
+                BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=head_dim_bucket(head_dim_v), PACK_GQA=row_group > 1, num_warps=4,
+                enable_fp_fusion=True,
             )
     return out, lse
 
@@ -732,6 +818,39 @@ def gqa_packing(heads, kv_heads, seqlen_q, seqlen_k, causal_offset, window, drop
     if window is not None:
         first, stop = max(first, offset - window[0]), min(stop, offset + window[1] + 1)
     return (first, stop) if first < stop else None
+
+
+def gqa_row_packing(heads, kv_heads, seqlen_q, block_m, mask_head_stride, listed, dropout_p) -> int:
+    """The group whose (query, query head) pairs one program computes as its rows (the forward
+    kernel's PACK_GQA), or 1 for one program per query head.
+
+    A GQA call with a few queries a head (Lq < block_m: speculative decoding's drafts, a chunked
+    prefill's chunk) runs, unpacked, one program per query head, each with Lq live rows of its
+    block_m, and the group's programs read their key head's K and V ``group`` times over.
+    Packed, query i of query head hk * group + r is row i * group + r of key head hk: one
+    program reads K and V once for up to block_m / Lq heads' queries, and more of its rows are
+    live. Each row keeps its own query's causal / window bounds and mask row, so every mask
+    works, but the masks must be the same for every head of a group (``mask_head_stride`` 0: a
+    mask broadcast over the heads, key padding) and, with tile lists, a block's queries (block_m
+    / group of them) must fill the lists' rows (at least block_lists.CLASS_ROWS). Not with
+    dropout (its draws are keyed by (head, query)), not for a group that is not a power of two
+    (Qwen2's 7: block_m / group would not be whole), and not for one query a head, which
+    ``gqa_packing`` packs as heads."""
+    from fasttransformer.kernels.block_lists import CLASS_ROWS
+    if seqlen_q < 2 or seqlen_q >= block_m or kv_heads == 0 or heads == kv_heads or mask_head_stride != 0:
+        return 1
+    group = heads // kv_heads
+    if group & (group - 1) or group > block_m or (listed and block_m // group < CLASS_ROWS):
+        return 1
+    return 1 if effective_dropout_p(dropout_p) > 0 else group
+
+
+def packed_list_rows(block_m: int) -> List[int]:
+    """The rows of the tile lists that a packed GQA block of ``block_m`` rows may take
+    (``gqa_row_packing``): its queries for each group it packs with lists."""
+    from fasttransformer.kernels.block_lists import CLASS_ROWS
+    return [block_m // group for group in (2 ** power for power in range(1, block_m.bit_length()))
+            if block_m // group >= CLASS_ROWS]
 
 
 def packed_strides(strides, group):

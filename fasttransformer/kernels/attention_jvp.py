@@ -135,10 +135,10 @@ def attention_jvp_kernel(
         lo, full_lo, full_hi, hi = list_segments(BlockCounts + batch * stride_cb + head * stride_ch + pid_m * stride_cm)
         STEP: tl.constexpr = 1
     else:
-        lo, hi = key_range(start_m, seqlen_k, causal_offset, window_left, window_right, CAUSAL, WINDOW,
-                           BLOCK_M, BLOCK_N)
-        full_lo, full_hi = interior_keys(start_m, lo, hi, seqlen_q, seqlen_k, causal_offset, window_left,
-                                         window_right, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+        lo, hi = key_range(start_m, start_m + BLOCK_M, seqlen_k, causal_offset, window_left, window_right, CAUSAL,
+                           WINDOW, BLOCK_N)
+        full_lo, full_hi = interior_keys(start_m, start_m + BLOCK_M, lo, hi, seqlen_q, seqlen_k, causal_offset,
+                                         window_left, window_right, CAUSAL, WINDOW, BLOCK_N)
         STEP: tl.constexpr = BLOCK_N
     for segment in tl.static_range(3):
         start, stop = segment_range(segment, lo, full_lo, full_hi, hi)

@@ -288,13 +288,39 @@ def _lookup(kernel, tables, device, dtype, head_dim, interpreter: Config, dropou
     return table[key]
 
 
+# The GQA row-packed forward (attention_forward.gqa_row_packing: PACK_GQA) holds each row's query
+# index and its head's offset besides the unpacked kernel's state; with 64-bit offsets two of the
+# table's entries spilled with it. These replace them for packed calls only, keeping the entry's
+# block_m (the launcher decides to pack from the table's block_m before it asks for this one):
+# the first clean of the few tried (stop 37, 2026-12-07). Keys: ("2-byte" or "fp32", arch,
+# bucket, int64 offsets).
+PACKED_OVERRIDES = {
+    ("2-byte", 80, 128, True): Config(128, 32, 8, 1),  # 2 stages: 16 bytes spilled
+    ("2-byte", 80, 256, True): Config(64, 16, 8, 2),  # (64, 32, 8, 2): 24 bytes; 1 stage: 568
+}
+
+
 def forward_config(device, dtype, head_dim: int, causal: bool, dropout: bool = False, int64: bool = False,
-                   head_dim_v=None) -> Config:
+                   head_dim_v=None, packed: bool = False) -> Config:
     """The forward kernel's config. ``causal`` is part of the key for the table to come; no
     entry differs by it yet (no GPU timing has shown a reason). ``int64``: the launch uses the
-    int64-offset variant. ``head_dim_v``: the value's head dim, when it differs from ``head_dim``."""
-    return _lookup("forward", (FORWARD, FORWARD_FP32), device, dtype, head_dim, INTERPRETER, dropout, int64,
-                   head_dim_v)
+    int64-offset variant. ``head_dim_v``: the value's head dim, when it differs from ``head_dim``.
+    ``packed``: a GQA row-packed launch (PACKED_OVERRIDES; the same block_m)."""
+    config = _lookup("forward", (FORWARD, FORWARD_FP32), device, dtype, head_dim, INTERPRETER, dropout, int64,
+                     head_dim_v)
+    key = _override_key(device, dtype, head_dim, head_dim_v) if packed else None
+    return config if key is None else PACKED_OVERRIDES.get((*key, int64), config)
+
+
+def _override_key(device, dtype, head_dim: int, head_dim_v=None):
+    """("2-byte" or "fp32", arch, the larger head dim's bucket): the key of a CUDA launch in the
+    override tables of one kernel's variants; None off CUDA (the interpreter's configs)."""
+    if not hasattr(device, "arch"):
+        device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    kind = "fp32" if dtype == torch.float32 else "2-byte"
+    return kind, _arch(device), head_dim_bucket(max(head_dim, head_dim if head_dim_v is None else head_dim_v))
 
 
 def backward_configs(device, dtype, head_dim: int, causal: bool, dropout: bool = False,
@@ -341,13 +367,9 @@ def jvp_config(device, dtype, head_dim: int, int64: bool = False, head_dim_v=Non
     (the JVP kernel holds the query's tangent besides the query, and accumulates over Dv)."""
     config = _lookup("dq", (BACKWARD_DQ, BACKWARD_DQ_FP32), device, dtype, head_dim, INTERPRETER_DQ, dropout, int64,
                      head_dim_v)
-    if not hasattr(device, "arch"):
-        device = torch.device(device)
-    if device.type != "cuda":
+    key = _override_key(device, dtype, head_dim, head_dim_v)
+    if key is None:
         return config
-    kind = "fp32" if dtype == torch.float32 else "2-byte"
-    bucket = head_dim_bucket(max(head_dim, head_dim if head_dim_v is None else head_dim_v))
-    key = (kind, _arch(device), bucket)
     return JVP_VARIANT_OVERRIDES.get((*key, dropout, int64)) or JVP_OVERRIDES.get(key, config)
 
 
