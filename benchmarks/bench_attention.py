@@ -5,7 +5,7 @@ attention runs the sweep and writes JSON, Markdown and plots).
 
 CUDA: the quick sweep's cases (bf16, D=128, L in {1k, 8k}, 16k tokens, 2048 hidden; decode: one
 query per sequence against L keys, forward only; decode-gqa: the same with 4 query heads per
-key head), the Triton
+key head; verify-gqa: 4 queries per sequence, causal lower right, as decode-gqa's heads), the Triton
 kernels against torch SDPA with each backend forced, FlexAttention (compiled) and the naive
 implementation. CPU: a small float32 case, where backend="auto" hands the call to torch's SDPA, so
 it times what fasttransformer's dispatch (validation, mask merging) adds to torch's own call.
@@ -17,7 +17,7 @@ import torch
 from fasttransformer.bench.attention import DECODE_MASKS, DEFAULT_IMPLEMENTATIONS, Case, _reason
 
 BENCH_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-MASKS = ("none", "causal", "padding", "document", "decode", "decode-gqa")
+MASKS = ("none", "causal", "padding", "document", "decode", "decode-gqa", "verify-gqa")
 SHAPES = {  # device: (dtype, tokens, hidden, head_dim, seqlens)
     "cuda": (torch.bfloat16, 16384, 2048, 128, (1024, 8192)),
     "cpu": (torch.float32, 2048, 256, 64, (256,)),
@@ -74,6 +74,9 @@ HOST_CASES = {  # name: (query (B, H, Lq, D), key/value length, masks, with a ba
     # (attention_forward.gqa_packing), and the same step unpacked, one program per query head
     "decode-gqa": ((8, 8, 1, 64), 300, {"kv_heads": 2}, False),
     "decode-gqa-unpacked": ((8, 8, 1, 64), 300, {"kv_heads": 2, "unpacked": True}, False),
+    # a speculative decoding step's 4 drafts, GQA: (draft, query head) pairs packed as rows (gqa_row_packing)
+    "verify-gqa": ((8, 8, 4, 64), 300, {"kv_heads": 2, "lower_right": True}, False),
+    "verify-gqa-unpacked": ((8, 8, 4, 64), 300, {"kv_heads": 2, "lower_right": True, "unpacked": True}, False),
     "train-step": ((2, 2, 16, 16), 16, {"is_causal": True}, True),
     "train-step-key-padding": ((2, 2, 16, 16), 16, {"key_padding_mask": True}, True),
 }
@@ -112,6 +115,7 @@ def test_attention_host_time(benchmark, monkeypatch, name):
     monkeypatch.setattr(configs, "forward_splits", lambda device, programs, key_tiles: masks.get("num_splits", 1))
     if masks.get("unpacked"):
         monkeypatch.setattr(forward_kernels, "gqa_packing", lambda *args: None)
+        monkeypatch.setattr(forward_kernels, "gqa_row_packing", lambda *args: 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     query = torch.randn(shape, device=device, requires_grad=backward)

@@ -72,11 +72,12 @@ def test_attention_case_implementations_agree(mask):
     else:
         with pytest.raises(NotImplementedError, match="for decode"):
             implementations["unsplit"]()
-    if mask == "decode-gqa":  # the packing's baseline: one program per query head
+    if mask in attention.GQA_MASKS:  # the packing's baseline: one program per query head
         assert (case.heads, case.kv_heads) == (2, 1) and case.k.shape[1] == 1
+        assert case.q.shape[2] == (attention.SPECULATIVE_QUERIES if mask == "verify-gqa" else 1)
         results["unpacked"] = implementations["unpacked"]()
     else:
-        with pytest.raises(NotImplementedError, match="for decode-gqa"):
+        with pytest.raises(NotImplementedError, match="for decode-gqa and verify-gqa"):
             implementations["unpacked"]()
     for name in ("torch-flash", "torch-efficient", "torch-cudnn"):  # where a backend refuses: reported n/a
         try:
@@ -233,6 +234,22 @@ def test_attention_sweep_gqa_decode_rows():
     assert row["bytes"] == attention.bytes_moved(2, 8, 64, 16, 4, "fwd", seqlen_q=1, kv_heads=2)
     assert {"fasttransformer", "unpacked", "torch-math"} <= row["times_ms"].keys()
     assert "| decode-gqa | 16 | 64 | fwd | 100% |" in attention.markdown(record)
+
+
+def test_attention_sweep_verify_gqa_rows():
+    """A speculative decoding step's verification: 4 drafts per sequence, causal lower right, K
+    and V with a quarter of the query heads; its FLOPs count the visible pairs (draft i sees
+    L - 4 + i + 1 keys) and its bytes the 4 queries, and "unpacked" is timed beside ours."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = attention.sweep(device, masks=("verify-gqa",), head_dims=(16,), seqlens=(64,), dtype=torch.float32,
+                             tokens=128, hidden=128, implementations=("fasttransformer", "unpacked", "torch-math"))
+    row, = record["results"]
+    assert (row["mode"], row["seqlen_q"], row["batch"], row["heads"], row["kv_heads"]) == ("fwd", 4, 2, 8, 2)
+    visible = 2 * 8 * (61 + 62 + 63 + 64)
+    assert row["flops"] == attention.flops(visible, 16, "fwd") and row["visible_fraction"] == visible / (2 * 8 * 4 * 64)
+    assert row["bytes"] == 2 * (2 * 8 * 4 * 16 + 2 * 2 * 64 * 16) * 4  # Q and O of 8 heads x 4 drafts, K and V of 2
+    assert {"fasttransformer", "unpacked", "torch-math"} <= row["times_ms"].keys()
+    assert "| verify-gqa | 16 | 64 | fwd | 98% |" in attention.markdown(record)
 
 
 def test_attention_sweep_with_dropout():
@@ -526,7 +543,8 @@ def test_pytest_benchmark_suites_collect_and_record(tmp_path):
     ours = {(b["extra_info"]["mask"], b["extra_info"]["mode"]): b for b in benchmarks
             if b["extra_info"]["impl"] == "fasttransformer"}
     assert sorted(ours) == sorted([(mask, mode) for mask in ("none", "causal", "padding", "document")
-                                   for mode in ("fwd", "fwd+bwd")] + [("decode", "fwd"), ("decode-gqa", "fwd")])
+                                   for mode in ("fwd", "fwd+bwd")]
+                                  + [(mask, "fwd") for mask in ("decode", "decode-gqa", "verify-gqa")])
     assert all(b["stats"]["median"] > 0 and b["extra_info"]["visible_pairs"] > 0 for b in ours.values())
 
 

@@ -14,7 +14,11 @@ between programs (configs.forward_splits). Its "unsplit" baseline is the same fo
 program per query block: the speedup over it is the split keys' gain. ``decode-gqa`` is the same
 step with grouped keys (Hq / Hk = GQA_GROUP, as Llama's 32 / 8), and its "unpacked" baseline the
 Triton forward with one program per query head instead of one per key head (``pack_gqa=False``):
-the speedup over it is the packing's gain.
+the speedup over it is the packing's gain. ``verify-gqa`` is a speculative decoding step's
+verification: SPECULATIVE_QUERIES draft tokens per sequence against the L cached keys (causal,
+lower right: each draft sees the cache and the drafts before it), grouped keys as decode-gqa's,
+forward only, in GB/s; ``ours`` packs each key head's (draft, query head) pairs as one program's
+rows, and "unpacked" is again one program per query head.
 
     python -m fasttransformer bench attention [--quick] [--mask causal] [--head-dim 128] ...
     python -m fasttransformer bench attention --head-dim 192 --value-head-dim 128   # DeepSeek's MLA
@@ -31,11 +35,15 @@ from fasttransformer.bench import common
 from fasttransformer.ops import scaled_dot_product_attention
 
 TOKENS, HIDDEN = 16384, 2048
-MASKS = ("none", "causal", "padding", "document", "window", "causal+padding", "decode", "decode-gqa")
-DECODE_MASKS = ("decode", "decode-gqa")  # one query per sequence: forward only, bound by the bytes read
+MASKS = ("none", "causal", "padding", "document", "window", "causal+padding", "decode", "decode-gqa", "verify-gqa")
+# a few queries per sequence: forward only, bound by the bytes read
+DECODE_MASKS = ("decode", "decode-gqa", "verify-gqa")
+GQA_MASKS = ("decode-gqa", "verify-gqa")  # Hq / Hk = GQA_GROUP; "unpacked" is their packing's baseline
+SPECULATIVE_QUERIES = 4  # verify-gqa's queries per sequence: the drafts of a speculative decoding step
+QUICK_MASKS = ("none", "causal", "padding", "document", "decode", "decode-gqa", "verify-gqa")  # bench --quick
 IMPLEMENTATIONS = ("fasttransformer", "torch-flash", "torch-efficient", "torch-cudnn", "torch-math", "flex", "naive",
                    "unsplit",    # decoding: fasttransformer's forward with num_splits=1
-                   "unpacked",   # decode-gqa: fasttransformer's forward with pack_gqa=False
+                   "unpacked",   # decode-gqa, verify-gqa: fasttransformer's forward with pack_gqa=False
                    "autotuned")  # fasttransformer with FASTTRANSFORMER_AUTOTUNE on (bench attention --autotune)
 # Timed unless asked otherwise: all but "autotuned", whose first call of each case tunes it (tens
 # of seconds, outside the timing).
@@ -57,7 +65,7 @@ def flops(visible_pairs: int, head_dim: int, mode: str, head_dim_v: Optional[int
 
 
 def gqa_kv_heads(heads: int) -> int:
-    """The key heads of a decode-gqa case: GQA_GROUP query heads each (fewer where there are
+    """The key heads of a decode-gqa or verify-gqa case: GQA_GROUP query heads each (fewer where there are
     fewer heads), a divisor of ``heads``."""
     kv_heads = max(1, heads // GQA_GROUP)
     while heads % kv_heads:
@@ -91,8 +99,11 @@ class Case:
         self.backend = backend  # fasttransformer's: "auto" on the CPU times its dispatch to torch
         self.dropout_p = dropout_p  # every implementation that has dropout applies it (each its own masks)
         self.batch, self.heads = max(1, tokens // seqlen), hidden // head_dim
-        self.seqlen_q = 1 if mask in DECODE_MASKS else seqlen  # decode: one new token per sequence
-        self.kv_heads = gqa_kv_heads(self.heads) if mask == "decode-gqa" else self.heads
+        # decode: one new token per sequence; verify-gqa: the drafts (at most L)
+        self.seqlen_q = seqlen if mask not in DECODE_MASKS else 1
+        if mask == "verify-gqa":
+            self.seqlen_q = min(SPECULATIVE_QUERIES, seqlen)
+        self.kv_heads = gqa_kv_heads(self.heads) if mask in GQA_MASKS else self.heads
         shape = (self.batch, self.kv_heads, seqlen, head_dim)
         query_shape = (self.batch, self.heads, self.seqlen_q, head_dim)
         value_shape = (*shape[:3], self.head_dim_v)
@@ -117,6 +128,11 @@ class Case:
             self.ours_kwargs["key_padding_mask"] = padding
             keep = ~padding[:, None, None, :]
             self.allowed = keep if self.allowed is None else self.allowed & keep
+        if mask == "verify-gqa":  # the drafts see the cache and the drafts before them
+            from torch.nn.attention.bias import causal_lower_right
+            self.ours_kwargs["attn_mask"] = causal_lower_right(self.seqlen_q, seqlen)
+            drafts = torch.arange(self.seqlen_q, device=device)[:, None]
+            self.allowed = (cols <= drafts + (seqlen - self.seqlen_q))[None, None]
         if mask == "document":  # packed documents of random lengths: a block-diagonal boolean mask
             cuts = torch.sort(torch.randint(1, seqlen, (self.batch, max(1, seqlen // 1024)), device=device)).values
             document = (positions[None, :, None] >= cuts[:, None, :]).sum(-1)  # (B, L) document index
@@ -134,7 +150,7 @@ class Case:
         elif self.allowed is None:
             self.visible_pairs = self.batch * self.heads * self.seqlen_q * seqlen
         else:
-            self.visible_pairs = self.heads * int(self.allowed.expand(self.batch, 1, seqlen, seqlen).sum())
+            self.visible_pairs = self.heads * int(self.allowed.expand(self.batch, 1, self.seqlen_q, seqlen).sum())
 
     def implementations(self) -> Dict[str, Callable]:
         return {"fasttransformer": self.ours, "torch-flash": self.sdpa("FLASH_ATTENTION"),
@@ -168,16 +184,21 @@ class Case:
             raise NotImplementedError("the unsplit forward is timed for decode, without dropout, on the Triton "
                                       "backend only")
         from fasttransformer.kernels.attention_forward import attention_forward
-        return attention_forward(self.q, self.k, self.v, num_splits=1)[0]
+        return attention_forward(self.q, self.k, self.v, causal_offset=self._draft_offset(), num_splits=1)[0]
 
     def unpacked(self):
-        """decode-gqa only: the Triton forward with one program per query head (pack_gqa=False),
-        the baseline of the packed GQA decoding step that ``ours`` runs."""
-        if self.mask != "decode-gqa" or self.dropout_p or self.backend != "triton":
-            raise NotImplementedError("the unpacked forward is timed for decode-gqa, without dropout, on the "
-                                      "Triton backend only")
+        """decode-gqa and verify-gqa only: the Triton forward with one program per query head
+        (pack_gqa=False), the baseline of the packed GQA step that ``ours`` runs."""
+        if self.mask not in GQA_MASKS or self.dropout_p or self.backend != "triton":
+            raise NotImplementedError("the unpacked forward is timed for decode-gqa and verify-gqa, without dropout, "
+                                      "on the Triton backend only")
         from fasttransformer.kernels.attention_forward import attention_forward
-        return attention_forward(self.q, self.k, self.v, pack_gqa=False)[0]
+        return attention_forward(self.q, self.k, self.v, causal_offset=self._draft_offset(), pack_gqa=False)[0]
+
+    def _draft_offset(self) -> Optional[int]:
+        """The Triton launcher's causal_offset of a decoding case: verify-gqa's drafts are causal,
+        lower right (L - their number); a decoding step's one query sees every key."""
+        return self.seqlen - self.seqlen_q if self.mask == "verify-gqa" else None
 
     def sdpa(self, backend: str):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -203,6 +224,7 @@ class Case:
             "none": None,
             "decode": None,
             "decode-gqa": None,
+            "verify-gqa": lambda b, h, q, k: k <= q + (seqlen - self.seqlen_q),
             "causal": lambda b, h, q, k: k <= q,
             "window": lambda b, h, q, k: (k <= q) & (k > q - window),
             "padding": lambda b, h, q, k: ~padding[b, k],
@@ -213,7 +235,7 @@ class Case:
         block_mask = None
         if mask_mod is not None:  # built once, outside the timed region: "given the same mask"
             batch = None if self.mask in ("causal", "window") else self.batch
-            block_mask = create_block_mask(mask_mod, batch, None, seqlen, seqlen, device=self.device)
+            block_mask = create_block_mask(mask_mod, batch, None, self.seqlen_q, seqlen, device=self.device)
         compiled = _compiled_flex_attention(flex_attention)
         gqa = self.kv_heads != self.heads
         return lambda: compiled(self.q, self.k, self.v, block_mask=block_mask, enable_gqa=gqa)
@@ -277,7 +299,7 @@ def sweep(device: str, quick: bool = False, masks=None, head_dims=None, seqlens=
     ``"partial": "<done> of <total> cases"``: a run stopped midway (a deadline) keeps what it timed.
     ``head_dim_v``: the value's head dim in every case (default: each case's D)."""
     cuda = device == "cuda"
-    masks = masks or (("none", "causal", "padding", "document", "decode", "decode-gqa") if quick else MASKS)
+    masks = masks or (QUICK_MASKS if quick else MASKS)
     head_dims = head_dims or ((128,) if quick else (64, 128))
     seqlens = seqlens or ((1024, 8192) if quick else (512, 1024, 2048, 4096, 8192, 16384))
     modes = modes or ("fwd", "fwd+bwd", "jvp")
@@ -367,7 +389,8 @@ def markdown(record: dict) -> str:
              f"{ceil['matmul_tflops']:.0f} TFLOP/s. D/Dv: a value head dim unlike the query's. TFLOP/s count "
              "visible (query, key) pairs only; speedup = "
              "baseline time / fasttransformer time. decode: one query per sequence, L keys (decode-gqa: "
-             f"{GQA_GROUP} query heads per key head); GB/s of K, V and Q "
+             f"{GQA_GROUP} query heads per key head; verify-gqa: {SPECULATIVE_QUERIES} queries per sequence, "
+             "causal lower right, as decode-gqa's heads); GB/s of K, V and Q "
              f"read and O written (measured copy: {ceil['copy_gbps']:.0f} GB/s).", ""]
     if record.get("partial"):
         lines[-1:-1] = ["", f"Partial record: the run stopped after {record['partial']}."]
