@@ -530,20 +530,23 @@ def test_gqa_row_packing_takes_the_packed_entry_with_the_tables_block_m(monkeypa
         dtype = torch.float32 if kind == "fp32" else torch.bfloat16
         device = _FakeDevice(arch)
         assert configs.forward_config(device, dtype, bucket, True, int64=int64, packed=True) == config
+        assert configs.packed_override(device, dtype, bucket, int64=int64) == config
         assert configs.forward_config(device, dtype, bucket, True, int64=int64).block_m == config.block_m
+    assert configs.packed_override(_FakeDevice(90), torch.bfloat16, 128) is None
     asked = []
 
-    def forward_config(*args, packed=False, **kwargs):
-        asked.append(packed)
-        return Config(64, 32, 4, 1) if packed else Config(64, 64, 4, 1)
-    monkeypatch.setattr(configs, "forward_config", forward_config)
+    def packed_override(*args):
+        asked.append(args[-1])  # int64
+        return Config(64, 32, 4, 1)
+    monkeypatch.setattr(configs, "forward_config", lambda *args, **kwargs: Config(64, 64, 4, 1))
+    monkeypatch.setattr(configs, "packed_override", packed_override)
     launches = record_launches(monkeypatch, forward_module, "attention_forward_kernel",
                                ("PACK_GQA", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
     q, k, v, kernel_args, _, _ = make_case(1, 4, 1, 3, 70, 16, ["padding"], torch.float32)
     attention_forward(q, k, v, **kernel_args)
     attention_forward(q, k, v, num_warps=2, **kernel_args)
     attention_forward(q, k, v, pack_gqa=False, **kernel_args)
-    assert asked == [False, True, False, True, False]
+    assert asked == [False, False]
     assert [arguments for _, arguments in launches] == [(True, 64, 32, 4, 1), (True, 64, 32, 2, 1),
                                                         (False, 64, 64, 4, 1)]
 
@@ -2193,8 +2196,7 @@ def test_op_offsets_past_int32(masks, monkeypatch):
         out = scaled_dot_product_attention(*leaves, **kwargs, backend="triton")
         grad_out = torch.randn_like(out)
         out.backward(grad_out)
-    packed = masks != "float"  # a packed launch asks for the packed entry too (configs.PACKED_OVERRIDES)
-    assert lookups == [True] * (3 if packed else 2) and [arguments for _, arguments in launches] == [(packed, True)]
+    assert lookups == [True, True] and [arguments for _, arguments in launches] == [(masks != "float", True)]
     assert_matches_reference(q, k, v, allowed, bias, grad_out, out, [leaf.grad for leaf in leaves])
     if bias is not None:
         assert_bias_grad_matches_reference(q, k, v, allowed, bias, grad_out, kwargs["attn_mask"].grad)

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fasttransformer.kernels.block_lists import CLASS_ROWS
+
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 LOG2E = 1.4426950408889634
 
@@ -682,7 +684,8 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     lse (B, Hq, Lq) float32).
     """
     from fasttransformer.kernels.block_lists import build_block_lists
-    from fasttransformer.kernels.configs import forward_config, forward_splits, head_dim_bucket, tile_head_dims
+    from fasttransformer.kernels.configs import (forward_config, forward_splits, head_dim_bucket, packed_override,
+                                                 tile_head_dims)
 
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):  # before any launch
         raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
@@ -722,11 +725,10 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
         row_group = gqa_row_packing(heads, kv_heads, seqlen_q, block_m, mask_strides[1] if mask_kind else 0, listed,
                                     dropout_p)
         grid_heads, rows = heads // row_group, seqlen_q * row_group
-        if row_group > 1:  # the packed kernel's own entry where it has one (the same block_m)
-            packed = forward_config(query.device, query.dtype, head_dim, causal_offset is not None, dropout=dropping,
-                                    int64=wide, head_dim_v=head_dim_v, packed=True)
-            block_n, num_warps, num_stages = (mine or table for mine, table in zip(
-                requested, (packed.block_n, packed.num_warps, packed.num_stages)))
+        packed = packed_override(query.device, query.dtype, head_dim, head_dim_v, wide) if row_group > 1 else None
+        if packed is not None:  # the packed kernel's own entry (the same block_m), but what the caller asked for
+            block_n, num_warps, num_stages = (requested[0] or packed.block_n, requested[1] or packed.num_warps,
+                                              requested[2] or packed.num_stages)
     lists = None
     if listed:  # packed rows: each list row is the block's block_m / group queries
         lists, = build_block_lists(attn_mask if mask_kind == MASK_BOOL else None, key_padding_mask, shape,
@@ -836,19 +838,17 @@ def gqa_row_packing(heads, kv_heads, seqlen_q, block_m, mask_head_stride, listed
     dropout (its draws are keyed by (head, query)), not for a group that is not a power of two
     (Qwen2's 7: block_m / group would not be whole), and not for one query a head, which
     ``gqa_packing`` packs as heads."""
-    from fasttransformer.kernels.block_lists import CLASS_ROWS
     if seqlen_q < 2 or seqlen_q >= block_m or kv_heads == 0 or heads == kv_heads or mask_head_stride != 0:
         return 1
     group = heads // kv_heads
     if group & (group - 1) or group > block_m or (listed and block_m // group < CLASS_ROWS):
         return 1
-    return 1 if effective_dropout_p(dropout_p) > 0 else group
+    return 1 if dropout_p and effective_dropout_p(dropout_p) > 0 else group
 
 
 def packed_list_rows(block_m: int) -> List[int]:
     """The rows of the tile lists that a packed GQA block of ``block_m`` rows may take
     (``gqa_row_packing``): its queries for each group it packs with lists."""
-    from fasttransformer.kernels.block_lists import CLASS_ROWS
     return [block_m // group for group in (2 ** power for power in range(1, block_m.bit_length()))
             if block_m // group >= CLASS_ROWS]
 

@@ -11,7 +11,7 @@ spill (or on more shared memory than the arch has).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -308,8 +308,14 @@ def forward_config(device, dtype, head_dim: int, causal: bool, dropout: bool = F
     ``packed``: a GQA row-packed launch (PACKED_OVERRIDES; the same block_m)."""
     config = _lookup("forward", (FORWARD, FORWARD_FP32), device, dtype, head_dim, INTERPRETER, dropout, int64,
                      head_dim_v)
-    key = _override_key(device, dtype, head_dim, head_dim_v) if packed else None
-    return config if key is None else PACKED_OVERRIDES.get((*key, int64), config)
+    return (packed and packed_override(device, dtype, head_dim, head_dim_v, int64)) or config
+
+
+def packed_override(device, dtype, head_dim: int, head_dim_v=None, int64: bool = False) -> Optional[Config]:
+    """PACKED_OVERRIDES' entry for a GQA row-packed forward, or None where the table's stands
+    (the launcher asks only once it packs: host time)."""
+    key = _override_key(device, dtype, head_dim, head_dim_v)
+    return None if key is None else PACKED_OVERRIDES.get((*key, int64))
 
 
 def _override_key(device, dtype, head_dim: int, head_dim_v=None):
