@@ -14,13 +14,19 @@ import triton
 
 from fasttransformer.kernels import aot
 
-if __name__ == "__main__":
-    jobs = [job for job in aot._jobs() if job[0] == "jvp"]
+def compile_jobs(jobs, out):
+    """Compiles ``jobs`` (aot._jobs' tuples) on 2 processes, prints those that spill or pass the
+    arch's shared memory, and writes every report to ``out`` (stop 37's aot_pack_gqa_triton39.py
+    uses it too)."""
     with ProcessPoolExecutor(2) as pool:
         reports = list(pool.map(aot._compile_job, jobs))
     bad = [r for r in reports if r["stack_bytes"] or r["shared_bytes"] > aot.SHARED_MEMORY_LIMIT[r["arch"]]]
     print("triton", triton.__version__, "jobs", len(reports), "spill/overflow", len(bad))
     for r in bad:
-        print(r["arch"], r["head_dim"], r["head_dim_v"], r["config"], r["options"], r["dtype"], r["registers"],
-              r["stack_bytes"])
-    json.dump(reports, open(sys.argv[1], "w"), indent=0)
+        print(r["kernel"], r["arch"], r["head_dim"], r["head_dim_v"], r["config"], r["options"], r["dtype"],
+              r["registers"], r["stack_bytes"])
+    json.dump(reports, open(out, "w"), indent=0)
+
+
+if __name__ == "__main__":
+    compile_jobs([job for job in aot._jobs() if job[0] == "jvp"], sys.argv[1])
