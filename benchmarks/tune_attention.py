@@ -3,14 +3,17 @@
 head dim, mask): what the table should hold.
 
     python benchmarks/tune_attention.py --out DIR [--kernels forward,dkdv,dq,jvp] [--head-dims 64,128]
-        [--masks none,causal,decode,decode-gqa] [--seqlen 4096] [--budget-s 480]
+        [--masks none,causal,decode,decode-gqa,verify-gqa] [--seqlen 4096] [--budget-s 480]
 
 Masks none and causal time L x L attention; decode and decode-gqa time the forward of a
 decoding step (one query per sequence against L keys, B = tokens / L sequences; decode-gqa with
 4 query heads per key head, packed as the launcher packs them: 4 rows per program), in GB/s as
 the attention benchmark counts them, over a grid with smaller query blocks (DECODE_GRID): a
-decoding step has 1 or 4 live rows in its block. The backward and JVP kernels are not timed for
-them.
+decoding step has 1 or 4 live rows in its block. verify-gqa is a speculative decoding step's
+verification (the benchmark's: 4 drafts per sequence, causal lower right, decode-gqa's heads),
+launched as the launcher does: (draft, head) pairs packed as rows where gqa_row_packing packs
+for the candidate's block_m, and compiled ahead of time as the packed kernel (PACK_GQA). The
+backward and JVP kernels are not timed for them.
 
 1. Every candidate (a grid of BLOCK_M x BLOCK_N x warps x stages, plus the table's entry) is
    compiled ahead of time for this GPU's arch with every mask on (fasttransformer.kernels.aot, in
@@ -51,8 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 KERNELS = ("forward", "dkdv", "dq", "jvp")
 GRID = {"block_m": (32, 64, 128), "block_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)}
 DECODE_GRID = {**GRID, "block_m": (16, 32, 64, 128)}
-MASKS = ("none", "causal", "decode", "decode-gqa")
-DECODE_MASKS = ("decode", "decode-gqa")
+MASKS = ("none", "causal", "decode", "decode-gqa", "verify-gqa")
+DECODE_MASKS = ("decode", "decode-gqa", "verify-gqa")
 
 
 def parse_args(argv=None):
@@ -99,7 +102,8 @@ def candidates(args, table_entry, mask):
 
 
 def aot_filter(jobs, processes):
-    """(kernel, arch, D, config) -> the AOT report, every mask on. Spawned workers, without
+    """(kernel, arch, D, config, packed) -> the AOT report, every mask on (packed: the GQA
+    row-packed forward, PACK_GQA). Spawned workers, without
     TRITON_INTERPRET: the compile needs the real triton.jit, which a forked worker of an
     interpreted process would not have."""
     import multiprocessing
@@ -108,8 +112,9 @@ def aot_filter(jobs, processes):
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
         with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-            reports = list(pool.map(_compile_job, [(kernel, arch, d, tuple(config), {}, "bf16")
-                                                   for kernel, arch, d, config in jobs]))
+            reports = list(pool.map(_compile_job, [
+                (kernel, arch, d, tuple(config), {"PACK_GQA": True} if packed else {}, "bf16")
+                for kernel, arch, d, config, packed in jobs]))
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
@@ -121,14 +126,16 @@ def case_inputs(head_dim, mask, seqlen, tokens, hidden, device, dtype):
     decoding step: q (B, H, 1, D), k and v (B, Hk, L, D), no grad)."""
     import torch
 
-    from fasttransformer.bench.attention import gqa_kv_heads
+    from fasttransformer.bench.attention import GQA_MASKS, SPECULATIVE_QUERIES, gqa_kv_heads
     from fasttransformer.kernels.attention_forward import attention_forward
     batch, heads = max(1, tokens // seqlen), max(1, hidden // head_dim)
-    kv_heads = gqa_kv_heads(heads) if mask == "decode-gqa" else heads
-    q = torch.randn(batch, heads, 1 if mask in DECODE_MASKS else seqlen, head_dim, device=device, dtype=dtype)
+    kv_heads = gqa_kv_heads(heads) if mask in GQA_MASKS else heads
+    seqlen_q = seqlen if mask not in DECODE_MASKS else (min(SPECULATIVE_QUERIES, seqlen) if mask == "verify-gqa" else 1)
+    q = torch.randn(batch, heads, seqlen_q, head_dim, device=device, dtype=dtype)
     k, v = (torch.randn(batch, kv_heads, seqlen, head_dim, device=device, dtype=dtype) for _ in range(2))
     grad = None if mask in DECODE_MASKS else torch.randn_like(q)  # dO; for the JVP kernel, the tangents' seed
-    kwargs = {"causal_offset": 0 if mask == "causal" else None}
+    # verify-gqa: the drafts causal, lower right
+    kwargs = {"causal_offset": {"causal": 0, "verify-gqa": seqlen - seqlen_q}.get(mask)}
     out, lse = attention_forward(q, k, v, **kwargs)
     return q, k, v, grad, out, lse, kwargs
 
@@ -205,9 +212,10 @@ def main(argv=None) -> int:
     arch = args.arch or (90 if args.device == "cpu" else configs._arch(torch.device("cuda")))
     table_device = _FakeDevice(arch)  # the table's entries for this arch, also on the CPU
 
-    def table_entry(kernel, head_dim, causal):  # what a decoding step launches too (no entry of its own yet)
-        if kernel == "forward":
-            return configs.forward_config(table_device, torch.bfloat16, head_dim, causal)
+    def table_entry(kernel, head_dim, mask):  # what a decoding step launches too (no entry of its own yet)
+        causal = mask in ("causal", "verify-gqa")
+        if kernel == "forward":  # verify-gqa: the packed entry (the same block_m)
+            return configs.forward_config(table_device, torch.bfloat16, head_dim, causal, packed=mask == "verify-gqa")
         if kernel == "jvp":
             return configs.jvp_config(table_device, torch.bfloat16, head_dim)
         dkdv, dq = configs.backward_configs(table_device, torch.bfloat16, head_dim, causal)
@@ -215,17 +223,19 @@ def main(argv=None) -> int:
 
     cases = [(kernel, d, mask) for kernel in args.kernels for d in args.head_dims for mask in args.masks
              if kernel == "forward" or mask not in DECODE_MASKS]
-    lists = {case: candidates(args, table_entry(case[0], case[1], case[2] == "causal"), case[2]) for case in cases}
+    lists = {case: candidates(args, table_entry(*case), case[2]) for case in cases}
     reports = {}
     if not args.skip_aot:
-        jobs = sorted({(kernel, arch, d, config) for (kernel, d, _), grid in lists.items() for config in grid})
+        jobs = sorted({(kernel, arch, d, config, mask == "verify-gqa") for (kernel, d, mask), grid in lists.items()
+                       for config in grid})
         started = time.time()
         reports = aot_filter(jobs, max(1, min(16, os.cpu_count() or 1)))
         print(f"compiled {len(jobs)} candidates for sm_{arch} in {time.time() - started:.0f} s", flush=True)
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float16  # the interpreter's dots: no bf16
     timed_lists = {case: [config for config in grid
-                          if not reports.get((case[0], arch, case[1], config), {}).get("stack_bytes")]
+                          if not reports.get((case[0], arch, case[1], config, case[2] == "verify-gqa"),
+                                             {}).get("stack_bytes")]
                    for case, grid in lists.items()}
     workers = args.warm_workers if args.warm_workers is not None else (16 if args.device == "cuda" else 0)
     if workers:
@@ -246,7 +256,7 @@ def main(argv=None) -> int:
         for index, config in enumerate(lists[(kernel, head_dim, mask)]):
             row = {"kernel": kernel, "head_dim": head_dim, "mask": mask, "config": list(config),
                    "table_entry": index == 0, "shape": shape}
-            report = reports.get((kernel, arch, head_dim, config))
+            report = reports.get((kernel, arch, head_dim, config, mask == "verify-gqa"))
             if report is not None:
                 row.update(registers=report["registers"], stack_bytes=report["stack_bytes"])
                 if report["stack_bytes"]:
