@@ -509,7 +509,7 @@ def test_tune_attention_times_decoding_steps_forward_only(tmp_path):
     assert {config.block_m for config in grid[1:]} == {16, 32, 64, 128}
 
 
-def test_tune_attention_times_speculative_verification_packed(tmp_path):
+def test_tune_attention_times_speculative_verification_packed(tmp_path, monkeypatch):
     """--masks verify-gqa: 4 drafts per sequence (causal, lower right) with decode-gqa's heads,
     forward only, in GB/s; its candidates are compiled ahead of time as the packed kernel
     (PACK_GQA) and launched packed, (draft, head) pairs as rows (one program per key head)."""
@@ -530,14 +530,10 @@ def test_tune_attention_times_speculative_verification_packed(tmp_path):
                 launches.append((grid[1:], (kwargs["PACK_GQA"], named["seqlen_q"], named["causal_offset"])))
                 return kernel[grid](*args, **kwargs)
             return launch
-    monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(forward_kernels, "attention_forward_kernel", Recording())
-    try:
-        assert tune.main(["--device", "cpu", "--out", str(tmp_path), "--kernels", "forward,dq", "--head-dims", "32",
-                          "--masks", "verify-gqa", "--seqlen", "96", "--tokens", "192", "--hidden", "256",
-                          "--candidates", "32x32x4x1", "--warm-workers", "0"]) == 0
-    finally:
-        monkeypatch.undo()
+    assert tune.main(["--device", "cpu", "--out", str(tmp_path), "--kernels", "forward,dq", "--head-dims", "32",
+                      "--masks", "verify-gqa", "--seqlen", "96", "--tokens", "192", "--hidden", "256",
+                      "--candidates", "32x32x4x1", "--warm-workers", "0"]) == 0
     assert {job[4] for job in compiled} == {True} and {job[0] for job in compiled} == {"forward"}
     rows = json.loads((tmp_path / "tune.json").read_text())["results"]
     batch, heads, kv_heads, seqlen, head_dim = 2, 8, 2, 96, 32
