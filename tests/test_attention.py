@@ -472,6 +472,9 @@ ROW_PACKING_SHAPES = {  # batch, Hq, Hk, Lq, Lk, D: Lq below the interpreter's b
     "Lq5-g4": (2, 8, 2, 5, 150, 32),  # one block of 20 rows
     "Lq37-g8-mqa": (2, 8, 1, 37, 94, 16),  # 296 rows: 5 blocks of 8 queries (the lists' rows); lower right:
     # query 7, the first block's last, sees key 64, the second key tile's first
+    "Lq5-g3": (2, 6, 2, 5, 150, 32),  # a group that is not a power of two: 4 rows a query, one spare: 20 rows
+    "Lq9-g7": (1, 14, 2, 9, 66, 16),  # Qwen2's group, 8 rows a query: 2 blocks of 8 queries; lower right:
+    # query 7 sees key 64 again
 }
 
 
@@ -492,16 +495,20 @@ def test_gqa_few_queries_pack_each_groups_query_head_pairs_as_rows(monkeypatch, 
                                                     masks.split("+"), dtype)
     # (B, Lq, Hq, D) with its rows padded: the packed rows read through strides of their own
     q = torch.randn(batch, seqlen_q, heads, head_dim + 8, device=DEVICE, dtype=dtype)[..., :head_dim].transpose(1, 2)
-    launches = record_launches(monkeypatch, forward_module, "attention_forward_kernel", ("num_heads", "PACK_GQA"))
-    merges = record_launches(monkeypatch, forward_module, "attention_combine_kernel", ("PACK_GQA",))
+    launches = record_launches(monkeypatch, forward_module, "attention_forward_kernel",
+                               ("num_heads", "kv_group", "group_shift", "PACK_GQA"))
+    merges = record_launches(monkeypatch, forward_module, "attention_combine_kernel",
+                             ("kv_group", "group_shift", "PACK_GQA"))
     with poisoned_allocations(DEVICE):
         out, lse = attention_forward(q, k, v, num_splits=num_splits, **kernel_args)
         unpacked_out, unpacked_lse = attention_forward(q, k, v, pack_gqa=False, num_splits=num_splits, **kernel_args)
     group = heads // kv_heads
+    shift = (group - 1).bit_length()  # a query's rows: the group rounded up to a power of two
     (packed_grid, packed_args), (unpacked_grid, unpacked_args) = launches
-    assert packed_grid == (-(-seqlen_q * group // 64) * (num_splits or 1), kv_heads, batch)
-    assert packed_args == (kv_heads, True) and unpacked_grid[1:] == (heads, batch) and unpacked_args == (heads, False)
-    assert [arguments for _, arguments in merges] == ([(True,), (False,)] if num_splits else [])
+    assert packed_grid == (-(-(seqlen_q << shift) // 64) * (num_splits or 1), kv_heads, batch)
+    assert packed_args == (kv_heads, group, shift, True)
+    assert unpacked_grid[1:] == (heads, batch) and unpacked_args == (heads, group, 0, False)
+    assert [arguments for _, arguments in merges] == ([(group, shift, True), (group, 0, False)] if num_splits else [])
     assert out.shape == q.shape and out.stride() == torch.empty_like(q).stride()
     assert lse.shape == (batch, heads, seqlen_q)
     ref = reference_attention(q.double(), k.double(), v.double(), allowed, bias)
@@ -551,10 +558,12 @@ def test_gqa_row_packing_takes_the_packed_entry_with_the_tables_block_m(monkeypa
                                                         (False, 64, 64, 4, 1)]
 
 
-def test_gqa_row_packing_applies_to_few_queries_of_power_of_two_groups():
-    """gqa_row_packing: the group for 2 .. block_m - 1 queries a head, a group of 2 or more that
-    is a power of two and at most block_m, masks the same for the heads of a group, no dropout,
-    and with tile lists a block of at least CLASS_ROWS queries; 1 (unpacked) otherwise."""
+def test_gqa_row_packing_applies_to_few_queries_of_groups_up_to_block_m():
+    """gqa_row_packing: a query's rows (the group rounded up to a power of two) for 2 ..
+    block_m - 1 queries a head, a group of 2 or more whose rows are at most block_m, masks the
+    same for the heads of a group, no dropout, with tile lists a block of at least CLASS_ROWS
+    queries, and no more programs than unpacked (spare rows can make more); 1 (unpacked)
+    otherwise."""
     from fasttransformer.kernels.attention_forward import gqa_row_packing
 
     def pack(heads=32, kv_heads=8, seqlen_q=4, block_m=64, mask_head_stride=0, listed=False, dropout_p=0.0):
@@ -562,9 +571,17 @@ def test_gqa_row_packing_applies_to_few_queries_of_power_of_two_groups():
     assert pack() == 4 and pack(kv_heads=1) == 32 and pack(seqlen_q=63) == 4 and pack(listed=True) == 4
     assert pack(heads=64, block_m=128, listed=True) == 8 and pack(heads=128, block_m=128, listed=True) == 16
     assert pack(heads=128, kv_heads=1, block_m=128) == 128 and pack(dropout_p=2 ** -18) == 4  # p rounds to 0
-    for other in ({"seqlen_q": 1}, {"seqlen_q": 64}, {"kv_heads": 32}, {"kv_heads": 0}, {"heads": 28, "kv_heads": 4},
-                  {"mask_head_stride": 150}, {"dropout_p": 0.1}, {"heads": 128, "listed": True},
-                  {"heads": 256, "kv_heads": 1, "block_m": 128}):
+    # groups that are not powers of two: Qwen2's 7 (28 / 4 heads), 5 (40 / 8), 3, 6 (12 / 2), 65 (MQA)
+    assert pack(heads=28, kv_heads=4) == 8 and pack(heads=40) == 8 and pack(heads=24, listed=True) == 4
+    assert pack(heads=12, kv_heads=2, listed=True) == 8 and pack(heads=65, kv_heads=1, block_m=128) == 128
+    assert pack(heads=9, kv_heads=1) == 16 and pack(heads=17, kv_heads=1, block_m=256, listed=True) == 32
+    # programs: 3 blocks of 16 queries x 4 rows, as many as unpacked (3 heads); 4 with 63 queries
+    assert pack(heads=24, seqlen_q=48) == 4 and pack(heads=24, seqlen_q=49) == 1
+    assert pack(heads=40, seqlen_q=40) == 8 and pack(heads=40, seqlen_q=41) == 1  # 5 blocks of 8 queries x 8 rows
+    for other in ({"seqlen_q": 1}, {"seqlen_q": 64}, {"kv_heads": 32}, {"kv_heads": 0}, {"mask_head_stride": 150},
+                  {"dropout_p": 0.1}, {"heads": 128, "listed": True}, {"heads": 65, "kv_heads": 1},
+                  {"heads": 256, "kv_heads": 1, "block_m": 128}, {"heads": 9, "kv_heads": 1, "listed": True},
+                  {"heads": 7, "kv_heads": 7, "seqlen_q": 5}, {"heads": 24, "seqlen_q": 63}):
         assert pack(**other) == 1, other
 
 
@@ -3027,20 +3044,23 @@ def test_cuda_decode_split_keys_and_gqa_packing_match_and_capture_in_a_graph(mon
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("masks", [["lower_right", "padding"], ["lower_right", "bool"]], ids=["padding", "bool"])
-def test_cuda_gqa_row_packing_matches_unpacked_and_captures_in_a_graph(monkeypatch, masks):
-    """A speculative decoding step at a real size (Llama's 32 query heads over 8 key heads, 4
-    drafts, Lk = 8192, D = 128, bf16, causal lower right with key padding or a boolean mask):
-    packed as (draft, head) rows, 8 programs per sequence before the heuristic's split, and
-    unpacked, 32; both the reference's within the rule and each other's up to rounding; the
-    packed one captures in a CUDA graph."""
+@pytest.mark.parametrize("heads,kv_heads", [(32, 8), (28, 4)], ids=["llama-32-8", "qwen2-28-4"])
+def test_cuda_gqa_row_packing_matches_unpacked_and_captures_in_a_graph(monkeypatch, heads, kv_heads, masks):
+    """A speculative decoding step at a real size (Llama's 32 query heads over 8 key heads, or
+    Qwen2's 28 over 4: a group of 7 in 8 rows a query; 4 drafts, Lk = 8192, D = 128, bf16,
+    causal lower right with key padding or a boolean mask): packed as (draft, head) rows, one
+    program per key head and sequence before the heuristic's split, and unpacked, one per query
+    head; both the reference's within the rule and each other's up to rounding; the packed one
+    captures in a CUDA graph."""
     import fasttransformer.kernels.attention_forward as forward_kernels
 
     launches = record_launches(monkeypatch, forward_kernels, "attention_forward_kernel", ("PACK_GQA",))
-    q, k, v, kernel_args, allowed, bias = make_case(2, 32, 8, 4, 8192, 128, masks, torch.bfloat16)
+    q, k, v, kernel_args, allowed, bias = make_case(2, heads, kv_heads, 4, 8192, 128, masks, torch.bfloat16)
     with torch.no_grad():
         out, lse = attention_forward(q, k, v, **kernel_args)
         unpacked_out, unpacked_lse = attention_forward(q, k, v, pack_gqa=False, **kernel_args)
-        assert [(grid[1:], arguments) for grid, arguments in launches] == [((8, 2), (True,)), ((32, 2), (False,))]
+        assert [(grid[1:], arguments) for grid, arguments in launches] == [((kv_heads, 2), (True,)),
+                                                                           ((heads, 2), (False,))]
         ref = reference_attention(q.double(), k.double(), v.double(), allowed, bias)
         assert_within_torch_error(out, ref, reference_attention(q, k, v, allowed, bias), 2.0, "packed output")
         seen = torch.isfinite(unpacked_lse)

@@ -324,7 +324,7 @@ def attention_forward_kernel(
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im,
     num_heads, kv_group, seqlen_q, seqlen_k, head_dim,
-    group_shift,            # PACK_GQA: log2(kv_group), a power of two (0 otherwise)
+    group_shift,            # PACK_GQA: log2 of a query's rows, kv_group rounded up to a power of two (0 otherwise)
     head_dim_v,             # the value's (and output's) head dim, BLOCK_DV its tile's; D the query's and key's
     num_splits,             # SPLIT_KEYS: programs per query block, each over its share of the key tiles
     scale_log2,             # softmax scale * log2(e)
@@ -339,11 +339,13 @@ def attention_forward_kernel(
     BLOCK_DV: tl.constexpr, PACK_GQA: tl.constexpr = False,
 ):
     """PACK_GQA (``gqa_row_packing``): the program's head is a key head, and its rows are the
-    (query, query head) pairs of its group, query-major: row r is query r // kv_group of query
-    head head * kv_group + r % kv_group (num_heads counts key heads, seqlen_q queries). The
-    causal / window bounds and the masks (the same for every head of a group) take each row's
-    query; the output and logsumexp are stored at each row's (head, query); split keys' partial
-    results are written by row, and the merge stores them likewise."""
+    (query, query head) pairs of its group, query-major, each query's kv_group heads in its
+    2^group_shift rows: row r is query r >> group_shift of query head head * kv_group + (r mod
+    2^group_shift), a spare row (r mod 2^group_shift >= kv_group, a group that is not a power of
+    two) is computed but never stored (num_heads counts key heads, seqlen_q queries). The causal /
+    window bounds and the masks (the same for every head of a group) take each row's query; the
+    output and logsumexp are stored at each row's (head, query); split keys' partial results
+    are written by row, and the merge stores them likewise."""
     if not DV_DIFFERS:  # Dv = D: one bound for both (a second runtime bound cost registers: 379 of 744 compiles)
         head_dim_v = head_dim
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # grid (blocks, heads, batch)
@@ -364,8 +366,10 @@ def attention_forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     if PACK_GQA:  # rows -> (query, query head); the block's queries are [start_q, end_q)
-        num_rows = seqlen_q * kv_group
-        offs_q = offs_m >> group_shift  # shifts, not a runtime division's dozen instructions
+        num_rows = seqlen_q << group_shift
+        # shifts, not a runtime division's dozen instructions; a spare row (its slot past the
+        # group) is given the query past the last, so that it is masked as a ragged block's are
+        offs_q = tl.where((offs_m & ((1 << group_shift) - 1)) < kv_group, offs_m >> group_shift, seqlen_q)
         start_q = (pid_m * BLOCK_M) >> group_shift
         end_q = ((pid_m * BLOCK_M + BLOCK_M - 1) >> group_shift) + 1
     else:
@@ -379,7 +383,7 @@ def attention_forward_kernel(
     # int32 offsets: pointer tensors carried from one key block to the next held 64-bit
     # addresses per element and pushed D = 64 to 255 registers (ptxas, sm_90).
     if PACK_GQA:
-        offs_h = head * kv_group + (offs_m & (kv_group - 1))
+        offs_h = head * kv_group + (offs_m & ((1 << group_shift) - 1))
         q = load_packed_rows(Q + batch * stride_qb, offs_h, offs_q, row_ok, offs_d, stride_qh, stride_qm, stride_qd,
                              head_dim, INT64_OFFSETS)
     else:
@@ -449,7 +453,7 @@ def attention_forward_kernel(
         lse_row = pid_bh * seqlen_q
     if PACK_GQA and not SPLIT_KEYS:  # at each row's (head, query)
         # the heads recomputed here, not kept through the key loop: one vector fewer live there
-        offs_h = head * kv_group + ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) & (kv_group - 1))
+        offs_h = head * kv_group + ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) & ((1 << group_shift) - 1))
         store_packed_rows(Out + batch * stride_ob, offs_h, offs_q, row_ok, offs_dv, stride_oh, stride_om, stride_od,
                           head_dim_v, out.to(Out.dtype.element_ty), INT64_OFFSETS)
         tl.store(Lse + (batch * num_heads * kv_group + offs_h) * seqlen_q + offs_q, lse, mask=row_ok)
@@ -463,14 +467,15 @@ def attention_forward_kernel(
 def attention_combine_kernel(Partial, PartialLse, Out, Lse,
                              stride_pb, stride_ph, stride_ps, stride_pm, stride_pd,
                              stride_ob, stride_oh, stride_om, stride_od,
-                             num_heads, num_splits, seqlen_q, head_dim, kv_group,
+                             num_heads, num_splits, seqlen_q, head_dim, kv_group, group_shift,
                              INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                              PACK_GQA: tl.constexpr = False):
     """Merges the forward's key splits: out = sum_s w_s out_s / sum_s w_s with w_s = 2^lse_s
     (each partial out_s is normalised by its own sum), lse = log(sum_s w_s); a row that no split
     saw gets zeros and lse +inf, as from the unsplit kernel. Grid (query blocks, heads, batch).
     PACK_GQA: the partials' rows are a packed GQA block's (``attention_forward_kernel``), heads
-    the key heads and seqlen_q the rows (queries x kv_group), stored at their (head, query)."""
+    the key heads and seqlen_q the rows (queries x 2^group_shift), stored at their (head, query)
+    but the spare ones."""
     pid_m, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if INT64_OFFSETS:  # see int64_offsets
         head, batch = head.to(tl.int64), batch.to(tl.int64)
@@ -496,13 +501,15 @@ def attention_combine_kernel(Partial, PartialLse, Out, Lse,
     normaliser = tl.where(seen, total, 1.0)
     out = acc / normaliser[:, None]
     lse = tl.where(seen, (m + tl.log2(normaliser)) / 1.4426950408889634, float("inf"))
-    if PACK_GQA:
-        offs_q = offs_m // kv_group
-        offs_h = head * kv_group + offs_m % kv_group
-        store_packed_rows(Out + batch * stride_ob, offs_h, offs_q, row_ok, offs_d, stride_oh, stride_om, stride_od,
+    if PACK_GQA:  # a spare row (its slot past the group) is not stored
+        slot = offs_m & ((1 << group_shift) - 1)
+        offs_h = head * kv_group + slot
+        offs_q = offs_m >> group_shift
+        queries = seqlen_q >> group_shift
+        stored = row_ok & (slot < kv_group)
+        store_packed_rows(Out + batch * stride_ob, offs_h, offs_q, stored, offs_d, stride_oh, stride_om, stride_od,
                           head_dim, out.to(Out.dtype.element_ty), INT64_OFFSETS)
-        queries = seqlen_q // kv_group
-        tl.store(Lse + (batch * num_heads * kv_group + offs_h) * queries + offs_q, lse, mask=row_ok)
+        tl.store(Lse + (batch * num_heads * kv_group + offs_h) * queries + offs_q, lse, mask=stored)
     else:
         tl.store(Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om
                  + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=in_bounds)
@@ -719,12 +726,12 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
     lse = torch.empty(unpacked_shape[:3], device=query.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     listed = uses_block_lists(attn_mask, key_padding_mask)
-    # (group, heads) of the grid: a key head's rows are its group's (query, head) pairs (gqa_row_packing)
+    # (rows per query, heads) of the grid: a key head's rows are its group's (query, head) pairs (gqa_row_packing)
     row_group, grid_heads, rows = 1, heads, seqlen_q
     if pack_gqa and seqlen_q > 1 and kv_heads != heads:
         row_group = gqa_row_packing(heads, kv_heads, seqlen_q, block_m, mask_strides[1] if mask_kind else 0, listed,
                                     dropout_p)
-        grid_heads, rows = heads // row_group, seqlen_q * row_group
+        grid_heads, rows = (kv_heads, seqlen_q * row_group) if row_group > 1 else (heads, seqlen_q)
         packed = packed_override(query.device, query.dtype, head_dim, head_dim_v, wide) if row_group > 1 else None
         if packed is not None:  # the packed kernel's own entry (the same block_m), but what the caller asked for
             block_n, num_warps, num_stages = (requested[0] or packed.block_n, requested[1] or packed.num_warps,
@@ -774,7 +781,8 @@ def attention_forward(query, key, value, *, attn_mask=None, key_padding_mask=Non
             attention_combine_kernel[(cdiv(rows, COMBINE_BLOCK_M), grid_heads, stop - start)](
                 *batch_slice((target, target_lse, out, lse), start, stop, batch), *target.stride()[:3],
                 *target.stride()[3:],
-                *out_strides, grid_heads, num_splits, rows, head_dim_v, row_group, INT64_OFFSETS=wide,
+                *out_strides, grid_heads, num_splits, rows, head_dim_v, heads // kv_heads if kv_heads else 1,
+                row_group.bit_length() - 1, INT64_OFFSETS=wide,
                 BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=head_dim_bucket(head_dim_v), PACK_GQA=row_group > 1, num_warps=4,
                 enable_fp_fusion=True,
             )
@@ -823,27 +831,32 @@ def gqa_packing(heads, kv_heads, seqlen_q, seqlen_k, causal_offset, window, drop
 
 
 def gqa_row_packing(heads, kv_heads, seqlen_q, block_m, mask_head_stride, listed, dropout_p) -> int:
-    """The group whose (query, query head) pairs one program computes as its rows (the forward
-    kernel's PACK_GQA), or 1 for one program per query head.
+    """The rows per query (the group rounded up to a power of two) of a program that computes
+    its group's (query, query head) pairs as its rows (the forward kernel's PACK_GQA), or 1 for
+    one program per query head.
 
     A GQA call with a few queries a head (Lq < block_m: speculative decoding's drafts, a chunked
     prefill's chunk) runs, unpacked, one program per query head, each with Lq live rows of its
     block_m, and the group's programs read their key head's K and V ``group`` times over.
-    Packed, query i of query head hk * group + r is row i * group + r of key head hk: one
+    Packed, query i of query head hk * group + r is row i * rows + r of key head hk: one
     program reads K and V once for up to block_m / Lq heads' queries, and more of its rows are
-    live. Each row keeps its own query's causal / window bounds and mask row, so every mask
-    works, but the masks must be the same for every head of a group (``mask_head_stride`` 0: a
-    mask broadcast over the heads, key padding) and, with tile lists, a block's queries (block_m
-    / group of them) must fill the lists' rows (at least block_lists.CLASS_ROWS). Not with
-    dropout (its draws are keyed by (head, query)), not for a group that is not a power of two
-    (Qwen2's 7: block_m / group would not be whole), and not for one query a head, which
+    live. A group that is not a power of two leaves ``rows - group`` spare rows per query
+    (Qwen2's 7 heads: 7 of 8 rows live), so that the kernel maps rows to queries by shifts and a
+    block's queries are whole. Each row keeps its own query's causal / window bounds and mask
+    row, so every mask works, but the masks must be the same for every head of a group
+    (``mask_head_stride`` 0: a mask broadcast over the heads, key padding) and, with tile lists,
+    a block's queries (block_m / rows of them) must fill the lists' rows (at least
+    block_lists.CLASS_ROWS). Not when the spare rows would make more programs (each reading K
+    and V) than the group's heads unpacked (3 heads, 63 queries: 4 blocks of 64 rows), not with
+    dropout (its draws are keyed by (head, query)), and not for one query a head, which
     ``gqa_packing`` packs as heads."""
     if seqlen_q < 2 or seqlen_q >= block_m or kv_heads == 0 or heads == kv_heads or mask_head_stride != 0:
         return 1
     group = heads // kv_heads
-    if group & (group - 1) or group > block_m or (listed and block_m // group < CLASS_ROWS):
+    rows = 1 << (group - 1).bit_length()  # the group, or the next power of two
+    if rows > block_m or (listed and block_m // rows < CLASS_ROWS) or cdiv(seqlen_q * rows, block_m) > group:
         return 1
-    return 1 if dropout_p and effective_dropout_p(dropout_p) > 0 else group
+    return 1 if dropout_p and effective_dropout_p(dropout_p) > 0 else rows
 
 
 def packed_list_rows(block_m: int) -> List[int]:
