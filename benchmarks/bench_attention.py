@@ -5,7 +5,8 @@ attention runs the sweep and writes JSON, Markdown and plots).
 
 CUDA: the quick sweep's cases (bf16, D=128, L in {1k, 8k}, 16k tokens, 2048 hidden; decode: one
 query per sequence against L keys, forward only; decode-gqa: the same with 4 query heads per
-key head; verify-gqa: 4 queries per sequence, causal lower right, as decode-gqa's heads), the Triton
+key head; verify-gqa: 4 queries per sequence, causal lower right, as decode-gqa's heads; verify-gqa7:
+the same with 7 query heads per key head, as Qwen2's), the Triton
 kernels against torch SDPA with each backend forced, FlexAttention (compiled) and the naive
 implementation. CPU: a small float32 case, where backend="auto" hands the call to torch's SDPA, so
 it times what fasttransformer's dispatch (validation, mask merging) adds to torch's own call.
@@ -14,10 +15,10 @@ A baseline that cannot run a case is skipped with its reason ("n/a: ...").
 import pytest
 import torch
 
-from fasttransformer.bench.attention import DECODE_MASKS, DEFAULT_IMPLEMENTATIONS, Case, _reason
+from fasttransformer.bench.attention import DECODE_MASKS, DEFAULT_IMPLEMENTATIONS, QUICK_MASKS, Case, _reason
 
 BENCH_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-MASKS = ("none", "causal", "padding", "document", "decode", "decode-gqa", "verify-gqa")
+MASKS = QUICK_MASKS  # bench attention --quick's
 SHAPES = {  # device: (dtype, tokens, hidden, head_dim, seqlens)
     "cuda": (torch.bfloat16, 16384, 2048, 128, (1024, 8192)),
     "cpu": (torch.float32, 2048, 256, 64, (256,)),

@@ -73,8 +73,9 @@ def test_attention_case_implementations_agree(mask):
         with pytest.raises(NotImplementedError, match="for decode"):
             implementations["unsplit"]()
     if mask in attention.GQA_MASKS:  # the packing's baseline: one program per query head
-        assert (case.heads, case.kv_heads) == (2, 1) and case.k.shape[1] == 1
-        assert case.q.shape[2] == (attention.SPECULATIVE_QUERIES if mask == "verify-gqa" else 1)
+        assert case.kv_heads == 1 and case.k.shape[1] == 1  # verify-gqa7: 7 query heads per key head, not 2
+        assert case.heads == case.q.shape[1] == (attention.QWEN2_GROUP if mask == "verify-gqa7" else 2)
+        assert case.q.shape[2] == (attention.SPECULATIVE_QUERIES if mask in attention.VERIFY_MASKS else 1)
         results["unpacked"] = implementations["unpacked"]()
     else:
         with pytest.raises(NotImplementedError, match="for decode-gqa and verify-gqa"):
@@ -236,20 +237,35 @@ def test_attention_sweep_gqa_decode_rows():
     assert "| decode-gqa | 16 | 64 | fwd | 100% |" in attention.markdown(record)
 
 
-def test_attention_sweep_verify_gqa_rows():
+@pytest.mark.parametrize("mask,heads", [("verify-gqa", 8), ("verify-gqa7", 14)])
+def test_attention_sweep_verify_gqa_rows(monkeypatch, mask, heads):
     """A speculative decoding step's verification: 4 drafts per sequence, causal lower right, K
-    and V with a quarter of the query heads; its FLOPs count the visible pairs (draft i sees
-    L - 4 + i + 1 keys) and its bytes the 4 queries, and "unpacked" is timed beside ours."""
+    and V with a quarter of the query heads (verify-gqa7: a seventh, the same key heads); its
+    FLOPs count the visible pairs (draft i sees L - 4 + i + 1 keys) and its bytes the 4
+    queries; ours is launched packed, one program per key head, and "unpacked" is timed beside
+    it."""
+    import fasttransformer.kernels.attention_forward as forward_kernels
+    kernel, packing = forward_kernels.attention_forward_kernel, set()
+
+    class Recording:  # each launch's heads and packing, then the launch itself
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                packing.add((grid[1], kwargs["PACK_GQA"]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(forward_kernels, "attention_forward_kernel", Recording())
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    record = attention.sweep(device, masks=("verify-gqa",), head_dims=(16,), seqlens=(64,), dtype=torch.float32,
+    record = attention.sweep(device, masks=(mask,), head_dims=(16,), seqlens=(64,), dtype=torch.float32,
                              tokens=128, hidden=128, implementations=("fasttransformer", "unpacked", "torch-math"))
     row, = record["results"]
-    assert (row["mode"], row["seqlen_q"], row["batch"], row["heads"], row["kv_heads"]) == ("fwd", 4, 2, 8, 2)
-    visible = 2 * 8 * (61 + 62 + 63 + 64)
-    assert row["flops"] == attention.flops(visible, 16, "fwd") and row["visible_fraction"] == visible / (2 * 8 * 4 * 64)
-    assert row["bytes"] == 2 * (2 * 8 * 4 * 16 + 2 * 2 * 64 * 16) * 4  # Q and O of 8 heads x 4 drafts, K and V of 2
+    assert (row["mode"], row["seqlen_q"], row["batch"], row["heads"], row["kv_heads"]) == ("fwd", 4, 2, heads, 2)
+    visible = 2 * heads * (61 + 62 + 63 + 64)
+    assert row["flops"] == attention.flops(visible, 16, "fwd")
+    assert row["visible_fraction"] == visible / (2 * heads * 4 * 64)
+    assert row["bytes"] == 2 * (2 * heads * 4 * 16 + 2 * 2 * 64 * 16) * 4  # Q and O of 4 drafts, K and V of 2 heads
     assert {"fasttransformer", "unpacked", "torch-math"} <= row["times_ms"].keys()
-    assert "| verify-gqa | 16 | 64 | fwd | 98% |" in attention.markdown(record)
+    assert f"| {mask} | 16 | 64 | fwd | 98% |" in attention.markdown(record)
+    assert packing == {(2, True), (heads, False)}  # ours packed per key head; "unpacked" per query head
 
 
 def test_attention_sweep_with_dropout():
@@ -578,7 +594,7 @@ def test_pytest_benchmark_suites_collect_and_record(tmp_path):
             if b["extra_info"]["impl"] == "fasttransformer"}
     assert sorted(ours) == sorted([(mask, mode) for mask in ("none", "causal", "padding", "document")
                                    for mode in ("fwd", "fwd+bwd")]
-                                  + [(mask, "fwd") for mask in ("decode", "decode-gqa", "verify-gqa")])
+                                  + [(mask, "fwd") for mask in ("decode", "decode-gqa", "verify-gqa", "verify-gqa7")])
     assert all(b["stats"]["median"] > 0 and b["extra_info"]["visible_pairs"] > 0 for b in ours.values())
 
 

@@ -18,7 +18,9 @@ the speedup over it is the packing's gain. ``verify-gqa`` is a speculative decod
 verification: SPECULATIVE_QUERIES draft tokens per sequence against the L cached keys (causal,
 lower right: each draft sees the cache and the drafts before it), grouped keys as decode-gqa's,
 forward only, in GB/s; ``ours`` packs each key head's (draft, query head) pairs as one program's
-rows, and "unpacked" is again one program per query head.
+rows, and "unpacked" is again one program per query head. ``verify-gqa7`` is verify-gqa with
+QWEN2_GROUP = 7 query heads per key head (Qwen2's 28 / 4: the same keys, Hq = 7 Hk), packed with
+8 rows per draft, one of them spare.
 
     python -m fasttransformer bench attention [--quick] [--mask causal] [--head-dim 128] ...
     python -m fasttransformer bench attention --head-dim 192 --value-head-dim 128   # DeepSeek's MLA
@@ -35,20 +37,25 @@ from fasttransformer.bench import common
 from fasttransformer.ops import scaled_dot_product_attention
 
 TOKENS, HIDDEN = 16384, 2048
-MASKS = ("none", "causal", "padding", "document", "window", "causal+padding", "decode", "decode-gqa", "verify-gqa")
+MASKS = ("none", "causal", "padding", "document", "window", "causal+padding", "decode", "decode-gqa", "verify-gqa",
+         "verify-gqa7")
 # a few queries per sequence: forward only, bound by the bytes read
-DECODE_MASKS = ("decode", "decode-gqa", "verify-gqa")
-GQA_MASKS = ("decode-gqa", "verify-gqa")  # Hq / Hk = GQA_GROUP; "unpacked" is their packing's baseline
+DECODE_MASKS = ("decode", "decode-gqa", "verify-gqa", "verify-gqa7")
+# Hq / Hk = GQA_GROUP (verify-gqa7: QWEN2_GROUP); "unpacked" is their packing's baseline
+GQA_MASKS = ("decode-gqa", "verify-gqa", "verify-gqa7")
+VERIFY_MASKS = ("verify-gqa", "verify-gqa7")  # SPECULATIVE_QUERIES drafts per sequence, causal lower right
 SPECULATIVE_QUERIES = 4  # verify-gqa's queries per sequence: the drafts of a speculative decoding step
-QUICK_MASKS = ("none", "causal", "padding", "document", "decode", "decode-gqa", "verify-gqa")  # bench --quick
+QUICK_MASKS = ("none", "causal", "padding", "document", "decode", "decode-gqa", "verify-gqa",
+               "verify-gqa7")  # bench --quick
 IMPLEMENTATIONS = ("fasttransformer", "torch-flash", "torch-efficient", "torch-cudnn", "torch-math", "flex", "naive",
                    "unsplit",    # decoding: fasttransformer's forward with num_splits=1
-                   "unpacked",   # decode-gqa, verify-gqa: fasttransformer's forward with pack_gqa=False
+                   "unpacked",   # decode-gqa, verify-gqa(7): fasttransformer's forward with pack_gqa=False
                    "autotuned")  # fasttransformer with FASTTRANSFORMER_AUTOTUNE on (bench attention --autotune)
 # Timed unless asked otherwise: all but "autotuned", whose first call of each case tunes it (tens
 # of seconds, outside the timing).
 DEFAULT_IMPLEMENTATIONS = tuple(name for name in IMPLEMENTATIONS if name != "autotuned")
 GQA_GROUP = 4
+QWEN2_GROUP = 7  # verify-gqa7's query heads per key head: a group that is not a power of two
 WINDOW = 256
 BACKWARD_FLOP_RATIO = 2.5
 
@@ -90,7 +97,8 @@ def bytes_moved(batch: int, heads: int, seqlen: int, head_dim: int, itemsize: in
 
 class Case:
     """Inputs and every implementation's callable for one (mask, L, D); ``head_dim_v``: the
-    value's head dim, when it differs (H = hidden / D all the same)."""
+    value's head dim, when it differs (H = hidden / D all the same, but verify-gqa7's query
+    heads: QWEN2_GROUP per key head of verify-gqa's)."""
 
     def __init__(self, mask: str, seqlen: int, head_dim: int, device: str, dtype=torch.bfloat16, tokens=TOKENS,
                  hidden=HIDDEN, dropout_p: float = 0.0, backend: str = "triton", head_dim_v: Optional[int] = None):
@@ -101,9 +109,11 @@ class Case:
         self.batch, self.heads = max(1, tokens // seqlen), hidden // head_dim
         # decode: one new token per sequence; verify-gqa: the drafts (at most L)
         self.seqlen_q = seqlen if mask not in DECODE_MASKS else 1
-        if mask == "verify-gqa":
+        if mask in VERIFY_MASKS:
             self.seqlen_q = min(SPECULATIVE_QUERIES, seqlen)
         self.kv_heads = gqa_kv_heads(self.heads) if mask in GQA_MASKS else self.heads
+        if mask == "verify-gqa7":
+            self.heads = QWEN2_GROUP * self.kv_heads
         shape = (self.batch, self.kv_heads, seqlen, head_dim)
         query_shape = (self.batch, self.heads, self.seqlen_q, head_dim)
         value_shape = (*shape[:3], self.head_dim_v)
@@ -128,7 +138,7 @@ class Case:
             self.ours_kwargs["key_padding_mask"] = padding
             keep = ~padding[:, None, None, :]
             self.allowed = keep if self.allowed is None else self.allowed & keep
-        if mask == "verify-gqa":  # the drafts see the cache and the drafts before them
+        if mask in VERIFY_MASKS:  # the drafts see the cache and the drafts before them
             from torch.nn.attention.bias import causal_lower_right
             self.ours_kwargs["attn_mask"] = causal_lower_right(self.seqlen_q, seqlen)
             drafts = torch.arange(self.seqlen_q, device=device)[:, None]
@@ -187,18 +197,18 @@ class Case:
         return attention_forward(self.q, self.k, self.v, causal_offset=self._draft_offset(), num_splits=1)[0]
 
     def unpacked(self):
-        """decode-gqa and verify-gqa only: the Triton forward with one program per query head
+        """decode-gqa and verify-gqa(7) only: the Triton forward with one program per query head
         (pack_gqa=False), the baseline of the packed GQA step that ``ours`` runs."""
         if self.mask not in GQA_MASKS or self.dropout_p or self.backend != "triton":
-            raise NotImplementedError("the unpacked forward is timed for decode-gqa and verify-gqa, without dropout, "
-                                      "on the Triton backend only")
+            raise NotImplementedError("the unpacked forward is timed for decode-gqa and verify-gqa(7), without "
+                                      "dropout, on the Triton backend only")
         from fasttransformer.kernels.attention_forward import attention_forward
         return attention_forward(self.q, self.k, self.v, causal_offset=self._draft_offset(), pack_gqa=False)[0]
 
     def _draft_offset(self) -> Optional[int]:
         """The Triton launcher's causal_offset of a decoding case: verify-gqa's drafts are causal,
         lower right (L - their number); a decoding step's one query sees every key."""
-        return self.seqlen - self.seqlen_q if self.mask == "verify-gqa" else None
+        return self.seqlen - self.seqlen_q if self.mask in VERIFY_MASKS else None
 
     def sdpa(self, backend: str):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -224,7 +234,7 @@ class Case:
             "none": None,
             "decode": None,
             "decode-gqa": None,
-            "verify-gqa": lambda b, h, q, k: k <= q + (seqlen - self.seqlen_q),
+            **dict.fromkeys(VERIFY_MASKS, lambda b, h, q, k: k <= q + (seqlen - self.seqlen_q)),
             "causal": lambda b, h, q, k: k <= q,
             "window": lambda b, h, q, k: (k <= q) & (k > q - window),
             "padding": lambda b, h, q, k: ~padding[b, k],
@@ -390,7 +400,8 @@ def markdown(record: dict) -> str:
              "visible (query, key) pairs only; speedup = "
              "baseline time / fasttransformer time. decode: one query per sequence, L keys (decode-gqa: "
              f"{GQA_GROUP} query heads per key head; verify-gqa: {SPECULATIVE_QUERIES} queries per sequence, "
-             "causal lower right, as decode-gqa's heads); GB/s of K, V and Q "
+             f"causal lower right, as decode-gqa's heads; verify-gqa7: with {QWEN2_GROUP} query heads per key "
+             "head); GB/s of K, V and Q "
              f"read and O written (measured copy: {ceil['copy_gbps']:.0f} GB/s).", ""]
     if record.get("partial"):
         lines[-1:-1] = ["", f"Partial record: the run stopped after {record['partial']}."]

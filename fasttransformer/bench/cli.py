@@ -40,7 +40,8 @@ def build_parser(parser=None) -> argparse.ArgumentParser:
     attention.add_argument("--mask", action="append", help="mask kind (repeatable): none, causal, padding, document, "
                            "window, causal+padding, decode (one query per sequence, forward only), "
                            "decode-gqa (the same, 4 query heads per key head), verify-gqa (4 queries per "
-                           "sequence, causal lower right, as decode-gqa's heads: speculative decoding)")
+                           "sequence, causal lower right, as decode-gqa's heads: speculative decoding), "
+                           "verify-gqa7 (the same with 7 query heads per key head, as Qwen2's)")
     attention.add_argument("--dropout", type=float, default=0.0,
                            help="dropout_p for every implementation that has dropout (default 0)")
     attention.add_argument("--autotune", action="store_true",
