@@ -3,7 +3,7 @@
 head dim, mask): what the table should hold.
 
     python benchmarks/tune_attention.py --out DIR [--kernels forward,dkdv,dq,jvp] [--head-dims 64,128]
-        [--masks none,causal,decode,decode-gqa,verify-gqa] [--seqlen 4096] [--budget-s 480]
+        [--masks none,causal,decode,decode-gqa,verify-gqa,verify-gqa7] [--seqlen 4096] [--budget-s 480]
 
 Masks none and causal time L x L attention; decode and decode-gqa time the forward of a
 decoding step (one query per sequence against L keys, B = tokens / L sequences; decode-gqa with
@@ -12,8 +12,9 @@ the attention benchmark counts them, over a grid with smaller query blocks (DECO
 decoding step has 1 or 4 live rows in its block. verify-gqa is a speculative decoding step's
 verification (the benchmark's: 4 drafts per sequence, causal lower right, decode-gqa's heads),
 launched as the launcher does: (draft, head) pairs packed as rows where gqa_row_packing packs
-for the candidate's block_m, and compiled ahead of time as the packed kernel (PACK_GQA). The
-backward and JVP kernels are not timed for them.
+for the candidate's block_m, and compiled ahead of time as the packed kernel (PACK_GQA);
+verify-gqa7 the same with 7 query heads per key head (Qwen2's group: 8 rows a draft, one
+spare). The backward and JVP kernels are not timed for them.
 
 1. Every candidate (a grid of BLOCK_M x BLOCK_N x warps x stages, plus the table's entry) is
    compiled ahead of time for this GPU's arch with every mask on (fasttransformer.kernels.aot, in
@@ -54,8 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 KERNELS = ("forward", "dkdv", "dq", "jvp")
 GRID = {"block_m": (32, 64, 128), "block_n": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)}
 DECODE_GRID = {**GRID, "block_m": (16, 32, 64, 128)}
-MASKS = ("none", "causal", "decode", "decode-gqa", "verify-gqa")
-DECODE_MASKS = ("decode", "decode-gqa", "verify-gqa")
+MASKS = ("none", "causal", "decode", "decode-gqa", "verify-gqa", "verify-gqa7")
+DECODE_MASKS = ("decode", "decode-gqa", "verify-gqa", "verify-gqa7")
+VERIFY_MASKS = ("verify-gqa", "verify-gqa7")  # the drafts, causal lower right, launched packed (PACK_GQA)
 
 
 def parse_args(argv=None):
@@ -126,16 +128,18 @@ def case_inputs(head_dim, mask, seqlen, tokens, hidden, device, dtype):
     decoding step: q (B, H, 1, D), k and v (B, Hk, L, D), no grad)."""
     import torch
 
-    from fasttransformer.bench.attention import GQA_MASKS, SPECULATIVE_QUERIES, gqa_kv_heads
+    from fasttransformer.bench.attention import GQA_MASKS, QWEN2_GROUP, SPECULATIVE_QUERIES, gqa_kv_heads
     from fasttransformer.kernels.attention_forward import attention_forward
     batch, heads = max(1, tokens // seqlen), max(1, hidden // head_dim)
     kv_heads = gqa_kv_heads(heads) if mask in GQA_MASKS else heads
-    seqlen_q = seqlen if mask not in DECODE_MASKS else (min(SPECULATIVE_QUERIES, seqlen) if mask == "verify-gqa" else 1)
+    if mask == "verify-gqa7":  # the benchmark's: verify-gqa's key heads, 7 query heads each
+        heads = QWEN2_GROUP * kv_heads
+    seqlen_q = seqlen if mask not in DECODE_MASKS else (min(SPECULATIVE_QUERIES, seqlen) if mask in VERIFY_MASKS else 1)
     q = torch.randn(batch, heads, seqlen_q, head_dim, device=device, dtype=dtype)
     k, v = (torch.randn(batch, kv_heads, seqlen, head_dim, device=device, dtype=dtype) for _ in range(2))
     grad = None if mask in DECODE_MASKS else torch.randn_like(q)  # dO; for the JVP kernel, the tangents' seed
     # verify-gqa: the drafts causal, lower right
-    kwargs = {"causal_offset": {"causal": 0, "verify-gqa": seqlen - seqlen_q}.get(mask)}
+    kwargs = {"causal_offset": 0 if mask == "causal" else seqlen - seqlen_q if mask in VERIFY_MASKS else None}
     out, lse = attention_forward(q, k, v, **kwargs)
     return q, k, v, grad, out, lse, kwargs
 
@@ -213,9 +217,9 @@ def main(argv=None) -> int:
     table_device = _FakeDevice(arch)  # the table's entries for this arch, also on the CPU
 
     def table_entry(kernel, head_dim, mask):  # what a decoding step launches too (no entry of its own yet)
-        causal = mask in ("causal", "verify-gqa")
-        if kernel == "forward":  # verify-gqa: the packed entry (the same block_m)
-            return configs.forward_config(table_device, torch.bfloat16, head_dim, causal, packed=mask == "verify-gqa")
+        causal = mask in ("causal", *VERIFY_MASKS)
+        if kernel == "forward":  # verify-gqa(7): the packed entry (the same block_m)
+            return configs.forward_config(table_device, torch.bfloat16, head_dim, causal, packed=mask in VERIFY_MASKS)
         if kernel == "jvp":
             return configs.jvp_config(table_device, torch.bfloat16, head_dim)
         dkdv, dq = configs.backward_configs(table_device, torch.bfloat16, head_dim, causal)
@@ -226,7 +230,7 @@ def main(argv=None) -> int:
     lists = {case: candidates(args, table_entry(*case), case[2]) for case in cases}
     reports = {}
     if not args.skip_aot:
-        jobs = sorted({(kernel, arch, d, config, mask == "verify-gqa") for (kernel, d, mask), grid in lists.items()
+        jobs = sorted({(kernel, arch, d, config, mask in VERIFY_MASKS) for (kernel, d, mask), grid in lists.items()
                        for config in grid})
         started = time.time()
         reports = aot_filter(jobs, max(1, min(16, os.cpu_count() or 1)))
@@ -234,7 +238,7 @@ def main(argv=None) -> int:
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float16  # the interpreter's dots: no bf16
     timed_lists = {case: [config for config in grid
-                          if not reports.get((case[0], arch, case[1], config, case[2] == "verify-gqa"),
+                          if not reports.get((case[0], arch, case[1], config, case[2] in VERIFY_MASKS),
                                              {}).get("stack_bytes")]
                    for case, grid in lists.items()}
     workers = args.warm_workers if args.warm_workers is not None else (16 if args.device == "cuda" else 0)
@@ -256,7 +260,7 @@ def main(argv=None) -> int:
         for index, config in enumerate(lists[(kernel, head_dim, mask)]):
             row = {"kernel": kernel, "head_dim": head_dim, "mask": mask, "config": list(config),
                    "table_entry": index == 0, "shape": shape}
-            report = reports.get((kernel, arch, head_dim, config, mask == "verify-gqa"))
+            report = reports.get((kernel, arch, head_dim, config, mask in VERIFY_MASKS))
             if report is not None:
                 row.update(registers=report["registers"], stack_bytes=report["stack_bytes"])
                 if report["stack_bytes"]:

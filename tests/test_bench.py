@@ -525,10 +525,12 @@ def test_tune_attention_times_decoding_steps_forward_only(tmp_path):
     assert {config.block_m for config in grid[1:]} == {16, 32, 64, 128}
 
 
-def test_tune_attention_times_speculative_verification_packed(tmp_path, monkeypatch):
-    """--masks verify-gqa: 4 drafts per sequence (causal, lower right) with decode-gqa's heads,
-    forward only, in GB/s; its candidates are compiled ahead of time as the packed kernel
-    (PACK_GQA) and launched packed, (draft, head) pairs as rows (one program per key head)."""
+@pytest.mark.parametrize("mask,heads", [("verify-gqa", 8), ("verify-gqa7", 14)])
+def test_tune_attention_times_speculative_verification_packed(tmp_path, monkeypatch, mask, heads):
+    """--masks verify-gqa: 4 drafts per sequence (causal, lower right) with decode-gqa's heads
+    (verify-gqa7: 7 query heads per key head), forward only, in GB/s; its candidates are
+    compiled ahead of time as the packed kernel (PACK_GQA) and launched packed, (draft, head)
+    pairs as rows (one program per key head)."""
     from importlib import util
     spec = util.spec_from_file_location("tune_attention", ROOT / "benchmarks" / "tune_attention.py")
     tune = util.module_from_spec(spec)
@@ -548,11 +550,11 @@ def test_tune_attention_times_speculative_verification_packed(tmp_path, monkeypa
             return launch
     monkeypatch.setattr(forward_kernels, "attention_forward_kernel", Recording())
     assert tune.main(["--device", "cpu", "--out", str(tmp_path), "--kernels", "forward,dq", "--head-dims", "32",
-                      "--masks", "verify-gqa", "--seqlen", "96", "--tokens", "192", "--hidden", "256",
+                      "--masks", mask, "--seqlen", "96", "--tokens", "192", "--hidden", "256",
                       "--candidates", "32x32x4x1", "--warm-workers", "0"]) == 0
     assert {job[4] for job in compiled} == {True} and {job[0] for job in compiled} == {"forward"}
     rows = json.loads((tmp_path / "tune.json").read_text())["results"]
-    batch, heads, kv_heads, seqlen, head_dim = 2, 8, 2, 96, 32
+    batch, kv_heads, seqlen, head_dim = 2, 2, 96, 32
     assert [row["config"] for row in rows[1:]] == [[32, 32, 4, 1]] and all("gbps" in row for row in rows)
     assert all(row["shape"] == [batch, heads, 4, head_dim] for row in rows)
     # the inputs' forward, then the timing's: packed, 4 drafts seeing keys up to 96 - 4 + i
