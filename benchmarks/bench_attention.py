@@ -78,6 +78,7 @@ HOST_CASES = {  # name: (query (B, H, Lq, D), key/value length, masks, with a ba
     # a speculative decoding step's 4 drafts, GQA: (draft, query head) pairs packed as rows (gqa_row_packing)
     "verify-gqa": ((8, 8, 4, 64), 300, {"kv_heads": 2, "lower_right": True}, False),
     "verify-gqa-unpacked": ((8, 8, 4, 64), 300, {"kv_heads": 2, "lower_right": True, "unpacked": True}, False),
+    "verify-gqa7": ((8, 14, 4, 64), 300, {"kv_heads": 2, "lower_right": True}, False),  # Qwen2's group: 8 rows a draft
     "train-step": ((2, 2, 16, 16), 16, {"is_causal": True}, True),
     "train-step-key-padding": ((2, 2, 16, 16), 16, {"key_padding_mask": True}, True),
 }
