@@ -2181,7 +2181,7 @@ def test_op_offsets_past_int32(masks, monkeypatch):
     here (a segfault when the buffer started at sequence 0). q, k, v and every mask are read in
     place through their strides (the backward copies q, k and v, whose gradients it
     allocates, but not the masks)."""
-    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype = 3, 2, 1, 5, 40, 16, torch.float16
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype = 3, 3, 1, 5, 40, 16, torch.float16
     place = FarApart(DEVICE)
     q, k, v = (place(torch.randn(batch, h, length, head_dim, dtype=dtype, device=DEVICE))
                for h, length in ((heads, seqlen_q), (kv_heads, seqlen_k), (kv_heads, seqlen_k)))
@@ -2203,7 +2203,8 @@ def test_op_offsets_past_int32(masks, monkeypatch):
         kwargs["attn_mask"] = place(bias).requires_grad_()
     leaves = [t.requires_grad_() for t in (q, k, v)]
     from fasttransformer.kernels import attention_forward as forward_module, configs
-    # 2 query heads per key head, 5 queries each: packed as rows (gqa_row_packing), but not with the per-head bias
+    # 3 query heads per key head (4 rows a query, one spare), 5 queries each: packed as rows
+    # (gqa_row_packing), but not with the per-head bias
     launches = record_launches(monkeypatch, forward_module, "attention_forward_kernel", ("PACK_GQA", "INT64_OFFSETS"))
     lookups = []  # the launchers ask for the int64 variants' configs (configs.INT64_OVERRIDES)
     for name in ("forward_config", "backward_configs"):
