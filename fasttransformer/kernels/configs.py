@@ -289,11 +289,11 @@ def _lookup(kernel, tables, device, dtype, head_dim, interpreter: Config, dropou
 
 
 # The GQA row-packed forward (attention_forward.gqa_row_packing: PACK_GQA) holds each row's query
-# index and its head's offset besides the unpacked kernel's state; with 64-bit offsets two of the
-# table's entries spilled with it. These replace them for packed calls only, keeping the entry's
-# block_m (the launcher decides to pack from the table's block_m before it asks for this one):
-# the first clean of the few tried (stop 37, 2026-12-07). Keys: ("2-byte" or "fp32", arch,
-# bucket, int64 offsets).
+# index and its head's offset besides the unpacked kernel's state; three of sm_80's entries
+# spilled with it: two with 64-bit offsets (stop 37, 2026-12-07), one under Triton 3.9 once spare
+# rows came (stop 38). These replace them for packed calls only, keeping the entry's block_m (the
+# launcher decides to pack from the table's block_m before it asks for this one): the first
+# clean of the few tried. Keys: ("2-byte" or "fp32", arch, bucket, int64 offsets).
 PACKED_OVERRIDES = {
     # 32-bit offsets: the table's (128, 32, 8, 2) is clean under Triton 3.6 at 255 registers, but
     # spilled 16 bytes under 3.9.0 once spare rows came (stop 38); (128, 16, 8, 2) takes 178 / 180
